@@ -1,0 +1,563 @@
+//! The entitlement actor: decides calls on its in-memory state, group-commits
+//! their effects, and answers each call once its effects are durable.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{EngineError, Shared, UsageReply, UsageRequest};
+use crate::domain::{
+    Effects, Entitlement, EntitlementConfig, EntitlementId, EntitlementView, IdempotencyKey,
+    ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
+};
+use crate::store::{Commit, CommitOutcome, KeyRecord, Loaded, StoreError, Write};
+
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    Activate(SeatId),
+    Release(SeatId),
+    Usage(UsageRequest),
+    Batch(Arc<Vec<UsageRequest>>),
+    Put(Box<EntitlementConfig>),
+    Delete,
+    Get,
+    Seats,
+    /// The sweep timer's housekeeping: nobody waits for it.
+    Sweep,
+}
+
+impl Op {
+    fn label(&self) -> &'static str {
+        match self {
+            Op::Activate(_) => "activate",
+            Op::Release(_) => "release",
+            Op::Usage(_) | Op::Batch(_) => "usage",
+            Op::Put(_) => "put",
+            Op::Delete => "delete",
+            Op::Get | Op::Seats => "read",
+            Op::Sweep => "sweep",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Seat(SeatDecision),
+    Release(ReleaseResult),
+    Usage(UsageReply),
+    Batch(Vec<Result<UsageReply, EngineError>>),
+    Put { created: bool, view: Box<EntitlementView> },
+    Deleted,
+    View(Box<EntitlementView>),
+    Seats(Vec<SeatView>),
+    Swept,
+}
+
+impl Reply {
+    pub(crate) fn unexpected(self) -> EngineError {
+        EngineError::Unavailable(format!("internal: unexpected reply {self:?}"))
+    }
+
+    fn record_metrics(&self, op: &'static str) {
+        match self {
+            Reply::Seat(d) => record_decision(op, d.outcome.as_str()),
+            Reply::Usage(r) if !r.replayed => record_decision(op, r.decision.outcome.as_str()),
+            Reply::Batch(rs) => {
+                for r in rs.iter().flatten().filter(|r| !r.replayed) {
+                    record_decision(op, r.decision.outcome.as_str());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn record_decision(op: &'static str, outcome: &'static str) {
+    metrics::counter!("headroom_decisions_total", "operation" => op, "outcome" => outcome).increment(1);
+}
+
+type ReplyTx = oneshot::Sender<Result<Reply, EngineError>>;
+
+pub(crate) struct Call {
+    pub op: Op,
+    pub reply: ReplyTx,
+}
+
+impl Message for Call {
+    type Result = ();
+}
+
+/// Asks the actor to write what it holds and stop (graceful shutdown).
+pub(crate) struct Drain(pub oneshot::Sender<()>);
+
+impl Message for Drain {
+    type Result = ();
+}
+
+/// A decided call waiting for its batch to be written.
+struct Waiting {
+    op: Op,
+    reply: Option<ReplyTx>,
+    answer: Result<Reply, EngineError>,
+}
+
+impl Waiting {
+    fn answer(self) {
+        if let Ok(r) = &self.answer {
+            r.record_metrics(self.op.label());
+        }
+        if let Some(tx) = self.reply {
+            let _ = tx.send(self.answer);
+        }
+    }
+
+    fn fail(self, e: &EngineError) {
+        if let Some(tx) = self.reply {
+            let _ = tx.send(Err(e.clone()));
+        }
+    }
+}
+
+/// Calls decided since the last write, and what they changed.
+#[derive(Default)]
+struct Batch {
+    calls: Vec<Waiting>,
+    fx: Effects,
+    events: Vec<(&'static str, String)>,
+    keys: Vec<KeyRecord>,
+    /// The entitlement was deleted in this batch: the write starts afresh.
+    reset: bool,
+}
+
+impl Batch {
+    fn needs_write(&self) -> bool {
+        self.fx.changed || !self.events.is_empty() || !self.keys.is_empty() || self.reset
+    }
+}
+
+/// What an idempotency key was first used for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct KeyEntry {
+    fingerprint: String,
+    decision: UsageDecision,
+    at: DateTime<Utc>,
+}
+
+/// The idempotency keys this actor used recently; the store holds them all.
+#[derive(Default)]
+struct KeyCache {
+    map: HashMap<IdempotencyKey, KeyEntry>,
+    order: VecDeque<IdempotencyKey>,
+}
+
+impl KeyCache {
+    fn insert(&mut self, key: IdempotencyKey, entry: KeyEntry, limit: usize) {
+        if self.map.insert(key.clone(), entry).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > limit {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
+}
+
+fn fingerprint(req: &UsageRequest) -> String {
+    format!("{}:{}", req.feature, req.amount.get())
+}
+
+#[derive(PartialEq)]
+enum Phase {
+    Ready,
+    /// The last write failed and Redis could not be read back: the state is
+    /// unknown until the next call reloads it.
+    Broken,
+}
+
+/// A write whose outcome is unknown (timeout, dropped connection).
+struct Unknown {
+    batch: Batch,
+    incarnation: Option<i64>,
+    commits: u64,
+}
+
+pub(crate) struct EntitlementActor {
+    id: EntitlementId,
+    generation: u64,
+    shared: Arc<Shared>,
+    phase: Phase,
+    epoch: u64,
+    claimed: bool,
+    state: Option<Entitlement>,
+    pending: Batch,
+    inflight: Option<(Batch, Option<i64>, u64)>,
+    keys: KeyCache,
+    last_used: Instant,
+    drains: Vec<oneshot::Sender<()>>,
+}
+
+impl Actor for EntitlementActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(0);
+        metrics::gauge!("headroom_resident_entitlements").increment(1.0);
+        ctx.run_interval(self.shared.settings.sweep_interval, |act, ctx| act.tick(ctx));
+        self.reload(ctx, None, Vec::new());
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        metrics::gauge!("headroom_resident_entitlements").decrement(1.0);
+        self.shared
+            .registry
+            .remove_if(&self.id, |_, slot| slot.generation == self.generation);
+        for tx in self.drains.drain(..) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl EntitlementActor {
+    pub(crate) fn spawn(id: EntitlementId, generation: u64, shared: Arc<Shared>) -> Addr<Self> {
+        EntitlementActor::create(|ctx| {
+            ctx.set_mailbox_capacity(0);
+            EntitlementActor {
+                id,
+                generation,
+                shared,
+                phase: Phase::Ready,
+                epoch: 0,
+                claimed: false,
+                state: None,
+                pending: Batch::default(),
+                inflight: None,
+                keys: KeyCache::default(),
+                last_used: Instant::now(),
+                drains: Vec::new(),
+            }
+        })
+    }
+
+    fn idle(&self) -> bool {
+        self.inflight.is_none() && self.pending.calls.is_empty() && !self.pending.needs_write()
+    }
+
+    /// Reads the state back from the store, blocking the mailbox meanwhile.
+    /// `unknown` is a write whose outcome must be settled by what is read;
+    /// `replay` are calls decided on state that was never written: they are
+    /// decided again on what was read.
+    fn reload(&mut self, ctx: &mut Context<Self>, unknown: Option<Unknown>, replay: Vec<Waiting>) {
+        let store = self.shared.store.clone();
+        let id = self.id.clone();
+        self.state = None;
+        self.keys.clear();
+        ctx.wait(
+            async move { store.load(&id).await }
+                .into_actor(self)
+                .map(move |res: Result<Loaded, StoreError>, act, ctx| match res {
+                    Ok(loaded) => {
+                        if let Some(u) = unknown {
+                            let written = match (&loaded.state, u.incarnation) {
+                                (Some(s), Some(inc)) => s.incarnation() == inc && s.commits >= u.commits,
+                                (None, None) => true,
+                                _ => false,
+                            };
+                            let e = EngineError::Unavailable("store write failed".into());
+                            for w in u.batch.calls {
+                                if written { w.answer() } else { w.fail(&e) }
+                            }
+                        }
+                        act.epoch = loaded.epoch;
+                        act.claimed = loaded.claimed;
+                        act.state = loaded.state;
+                        act.phase = Phase::Ready;
+                        for w in replay {
+                            act.decide(w.op, w.reply);
+                        }
+                        act.flush(ctx);
+                    }
+                    Err(e) => {
+                        tracing::warn!(entitlement = %act.id, error = %e, "loading entitlement failed");
+                        act.phase = Phase::Broken;
+                        let e = EngineError::from(e);
+                        for w in unknown.into_iter().flat_map(|u| u.batch.calls).chain(replay) {
+                            w.fail(&e);
+                        }
+                        act.notify_drains(ctx);
+                    }
+                }),
+        );
+    }
+
+    fn decide(&mut self, op: Op, reply: Option<ReplyTx>) {
+        let now = self.shared.clock.now();
+        let before = self.state.as_ref().map(Entitlement::incarnation);
+        let answer = self.apply(&op, now);
+        let incarnation = self.state.as_ref().map(Entitlement::incarnation).or(before).unwrap_or(0);
+        let source = &self.shared.settings.source;
+        for ev in self.pending.fx.events.drain(..) {
+            self.pending
+                .events
+                .push((ev.data.kind(), ev.to_cloud_event(self.id.as_str(), incarnation, source)));
+        }
+        self.pending.calls.push(Waiting { op, reply, answer });
+    }
+
+    fn apply(&mut self, op: &Op, now: DateTime<Utc>) -> Result<Reply, EngineError> {
+        let fx = &mut self.pending.fx;
+        let not_found = || EngineError::NotFound(self.id.clone());
+        match op {
+            Op::Put(config) => match &mut self.state {
+                Some(e) => {
+                    e.replace_config((**config).clone(), now, fx);
+                    Ok(Reply::Put { created: false, view: Box::new(e.view()) })
+                }
+                None => {
+                    let e = Entitlement::create(self.id.clone(), (**config).clone(), now, fx);
+                    let view = Box::new(e.view());
+                    self.state = Some(e);
+                    Ok(Reply::Put { created: true, view })
+                }
+            },
+            Op::Delete => {
+                let e = self.state.as_mut().ok_or_else(not_found)?;
+                e.delete(now, fx);
+                self.state = None;
+                fx.seats.clear();
+                self.pending.reset = true;
+                self.keys.clear();
+                Ok(Reply::Deleted)
+            }
+            Op::Get => {
+                let e = self.state.as_mut().ok_or_else(not_found)?;
+                e.housekeeping(now, fx);
+                Ok(Reply::View(Box::new(e.view())))
+            }
+            Op::Seats => {
+                let e = self.state.as_mut().ok_or_else(not_found)?;
+                e.housekeeping(now, fx);
+                Ok(Reply::Seats(e.seat_list()))
+            }
+            Op::Activate(seat) => {
+                let e = self.state.as_mut().ok_or_else(not_found)?;
+                Ok(Reply::Seat(e.activate(seat, now, fx)))
+            }
+            Op::Release(seat) => {
+                let e = self.state.as_mut().ok_or_else(not_found)?;
+                Ok(Reply::Release(e.release(seat, now, fx)))
+            }
+            Op::Usage(req) => self.usage(req, now).map(Reply::Usage),
+            Op::Batch(reqs) => {
+                if self.state.is_none() {
+                    return Err(not_found());
+                }
+                Ok(Reply::Batch(reqs.iter().map(|r| self.usage(r, now)).collect()))
+            }
+            Op::Sweep => {
+                if let Some(e) = self.state.as_mut() {
+                    e.housekeeping(now, fx);
+                }
+                Ok(Reply::Swept)
+            }
+        }
+    }
+
+    fn usage(&mut self, req: &UsageRequest, now: DateTime<Utc>) -> Result<UsageReply, EngineError> {
+        let Some(e) = self.state.as_mut() else {
+            return Err(EngineError::NotFound(self.id.clone()));
+        };
+        let window = chrono::Duration::from_std(self.shared.settings.idempotency_window)
+            .unwrap_or(chrono::Duration::MAX);
+        let fp = req.idempotency_key.as_ref().map(|_| fingerprint(req));
+        if let (Some(key), Some(fp)) = (&req.idempotency_key, &fp)
+            && let Some(entry) = self.keys.map.get(key).filter(|k| now - k.at < window)
+        {
+            if &entry.fingerprint != fp {
+                return Err(EngineError::Conflict(key.clone()));
+            }
+            return Ok(UsageReply {
+                decision: entry.decision.clone(),
+                replayed: true,
+            });
+        }
+        let decision = e
+            .consume(&req.feature, req.amount, now, &mut self.pending.fx)
+            .map_err(|u| EngineError::UnknownFeature(u.0))?;
+        if let (Some(key), Some(fingerprint)) = (&req.idempotency_key, fp) {
+            let entry = KeyEntry {
+                fingerprint,
+                decision: decision.clone(),
+                at: now,
+            };
+            let record = serde_json::to_string(&entry).unwrap_or_default();
+            self.pending.keys.push(KeyRecord {
+                incarnation: e.incarnation(),
+                key: key.clone(),
+                record,
+            });
+            self.keys.insert(key.clone(), entry, self.shared.settings.cached_keys);
+        }
+        Ok(UsageReply {
+            decision,
+            replayed: false,
+        })
+    }
+
+    /// Starts the next write when none is in flight.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.inflight.is_some() || (self.pending.calls.is_empty() && !self.pending.needs_write()) {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.pending);
+        if !batch.needs_write() {
+            for w in batch.calls.drain(..) {
+                w.answer();
+            }
+            self.notify_drains(ctx);
+            return;
+        }
+        let write = match self.state.as_mut() {
+            None => Write::Delete,
+            Some(e) => {
+                e.commits += 1;
+                Write::Put {
+                    replace: batch.reset,
+                    core: serde_json::to_string(&*e).unwrap_or_default(),
+                    seats: batch.fx.seats.drain().collect(),
+                }
+            }
+        };
+        let commit = Commit {
+            id: self.id.clone(),
+            epoch: self.epoch,
+            claim: !self.claimed,
+            write,
+            events: std::mem::take(&mut batch.events),
+            idempotency: std::mem::take(&mut batch.keys),
+        };
+        let marker = (
+            self.state.as_ref().map(Entitlement::incarnation),
+            self.state.as_ref().map_or(0, |e| e.commits),
+        );
+        let store = self.shared.store.clone();
+        self.inflight = Some((batch, marker.0, marker.1));
+        ctx.spawn(
+            async move { store.commit(commit).await }
+                .into_actor(self)
+                .map(|res, act, ctx| act.committed(res, ctx)),
+        );
+    }
+
+    fn committed(&mut self, res: Result<CommitOutcome, StoreError>, ctx: &mut Context<Self>) {
+        let Some((batch, incarnation, commits)) = self.inflight.take() else { return };
+        let replay_all = |act: &mut Self, batch: Batch| {
+            let pending = std::mem::take(&mut act.pending);
+            batch.calls.into_iter().chain(pending.calls).collect::<Vec<_>>()
+        };
+        match res {
+            Ok(CommitOutcome::Applied { epoch }) => {
+                self.epoch = epoch;
+                self.claimed = true;
+                for w in batch.calls {
+                    w.answer();
+                }
+                self.flush(ctx);
+                self.notify_drains(ctx);
+            }
+            Ok(CommitOutcome::Fenced) => {
+                tracing::warn!(entitlement = %self.id, "another owner took this entitlement; reloading");
+                let replay = replay_all(self, batch);
+                self.reload(ctx, None, replay);
+            }
+            Ok(CommitOutcome::KeysExist(found)) => {
+                let replay = replay_all(self, batch);
+                self.reload(ctx, None, replay);
+                // The reload cleared the cache; these records are what the
+                // replayed calls must find.
+                let limit = self.shared.settings.cached_keys;
+                for (key, record) in found {
+                    if let Ok(entry) = serde_json::from_str::<KeyEntry>(&record) {
+                        self.keys.insert(key, entry, limit);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(entitlement = %self.id, error = %e, "write failed; reloading");
+                let pending = std::mem::take(&mut self.pending);
+                let unknown = Unknown {
+                    batch,
+                    incarnation,
+                    commits,
+                };
+                self.reload(ctx, Some(unknown), pending.calls);
+            }
+        }
+    }
+
+    fn notify_drains(&mut self, ctx: &mut Context<Self>) {
+        if !self.drains.is_empty() && self.idle() {
+            ctx.stop();
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let now = self.shared.clock.now();
+        if self.phase == Phase::Ready
+            && self
+            .state
+            .as_ref()
+            .and_then(Entitlement::next_housekeeping)
+            .is_some_and(|t| t <= now)
+        {
+            self.decide(Op::Sweep, None);
+            self.flush(ctx);
+        }
+        let idle_limit = if self.state.is_some() {
+            self.shared.settings.idle_timeout
+        } else {
+            self.shared.settings.idle_timeout.min(std::time::Duration::from_secs(5))
+        };
+        if self.idle() && self.last_used.elapsed() >= idle_limit {
+            ctx.stop();
+        }
+    }
+}
+
+impl Handler<Call> for EntitlementActor {
+    type Result = ();
+
+    fn handle(&mut self, call: Call, ctx: &mut Context<Self>) {
+        self.last_used = Instant::now();
+        if self.phase == Phase::Broken {
+            let w = Waiting {
+                op: call.op,
+                reply: Some(call.reply),
+                answer: Err(EngineError::ShuttingDown),
+            };
+            self.reload(ctx, None, vec![w]);
+            return;
+        }
+        self.decide(call.op, Some(call.reply));
+        self.flush(ctx);
+    }
+}
+
+impl Handler<Drain> for EntitlementActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) {
+        self.drains.push(msg.0);
+        self.notify_drains(ctx);
+    }
+}

@@ -1,0 +1,284 @@
+//! The engine: one actix actor per entitlement, found through a `dashmap`
+//! registry, loaded from the store on first use and passivated when idle.
+//!
+//! Every mutation goes through the entitlement's actor, which applies the
+//! domain rules to its in-memory state without locks, then group-commits: the
+//! first call is written at once, calls that arrive while that write is in
+//! flight share the next write. A call is answered only after its write
+//! succeeded. The HTTP layer sees only [`Engine`]; actix stays in here.
+
+mod actor;
+mod clock;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::Addr;
+use dashmap::DashMap;
+use futures_util::future::join_all;
+use tokio::sync::oneshot;
+
+use crate::domain::{
+    Amount, EntitlementConfig, EntitlementId, EntitlementView, FeatureKey, IdempotencyKey,
+    ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
+};
+use crate::store::{Store, StoreError};
+use actor::{Call, EntitlementActor, Op, Reply};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("entitlement {0} not found")]
+    NotFound(EntitlementId),
+    #[error("entitlement has no feature {0}")]
+    UnknownFeature(FeatureKey),
+    #[error("idempotency key {0} was already used with another payload")]
+    Conflict(IdempotencyKey),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("the tracker is shutting down")]
+    ShuttingDown,
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        EngineError::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// An entitlement untouched this long leaves memory (its state is in the store).
+    pub idle_timeout: Duration,
+    /// How often a resident entitlement checks for expired leases and ended periods.
+    pub sweep_interval: Duration,
+    /// Idempotency keys each resident entitlement remembers without asking the store.
+    pub cached_keys: usize,
+    pub idempotency_window: Duration,
+    /// CloudEvents `source`.
+    pub source: String,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            idle_timeout: Duration::from_secs(300),
+            sweep_interval: Duration::from_secs(1),
+            cached_keys: 1024,
+            idempotency_window: Duration::from_secs(24 * 3600),
+            source: "headroom".into(),
+        }
+    }
+}
+
+/// One usage call.
+#[derive(Clone, Debug)]
+pub struct UsageRequest {
+    pub feature: FeatureKey,
+    pub amount: Amount,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// A usage call's decision, and whether it repeats an earlier call's answer.
+#[derive(Clone, Debug)]
+pub struct UsageReply {
+    pub decision: UsageDecision,
+    pub replayed: bool,
+}
+
+pub(crate) struct Slot {
+    generation: u64,
+    addr: Addr<EntitlementActor>,
+}
+
+pub(crate) struct Shared {
+    registry: DashMap<EntitlementId, Slot>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    settings: EngineSettings,
+    generation: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// The handle the HTTP layer holds: cheap to clone, safe to share.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+const SEND_ATTEMPTS: usize = 4;
+
+impl Engine {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, settings: EngineSettings) -> Self {
+        Engine {
+            shared: Arc::new(Shared {
+                registry: DashMap::new(),
+                store,
+                clock,
+                settings,
+                generation: AtomicU64::new(1),
+                stopping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Entitlements now in memory.
+    pub fn resident(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    fn addr(&self, id: &EntitlementId) -> (u64, Addr<EntitlementActor>) {
+        if let Some(slot) = self.shared.registry.get(id) {
+            return (slot.generation, slot.addr.clone());
+        }
+        let slot = self.shared.registry.entry(id.clone()).or_insert_with(|| {
+            let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed);
+            let addr = EntitlementActor::spawn(id.clone(), generation, self.shared.clone());
+            Slot { generation, addr }
+        });
+        (slot.generation, slot.addr.clone())
+    }
+
+    /// Sends `op` to the entitlement's actor and waits for its answer. An
+    /// actor that stopped (passivated) before it took the call never applied
+    /// it, so the call goes to a fresh actor.
+    async fn call(&self, id: &EntitlementId, op: Op) -> Result<Reply, EngineError> {
+        if self.shared.stopping.load(Ordering::Relaxed) {
+            return Err(EngineError::ShuttingDown);
+        }
+        for _ in 0..SEND_ATTEMPTS {
+            let (generation, addr) = self.addr(id);
+            let (tx, rx) = oneshot::channel();
+            let sent = addr.try_send(Call {
+                op: op.clone(),
+                reply: tx,
+            });
+            if sent.is_ok()
+                && let Ok(reply) = rx.await
+            {
+                return reply;
+            }
+            self.shared
+                .registry
+                .remove_if(id, |_, slot| slot.generation == generation);
+        }
+        Err(EngineError::Unavailable("entitlement actor did not answer".into()))
+    }
+
+    pub async fn activate(&self, id: &EntitlementId, seat: SeatId) -> Result<SeatDecision, EngineError> {
+        match self.call(id, Op::Activate(seat)).await? {
+            Reply::Seat(d) => Ok(d),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    pub async fn release(&self, id: &EntitlementId, seat: SeatId) -> Result<ReleaseResult, EngineError> {
+        match self.call(id, Op::Release(seat)).await? {
+            Reply::Release(r) => Ok(r),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    pub async fn consume(&self, id: &EntitlementId, req: UsageRequest) -> Result<UsageReply, EngineError> {
+        match self.call(id, Op::Usage(req)).await? {
+            Reply::Usage(r) => Ok(r),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// Many usage events, one message per entitlement; results in input order.
+    pub async fn consume_batch(
+        &self,
+        events: Vec<(EntitlementId, UsageRequest)>,
+    ) -> Vec<Result<UsageReply, EngineError>> {
+        let n = events.len();
+        let mut groups: HashMap<EntitlementId, (Vec<usize>, Vec<UsageRequest>)> = HashMap::new();
+        for (i, (id, req)) in events.into_iter().enumerate() {
+            let g = groups.entry(id).or_default();
+            g.0.push(i);
+            g.1.push(req);
+        }
+        let calls = groups.into_iter().map(|(id, (idx, reqs))| async move {
+            let res = match self.call(&id, Op::Batch(Arc::new(reqs))).await {
+                Ok(Reply::Batch(r)) => Ok(r),
+                Ok(other) => Err(other.unexpected()),
+                Err(e) => Err(e),
+            };
+            (idx, res)
+        });
+        let mut out: Vec<Option<Result<UsageReply, EngineError>>> = vec![None; n];
+        for (idx, res) in join_all(calls).await {
+            match res {
+                Ok(results) => {
+                    for (i, r) in idx.into_iter().zip(results) {
+                        out[i] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    for i in idx {
+                        out[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::Unavailable("no result".into()))))
+            .collect()
+    }
+
+    /// Creates or replaces a configuration; answers whether it was created.
+    pub async fn put(&self, id: &EntitlementId, config: EntitlementConfig) -> Result<(bool, EntitlementView), EngineError> {
+        match self.call(id, Op::Put(Box::new(config))).await? {
+            Reply::Put { created, view } => Ok((created, *view)),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    pub async fn delete(&self, id: &EntitlementId) -> Result<(), EngineError> {
+        match self.call(id, Op::Delete).await? {
+            Reply::Deleted => Ok(()),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    pub async fn get(&self, id: &EntitlementId) -> Result<EntitlementView, EngineError> {
+        match self.call(id, Op::Get).await? {
+            Reply::View(v) => Ok(*v),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    pub async fn seats(&self, id: &EntitlementId) -> Result<Vec<SeatView>, EngineError> {
+        match self.call(id, Op::Seats).await? {
+            Reply::Seats(s) => Ok(s),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// Refuses new calls, waits until every resident entitlement has written
+    /// what it holds, stops the actors and then the store.
+    pub async fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        let addrs: Vec<Addr<EntitlementActor>> =
+            self.shared.registry.iter().map(|s| s.addr.clone()).collect();
+        let stops = addrs.into_iter().map(|a| async move {
+            let (tx, rx) = oneshot::channel();
+            if a.try_send(actor::Drain(tx)).is_ok() {
+                let _ = rx.await;
+            }
+        });
+        join_all(stops).await;
+        self.shared.registry.clear();
+        self.shared.store.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

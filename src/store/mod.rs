@@ -1,0 +1,121 @@
+//! Persistence of entitlement state and events.
+//!
+//! The engine hands each entitlement's changes to [`Store::commit`] as one
+//! [`Commit`]; a store applies it atomically (state, seats, events and
+//! idempotency records together, or nothing) and only then answers. Every
+//! commit carries the owner epoch read by [`Store::load`]: a write from a
+//! process that is no longer the owner is refused ([`CommitOutcome::Fenced`]).
+
+mod memory;
+mod redis;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisSettings, RedisStore};
+
+use async_trait::async_trait;
+
+use crate::domain::{Entitlement, EntitlementId, IdempotencyKey, Lease, SeatId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("stored state of {id} is unreadable: {cause}")]
+    Corrupt { id: String, cause: String },
+}
+
+/// What [`Store::load`] found.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The owner epoch this process now holds; passed back with each commit.
+    pub epoch: u64,
+    /// Whether the epoch was claimed (state existed); an unclaimed epoch is
+    /// claimed by the first commit, so two creators cannot both win.
+    pub claimed: bool,
+    pub state: Option<Entitlement>,
+}
+
+/// The state change of one entitlement, written atomically.
+#[derive(Debug)]
+pub struct Commit {
+    pub id: EntitlementId,
+    pub epoch: u64,
+    /// Claim the epoch with this write (see [`Loaded::claimed`]).
+    pub claim: bool,
+    pub write: Write,
+    /// `(type, CloudEvents JSON)` in order.
+    pub events: Vec<(&'static str, String)>,
+    /// Idempotency keys first used by this commit, with the record to keep.
+    pub idempotency: Vec<KeyRecord>,
+}
+
+/// An idempotency key and the first decision made with it.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    /// Scopes the key to one life of the entitlement.
+    pub incarnation: i64,
+    pub key: IdempotencyKey,
+    pub record: String,
+}
+
+#[derive(Debug)]
+pub enum Write {
+    /// The core state as JSON and the seats that changed; with `replace`,
+    /// whatever was stored before goes first (deleted and created again).
+    Put {
+        replace: bool,
+        core: String,
+        seats: Vec<(SeatId, Option<Lease>)>,
+    },
+    Delete,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum CommitOutcome {
+    /// Written; the epoch now held (changes when the commit claimed it).
+    Applied { epoch: u64 },
+    /// Another owner took over: nothing was written.
+    Fenced,
+    /// Some idempotency keys were already used (before this process loaded
+    /// the entitlement): nothing was written; here are their records.
+    KeysExist(Vec<(IdempotencyKey, String)>),
+}
+
+/// A place to keep entitlements: in memory, or durably in Redis.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads an entitlement and claims ownership of it.
+    async fn load(&self, id: &EntitlementId) -> Result<Loaded, StoreError>;
+    /// Applies one entitlement's change atomically.
+    async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError>;
+    /// Whether the store answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Whether state survives a restart.
+    fn durable(&self) -> bool;
+    /// Writes what is queued and stops background work.
+    async fn shutdown(&self);
+}
+
+/// Rebuilds an entitlement from its stored core JSON and seat fields.
+pub fn decode_state(
+    id: &EntitlementId,
+    core: &[u8],
+    seats: impl IntoIterator<Item = (String, String)>,
+) -> Result<Entitlement, StoreError> {
+    let corrupt = |cause: String| StoreError::Corrupt {
+        id: id.to_string(),
+        cause,
+    };
+    let mut e: Entitlement = serde_json::from_slice(core).map_err(|e| corrupt(e.to_string()))?;
+    for (seat, lease) in seats {
+        let seat = SeatId::parse(&seat).map_err(|e| corrupt(e.to_string()))?;
+        let lease = Lease::decode(&lease).ok_or_else(|| corrupt(format!("lease {lease}")))?;
+        e.seats.restore(seat, lease);
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod contract_tests;

@@ -1,0 +1,402 @@
+//! The durable store: Redis through a deadpool-redis pool, with group commit.
+//!
+//! Commits from all entitlement actors go to one queue. A committer task takes
+//! whatever is queued (up to `max_batch`) and sends it as one pipeline of
+//! `EVALSHA` calls, one atomic script per entitlement, so a Redis round trip
+//! carries many decisions. Up to `max_flushes` pipelines are in flight at once.
+//! Each entitlement has at most one commit in flight (the actor waits), so
+//! per-entitlement order is kept across concurrent pipelines.
+//!
+//! Keys, with one hash tag per entitlement:
+//! `{prefix}:{<id>}:epoch`, `{prefix}:{<id>}:state`, `{prefix}:{<id>}:seats`,
+//! `{prefix}:{<id>}:key:<incarnation>:<idempotency key>` and `{prefix}:events`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::{Commit, CommitOutcome, Loaded, Store, StoreError, Write, decode_state};
+use crate::domain::{EntitlementId, IdempotencyKey};
+
+const COMMIT_LUA: &str = include_str!("lua/commit.lua");
+const LOAD_LUA: &str = include_str!("lua/load.lua");
+
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub stream_maxlen: u64,
+    pub idempotency_window: Duration,
+    /// Longest wait for Redis on any one operation.
+    pub timeout: Duration,
+    pub pool_size: usize,
+    /// Most entitlement commits in one pipeline.
+    pub max_batch: usize,
+    /// Most pipelines in flight at once.
+    pub max_flushes: usize,
+}
+
+impl RedisSettings {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisSettings {
+            url: url.into(),
+            prefix: "headroom".into(),
+            stream_maxlen: 1_000_000,
+            idempotency_window: Duration::from_secs(24 * 3600),
+            timeout: Duration::from_secs(2),
+            pool_size: 8,
+            max_batch: 512,
+            max_flushes: 4,
+        }
+    }
+}
+
+struct Job {
+    commit: Commit,
+    reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
+}
+
+struct Shared {
+    pool: Pool,
+    settings: RedisSettings,
+    commit_sha: String,
+    load_sha: String,
+}
+
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    queue: mpsc::UnboundedSender<Job>,
+    stop: watch::Sender<bool>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedisStore {
+    /// Builds the pool and starts the committer. Does not need Redis to be up:
+    /// calls answer 503 until it is.
+    pub fn start(settings: RedisSettings) -> Result<Self, StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout));
+        let manager = Manager::new_with_config(settings.url.as_str(), config).map_err(unavailable)?;
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .wait_timeout(Some(settings.timeout))
+            .create_timeout(Some(settings.timeout))
+            .recycle_timeout(Some(settings.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(unavailable)?;
+        let shared = Arc::new(Shared {
+            pool,
+            commit_sha: redis::Script::new(COMMIT_LUA).get_hash().to_string(),
+            load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
+            settings,
+        });
+        let (queue, rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let committer = tokio::spawn(committer(shared.clone(), rx, stop_rx));
+        Ok(RedisStore {
+            shared,
+            queue,
+            stop,
+            committer: Mutex::new(Some(committer)),
+        })
+    }
+
+    pub fn settings(&self) -> &RedisSettings {
+        &self.shared.settings
+    }
+}
+
+impl Shared {
+    fn key(&self, id: &EntitlementId, suffix: &str) -> String {
+        format!("{}:{{{}}}:{}", self.settings.prefix, id, suffix)
+    }
+
+    fn stream(&self) -> String {
+        format!("{}:events", self.settings.prefix)
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_redis::PoolError::Timeout(_) => StoreError::Timeout(self.settings.timeout),
+            other => unavailable(other),
+        })
+    }
+
+    /// Runs a pipeline of script calls, loading the scripts once when Redis
+    /// does not know them (after a Redis restart, say) and trying again.
+    async fn run_scripts(&self, pipe: &redis::Pipeline) -> Result<Vec<Result<Value, redis::RedisError>>, StoreError> {
+        let mut conn = self.conn().await?;
+        for attempt in 0..2 {
+            let results: Vec<redis::RedisResult<Value>> = tokio::time::timeout(
+                self.settings.timeout,
+                pipe.query_async(&mut conn),
+            )
+            .await
+            .map_err(|_| StoreError::Timeout(self.settings.timeout))?
+            .map_err(unavailable)?;
+            let missing = results
+                .iter()
+                .any(|r| matches!(r, Err(e) if e.code() == Some("NOSCRIPT")));
+            if !missing || attempt == 1 {
+                return Ok(results);
+            }
+            self.load_scripts(&mut conn).await?;
+            // Only calls that failed with NOSCRIPT did not run; but all in this
+            // pipeline failed the same way since the script cache is global.
+        }
+        Err(unavailable("scripts could not be loaded"))
+    }
+
+    async fn load_scripts(&self, conn: &mut deadpool_redis::Connection) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(COMMIT_LUA);
+        pipe.cmd("SCRIPT").arg("LOAD").arg(LOAD_LUA);
+        let _: Vec<String> = tokio::time::timeout(self.settings.timeout, pipe.query_async(conn))
+            .await
+            .map_err(|_| StoreError::Timeout(self.settings.timeout))?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn add_commit(&self, pipe: &mut redis::Pipeline, c: &Commit) {
+        let cmd = pipe.cmd("EVALSHA").arg(&self.commit_sha).arg(4 + c.idempotency.len());
+        cmd.arg(self.key(&c.id, "epoch"))
+            .arg(self.key(&c.id, "state"))
+            .arg(self.key(&c.id, "seats"))
+            .arg(self.stream());
+        for r in &c.idempotency {
+            cmd.arg(self.key(&c.id, &format!("key:{}:{}", r.incarnation, r.key)));
+        }
+        let (mode, core, seats): (&str, &str, &[_]) = match &c.write {
+            Write::Put { replace: false, core, seats } => ("put", core, seats),
+            Write::Put { replace: true, core, seats } => ("replace", core, seats),
+            Write::Delete => ("delete", "", &[]),
+        };
+        cmd.arg(c.epoch)
+            .arg(if c.claim { "1" } else { "0" })
+            .arg(mode)
+            .arg(core)
+            .arg(seats.len())
+            .arg(c.events.len())
+            .arg(self.settings.stream_maxlen)
+            .arg(self.settings.idempotency_window.as_millis() as u64)
+            .arg(c.id.as_str());
+        for (seat, lease) in seats {
+            cmd.arg(seat.as_str()).arg(lease.map(|l| l.encode()).unwrap_or_default());
+        }
+        for (kind, json) in &c.events {
+            cmd.arg(*kind).arg(json);
+        }
+        for r in &c.idempotency {
+            cmd.arg(&r.record);
+        }
+    }
+
+    async fn flush(&self, jobs: Vec<Job>) {
+        let started = Instant::now();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for job in &jobs {
+            self.add_commit(&mut pipe, &job.commit);
+        }
+        let results = self.run_scripts(&pipe).await;
+        metrics::histogram!("headroom_store_write_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("headroom_store_batch_size").record(jobs.len() as f64);
+        match results {
+            Ok(results) if results.len() == jobs.len() => {
+                for (job, result) in jobs.into_iter().zip(results) {
+                    let outcome = result
+                        .map_err(unavailable)
+                        .and_then(|v| parse_commit_reply(&job.commit, v));
+                    if outcome.is_err() {
+                        metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
+                    }
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            Ok(results) => {
+                metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
+                let msg = format!("pipeline answered {} results for {} commits", results.len(), jobs.len());
+                for job in jobs {
+                    let _ = job.reply.send(Err(unavailable(&msg)));
+                }
+            }
+            Err(e) => {
+                metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
+                tracing::warn!(error = %e, commits = jobs.len(), "store write failed");
+                let msg = e.to_string();
+                for job in jobs {
+                    let _ = job.reply.send(Err(match &e {
+                        StoreError::Timeout(d) => StoreError::Timeout(*d),
+                        _ => unavailable(&msg),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn parse_commit_reply(c: &Commit, v: Value) -> Result<CommitOutcome, StoreError> {
+    let bad = || unavailable(format!("unexpected commit reply for {}", c.id));
+    let Value::Array(items) = v else { return Err(bad()) };
+    let tag = items.first().and_then(text).ok_or_else(bad)?;
+    match tag.as_str() {
+        "ok" => {
+            let epoch = items.get(1).and_then(text).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            Ok(CommitOutcome::Applied { epoch })
+        }
+        "fenced" => Ok(CommitOutcome::Fenced),
+        "keys" => {
+            let mut found = Vec::new();
+            for pair in items[1..].chunks(2) {
+                let idx: usize = text(&pair[0]).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+                let record = pair.get(1).and_then(text).ok_or_else(bad)?;
+                let key: &IdempotencyKey = &c.idempotency.get(idx.wrapping_sub(1)).ok_or_else(bad)?.key;
+                found.push((key.clone(), record));
+            }
+            Ok(CommitOutcome::KeysExist(found))
+        }
+        _ => Err(bad()),
+    }
+}
+
+async fn committer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>, mut stop: watch::Receiver<bool>) {
+    let flushes = Arc::new(Semaphore::new(shared.settings.max_flushes));
+    let max_batch = shared.settings.max_batch;
+    let mut stopping = false;
+    loop {
+        let first = if stopping {
+            rx.try_recv().ok()
+        } else {
+            tokio::select! {
+                job = rx.recv() => job,
+                _ = stop.changed() => {
+                    stopping = true;
+                    rx.try_recv().ok()
+                }
+            }
+        };
+        let Some(first) = first else { break };
+        // Wait for a free pipeline slot first: while all are busy, commits
+        // keep queueing, and the next pipeline takes them all at once.
+        let Ok(permit) = flushes.clone().acquire_owned().await else { break };
+        let mut jobs = vec![first];
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shared.flush(jobs).await;
+            drop(permit);
+        });
+    }
+    // Wait for the pipelines still in flight.
+    let _ = flushes.acquire_many(shared.settings.max_flushes as u32).await;
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn load(&self, id: &EntitlementId) -> Result<Loaded, StoreError> {
+        let s = &self.shared;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("EVALSHA")
+            .arg(&s.load_sha)
+            .arg(3)
+            .arg(s.key(id, "epoch"))
+            .arg(s.key(id, "state"))
+            .arg(s.key(id, "seats"));
+        let started = Instant::now();
+        let result = s.run_scripts(&pipe).await;
+        metrics::histogram!("headroom_store_load_duration_seconds").record(started.elapsed().as_secs_f64());
+        let value = result
+            .and_then(|mut r| r.pop().ok_or_else(|| unavailable("empty reply")))
+            .and_then(|r| r.map_err(unavailable))
+            .inspect_err(|_| {
+                metrics::counter!("headroom_store_errors_total", "op" => "load").increment(1);
+            })?;
+        let corrupt = |cause: &str| StoreError::Corrupt {
+            id: id.to_string(),
+            cause: cause.to_string(),
+        };
+        let Value::Array(items) = value else { return Err(corrupt("load reply")) };
+        let epoch: u64 = items
+            .first()
+            .and_then(text)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt("epoch"))?;
+        let Some(core) = items.get(1) else {
+            return Ok(Loaded {
+                epoch,
+                claimed: false,
+                state: None,
+            });
+        };
+        let core = text(core).ok_or_else(|| corrupt("core"))?;
+        let mut seats = Vec::new();
+        if let Some(Value::Array(fields)) = items.get(2) {
+            for pair in fields.chunks(2) {
+                if let (Some(s), Some(l)) = (text(&pair[0]), pair.get(1).and_then(text)) {
+                    seats.push((s, l));
+                }
+            }
+        }
+        let state = decode_state(id, core.as_bytes(), seats)?;
+        Ok(Loaded {
+            epoch,
+            claimed: true,
+            state: Some(state),
+        })
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue
+            .send(Job { commit, reply })
+            .map_err(|_| unavailable("store is shutting down"))?;
+        rx.await.map_err(|_| unavailable("store is shutting down"))?
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.shared.conn().await?;
+        let _: String = tokio::time::timeout(self.shared.settings.timeout, redis::cmd("PING").query_async(&mut conn))
+            .await
+            .map_err(|_| StoreError::Timeout(self.shared.settings.timeout))?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        if let Some(handle) = self.committer.lock().await.take() {
+            let _ = handle.await;
+        }
+    }
+}
