@@ -13,4 +13,7 @@
 
 pub mod domain;
 pub mod engine;
+pub mod http;
+pub mod settings;
 pub mod store;
+pub mod telemetry;

@@ -243,7 +243,9 @@ fn check_cap(field: &str, purchased: u64, cap: Limit) -> Result<(), ValidationEr
     match cap {
         Limit::Finite(c) if c < purchased => Err(ValidationError::new(
             field,
-            format!("hard_cap ({c}) must not be below what was purchased or included ({purchased})"),
+            format!(
+                "hard_cap ({c}) must not be below what was purchased or included ({purchased})"
+            ),
         )),
         _ => Ok(()),
     }
@@ -326,8 +328,9 @@ mod tests {
     fn omitted_hard_cap_means_no_overdraft_and_unlimited_is_a_word() {
         let cfg = parse(r#"{"seats": {"purchased": 5}}"#).unwrap();
         assert_eq!(cfg.seats.effective_cap(), Limit::Finite(5));
-        let cfg = parse(r#"{"seats": {"purchased": 5, "hard_cap": "unlimited", "customer_cap": 7}}"#)
-            .unwrap();
+        let cfg =
+            parse(r#"{"seats": {"purchased": 5, "hard_cap": "unlimited", "customer_cap": 7}}"#)
+                .unwrap();
         assert_eq!(cfg.seats.hard_cap(), Limit::Unlimited);
         assert_eq!(cfg.seats.effective_cap(), Limit::Finite(7));
     }

@@ -56,7 +56,11 @@ impl Lease {
     /// Compact form stored per seat: `activated_ms:expires_ms` (`-` for none).
     pub fn encode(&self) -> String {
         match self.expires_at {
-            Some(e) => format!("{}:{}", self.activated_at.timestamp_millis(), e.timestamp_millis()),
+            Some(e) => format!(
+                "{}:{}",
+                self.activated_at.timestamp_millis(),
+                e.timestamp_millis()
+            ),
             None => format!("{}:-", self.activated_at.timestamp_millis()),
         }
     }
@@ -255,12 +259,23 @@ impl Entitlement {
 
     /// Replaces the configuration and keeps live state. Never evicts seats;
     /// emits the transitions the new limits cause at once.
-    pub fn replace_config(&mut self, config: EntitlementConfig, now: DateTime<Utc>, fx: &mut Effects) {
+    pub fn replace_config(
+        &mut self,
+        config: EntitlementConfig,
+        now: DateTime<Utc>,
+        fx: &mut Effects,
+    ) {
         self.housekeeping(now, fx);
         self.apply_config(config, false, now, fx);
     }
 
-    fn apply_config(&mut self, config: EntitlementConfig, created: bool, now: DateTime<Utc>, fx: &mut Effects) {
+    fn apply_config(
+        &mut self,
+        config: EntitlementConfig,
+        created: bool,
+        now: DateTime<Utc>,
+        fx: &mut Effects,
+    ) {
         self.meters.retain(|k, _| config.features.contains_key(k));
         for (key, fc) in &config.features {
             let meter = self.meters.entry(key.clone()).or_default();
@@ -325,7 +340,11 @@ impl Entitlement {
     /// The earliest instant at which housekeeping has work to do.
     pub fn next_housekeeping(&self) -> Option<DateTime<Utc>> {
         let lease = self.seats.expiry.first().map(|(at, _)| *at);
-        let period = self.meters.values().filter_map(|m| m.period.map(|b| b.end)).min();
+        let period = self
+            .meters
+            .values()
+            .filter_map(|m| m.period.map(|b| b.end))
+            .min();
         match (lease, period) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -333,9 +352,13 @@ impl Entitlement {
     }
 
     fn roll_period(&mut self, key: &FeatureKey, now: DateTime<Utc>, fx: &mut Effects) {
-        let Some(fc) = self.config.features.get(key) else { return };
+        let Some(fc) = self.config.features.get(key) else {
+            return;
+        };
         let (included, period, anchor) = (fc.included, fc.period, fc.period_anchor);
-        let Some(meter) = self.meters.get_mut(key) else { return };
+        let Some(meter) = self.meters.get_mut(key) else {
+            return;
+        };
         let Some(closed) = meter.period else { return };
         let next = period.bounds(anchor, now);
         let close = EventData::UsagePeriodClosed {
@@ -402,7 +425,14 @@ impl Entitlement {
         let at_cap = in_use > 0 && cap.finite().is_some_and(|c| in_use >= c);
         if at_cap && !self.seats.at_hard_cap {
             self.seats.at_hard_cap = true;
-            self.emit(fx, now, EventData::SeatHardCapReached { in_use, hard_cap: cap });
+            self.emit(
+                fx,
+                now,
+                EventData::SeatHardCapReached {
+                    in_use,
+                    hard_cap: cap,
+                },
+            );
         } else if !at_cap && self.seats.at_hard_cap {
             self.seats.at_hard_cap = false;
             fx.changed = true;
@@ -414,9 +444,13 @@ impl Entitlement {
     }
 
     fn meter_transitions(&mut self, key: &FeatureKey, now: DateTime<Utc>, fx: &mut Effects) {
-        let Some(fc) = self.config.features.get(key) else { return };
+        let Some(fc) = self.config.features.get(key) else {
+            return;
+        };
         let (included, cap) = (fc.included, fc.effective_cap());
-        let Some(meter) = self.meters.get_mut(key) else { return };
+        let Some(meter) = self.meters.get_mut(key) else {
+            return;
+        };
         let used = meter.used;
         let mut out = Vec::new();
         if used > 0 {
@@ -471,12 +505,18 @@ impl Entitlement {
 
     /// Activates a seat, or renews the lease of an active one (a refresh is
     /// never a second seat, and is not evicted when limits were lowered).
-    pub fn activate(&mut self, seat: &SeatId, now: DateTime<Utc>, fx: &mut Effects) -> SeatDecision {
+    pub fn activate(
+        &mut self,
+        seat: &SeatId,
+        now: DateTime<Utc>,
+        fx: &mut Effects,
+    ) -> SeatDecision {
         self.housekeeping(now, fx);
         let refreshed = self.seats.active.contains_key(seat);
         let denial = self.config.blocked(now).or_else(|| {
             let next = self.seats.in_use() + 1;
-            (!refreshed && !self.config.seats.effective_cap().allows(next)).then_some(DenyReason::HardCap)
+            (!refreshed && !self.config.seats.effective_cap().allows(next))
+                .then_some(DenyReason::HardCap)
         });
         if let Some(reason) = denial {
             self.seats.denied_total += 1;
@@ -509,8 +549,15 @@ impl Entitlement {
         self.seat_decision(seat, outcome, None, refreshed)
     }
 
-    fn seat_decision(&self, seat: &SeatId, outcome: Outcome, reason: Option<DenyReason>, refreshed: bool) -> SeatDecision {
-        let (in_use, purchased, hard_cap, remaining_purchased, remaining_overdraft) = self.seat_counters();
+    fn seat_decision(
+        &self,
+        seat: &SeatId,
+        outcome: Outcome,
+        reason: Option<DenyReason>,
+        refreshed: bool,
+    ) -> SeatDecision {
+        let (in_use, purchased, hard_cap, remaining_purchased, remaining_overdraft) =
+            self.seat_counters();
         SeatDecision {
             outcome,
             reason,
@@ -526,7 +573,12 @@ impl Entitlement {
     }
 
     /// Releases a seat; releasing an inactive seat is not an error.
-    pub fn release(&mut self, seat: &SeatId, now: DateTime<Utc>, fx: &mut Effects) -> ReleaseResult {
+    pub fn release(
+        &mut self,
+        seat: &SeatId,
+        now: DateTime<Utc>,
+        fx: &mut Effects,
+    ) -> ReleaseResult {
         self.housekeeping(now, fx);
         let released = self.seats.remove(seat).is_some();
         if released {
@@ -534,7 +586,8 @@ impl Entitlement {
             fx.changed = true;
             self.seat_transitions(now, fx);
         }
-        let (in_use, purchased, hard_cap, remaining_purchased, remaining_overdraft) = self.seat_counters();
+        let (in_use, purchased, hard_cap, remaining_purchased, remaining_overdraft) =
+            self.seat_counters();
         ReleaseResult {
             seat_id: seat.clone(),
             released,
@@ -591,7 +644,13 @@ impl Entitlement {
         Ok(self.usage_decision(key, amount, outcome, None))
     }
 
-    fn usage_decision(&self, key: &FeatureKey, amount: Amount, outcome: Outcome, reason: Option<DenyReason>) -> UsageDecision {
+    fn usage_decision(
+        &self,
+        key: &FeatureKey,
+        amount: Amount,
+        outcome: Outcome,
+        reason: Option<DenyReason>,
+    ) -> UsageDecision {
         let fc: Option<&FeatureConfig> = self.config.features.get(key);
         let meter = self.meters.get(key);
         let used = meter.map_or(0, |m| m.used);
@@ -612,6 +671,12 @@ impl Entitlement {
             period_start: period.map(|b| b.start),
             period_end: period.map(|b| b.end),
         }
+    }
+
+    /// Whether seats or any feature are above what was purchased.
+    pub fn in_overdraft(&self) -> bool {
+        self.seats.overdraft_since.is_some()
+            || self.meters.values().any(|m| m.overdraft_since.is_some())
     }
 
     /// Records the deletion event; the caller drops the state.

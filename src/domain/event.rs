@@ -3,9 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::DenyReason;
 use super::config::{Limit, Percent};
 use super::ids::{FeatureKey, SeatId};
-use super::DenyReason;
 
 /// One transition of an entitlement, numbered by its per-entitlement sequence.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -63,7 +63,11 @@ impl Period {
 }
 
 fn days_in_month(year: i32, month: u32) -> u32 {
-    let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+    let (ny, nm) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
     NaiveDate::from_ymd_opt(ny, nm, 1)
         .and_then(|d| d.pred_opt())
         .map_or(28, |d| d.day())
@@ -122,7 +126,10 @@ mod tests {
         assert_eq!(b.start, t("2028-02-29T00:00:00Z"), "leap year");
         assert_eq!(b.end, t("2028-03-31T00:00:00Z"));
         let b = Period::Month.bounds(a, t("2026-04-30T00:00:00Z")).unwrap();
-        assert_eq!((b.start, b.end), (t("2026-04-30T00:00:00Z"), t("2026-05-31T00:00:00Z")));
+        assert_eq!(
+            (b.start, b.end),
+            (t("2026-04-30T00:00:00Z"), t("2026-05-31T00:00:00Z"))
+        );
     }
 
     #[test]
@@ -143,7 +150,10 @@ mod tests {
         let week = Period::Week.bounds(None, now).unwrap();
         assert_eq!(week.start, t("2026-11-23T00:00:00Z"), "Monday");
         let month = Period::Month.bounds(None, now).unwrap();
-        assert_eq!((month.start, month.end), (t("2026-11-01T00:00:00Z"), t("2026-12-01T00:00:00Z")));
+        assert_eq!(
+            (month.start, month.end),
+            (t("2026-11-01T00:00:00Z"), t("2026-12-01T00:00:00Z"))
+        );
         assert_eq!(Period::None.bounds(None, now), None);
     }
 

@@ -51,7 +51,10 @@ pub(crate) enum Reply {
     Release(ReleaseResult),
     Usage(UsageReply),
     Batch(Vec<Result<UsageReply, EngineError>>),
-    Put { created: bool, view: Box<EntitlementView> },
+    Put {
+        created: bool,
+        view: Box<EntitlementView>,
+    },
     Deleted,
     View(Box<EntitlementView>),
     Seats(Vec<SeatView>),
@@ -78,7 +81,8 @@ impl Reply {
 }
 
 fn record_decision(op: &'static str, outcome: &'static str) {
-    metrics::counter!("headroom_decisions_total", "operation" => op, "outcome" => outcome).increment(1);
+    metrics::counter!("headroom_decisions_total", "operation" => op, "outcome" => outcome)
+        .increment(1);
 }
 
 type ReplyTx = oneshot::Sender<Result<Reply, EngineError>>;
@@ -185,6 +189,15 @@ enum Phase {
     Broken,
 }
 
+/// The write in flight: the calls it answers, and what tells whether it
+/// reached the store if its outcome is unknown.
+struct Inflight {
+    batch: Batch,
+    incarnation: Option<i64>,
+    commits: u64,
+    event_kinds: Vec<&'static str>,
+}
+
 /// A write whose outcome is unknown (timeout, dropped connection).
 struct Unknown {
     batch: Batch,
@@ -201,7 +214,9 @@ pub(crate) struct EntitlementActor {
     claimed: bool,
     state: Option<Entitlement>,
     pending: Batch,
-    inflight: Option<(Batch, Option<i64>, u64)>,
+    inflight: Option<Inflight>,
+    /// Whether this entitlement is counted in the overdraft gauge.
+    counted_overdraft: bool,
     keys: KeyCache,
     last_used: Instant,
     drains: Vec<oneshot::Sender<()>>,
@@ -213,12 +228,17 @@ impl Actor for EntitlementActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(0);
         metrics::gauge!("headroom_resident_entitlements").increment(1.0);
-        ctx.run_interval(self.shared.settings.sweep_interval, |act, ctx| act.tick(ctx));
+        ctx.run_interval(self.shared.settings.sweep_interval, |act, ctx| {
+            act.tick(ctx)
+        });
         self.reload(ctx, None, Vec::new());
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         metrics::gauge!("headroom_resident_entitlements").decrement(1.0);
+        if self.counted_overdraft {
+            metrics::gauge!("headroom_entitlements_in_overdraft").decrement(1.0);
+        }
         self.shared
             .registry
             .remove_if(&self.id, |_, slot| slot.generation == self.generation);
@@ -242,6 +262,7 @@ impl EntitlementActor {
                 state: None,
                 pending: Batch::default(),
                 inflight: None,
+                counted_overdraft: false,
                 keys: KeyCache::default(),
                 last_used: Instant::now(),
                 drains: Vec::new(),
@@ -262,54 +283,65 @@ impl EntitlementActor {
         let id = self.id.clone();
         self.state = None;
         self.keys.clear();
-        ctx.wait(
-            async move { store.load(&id).await }
-                .into_actor(self)
-                .map(move |res: Result<Loaded, StoreError>, act, ctx| match res {
-                    Ok(loaded) => {
-                        if let Some(u) = unknown {
-                            let written = match (&loaded.state, u.incarnation) {
-                                (Some(s), Some(inc)) => s.incarnation() == inc && s.commits >= u.commits,
-                                (None, None) => true,
-                                _ => false,
-                            };
-                            let e = EngineError::Unavailable("store write failed".into());
-                            for w in u.batch.calls {
-                                if written { w.answer() } else { w.fail(&e) }
+        ctx.wait(async move { store.load(&id).await }.into_actor(self).map(
+            move |res: Result<Loaded, StoreError>, act, ctx| match res {
+                Ok(loaded) => {
+                    if let Some(u) = unknown {
+                        let written = match (&loaded.state, u.incarnation) {
+                            (Some(s), Some(inc)) => {
+                                s.incarnation() == inc && s.commits >= u.commits
                             }
+                            (None, None) => true,
+                            _ => false,
+                        };
+                        let e = EngineError::Unavailable("store write failed".into());
+                        for w in u.batch.calls {
+                            if written { w.answer() } else { w.fail(&e) }
                         }
-                        act.epoch = loaded.epoch;
-                        act.claimed = loaded.claimed;
-                        act.state = loaded.state;
-                        act.phase = Phase::Ready;
-                        for w in replay {
-                            act.decide(w.op, w.reply);
-                        }
-                        act.flush(ctx);
                     }
-                    Err(e) => {
-                        tracing::warn!(entitlement = %act.id, error = %e, "loading entitlement failed");
-                        act.phase = Phase::Broken;
-                        let e = EngineError::from(e);
-                        for w in unknown.into_iter().flat_map(|u| u.batch.calls).chain(replay) {
-                            w.fail(&e);
-                        }
-                        act.notify_drains(ctx);
+                    act.epoch = loaded.epoch;
+                    act.claimed = loaded.claimed;
+                    act.state = loaded.state;
+                    act.update_gauges();
+                    act.phase = Phase::Ready;
+                    for w in replay {
+                        act.decide(w.op, w.reply);
                     }
-                }),
-        );
+                    act.flush(ctx);
+                }
+                Err(e) => {
+                    tracing::warn!(entitlement = %act.id, error = %e, "loading entitlement failed");
+                    act.phase = Phase::Broken;
+                    let e = EngineError::from(e);
+                    for w in unknown
+                        .into_iter()
+                        .flat_map(|u| u.batch.calls)
+                        .chain(replay)
+                    {
+                        w.fail(&e);
+                    }
+                    act.notify_drains(ctx);
+                }
+            },
+        ));
     }
 
     fn decide(&mut self, op: Op, reply: Option<ReplyTx>) {
         let now = self.shared.clock.now();
         let before = self.state.as_ref().map(Entitlement::incarnation);
         let answer = self.apply(&op, now);
-        let incarnation = self.state.as_ref().map(Entitlement::incarnation).or(before).unwrap_or(0);
+        let incarnation = self
+            .state
+            .as_ref()
+            .map(Entitlement::incarnation)
+            .or(before)
+            .unwrap_or(0);
         let source = &self.shared.settings.source;
         for ev in self.pending.fx.events.drain(..) {
-            self.pending
-                .events
-                .push((ev.data.kind(), ev.to_cloud_event(self.id.as_str(), incarnation, source)));
+            self.pending.events.push((
+                ev.data.kind(),
+                ev.to_cloud_event(self.id.as_str(), incarnation, source),
+            ));
         }
         self.pending.calls.push(Waiting { op, reply, answer });
     }
@@ -321,13 +353,19 @@ impl EntitlementActor {
             Op::Put(config) => match &mut self.state {
                 Some(e) => {
                     e.replace_config((**config).clone(), now, fx);
-                    Ok(Reply::Put { created: false, view: Box::new(e.view()) })
+                    Ok(Reply::Put {
+                        created: false,
+                        view: Box::new(e.view()),
+                    })
                 }
                 None => {
                     let e = Entitlement::create(self.id.clone(), (**config).clone(), now, fx);
                     let view = Box::new(e.view());
                     self.state = Some(e);
-                    Ok(Reply::Put { created: true, view })
+                    Ok(Reply::Put {
+                        created: true,
+                        view,
+                    })
                 }
             },
             Op::Delete => {
@@ -362,7 +400,9 @@ impl EntitlementActor {
                 if self.state.is_none() {
                     return Err(not_found());
                 }
-                Ok(Reply::Batch(reqs.iter().map(|r| self.usage(r, now)).collect()))
+                Ok(Reply::Batch(
+                    reqs.iter().map(|r| self.usage(r, now)).collect(),
+                ))
             }
             Op::Sweep => {
                 if let Some(e) = self.state.as_mut() {
@@ -406,7 +446,8 @@ impl EntitlementActor {
                 key: key.clone(),
                 record,
             });
-            self.keys.insert(key.clone(), entry, self.shared.settings.cached_keys);
+            self.keys
+                .insert(key.clone(), entry, self.shared.settings.cached_keys);
         }
         Ok(UsageReply {
             decision,
@@ -416,7 +457,8 @@ impl EntitlementActor {
 
     /// Starts the next write when none is in flight.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.inflight.is_some() || (self.pending.calls.is_empty() && !self.pending.needs_write()) {
+        if self.inflight.is_some() || (self.pending.calls.is_empty() && !self.pending.needs_write())
+        {
             return;
         }
         let mut batch = std::mem::take(&mut self.pending);
@@ -446,12 +488,14 @@ impl EntitlementActor {
             events: std::mem::take(&mut batch.events),
             idempotency: std::mem::take(&mut batch.keys),
         };
-        let marker = (
-            self.state.as_ref().map(Entitlement::incarnation),
-            self.state.as_ref().map_or(0, |e| e.commits),
-        );
+        let inflight = Inflight {
+            event_kinds: commit.events.iter().map(|(k, _)| *k).collect(),
+            incarnation: self.state.as_ref().map(Entitlement::incarnation),
+            commits: self.state.as_ref().map_or(0, |e| e.commits),
+            batch,
+        };
         let store = self.shared.store.clone();
-        self.inflight = Some((batch, marker.0, marker.1));
+        self.inflight = Some(inflight);
         ctx.spawn(
             async move { store.commit(commit).await }
                 .into_actor(self)
@@ -460,15 +504,32 @@ impl EntitlementActor {
     }
 
     fn committed(&mut self, res: Result<CommitOutcome, StoreError>, ctx: &mut Context<Self>) {
-        let Some((batch, incarnation, commits)) = self.inflight.take() else { return };
+        let Some(Inflight {
+            batch,
+            incarnation,
+            commits,
+            event_kinds,
+        }) = self.inflight.take()
+        else {
+            return;
+        };
         let replay_all = |act: &mut Self, batch: Batch| {
             let pending = std::mem::take(&mut act.pending);
-            batch.calls.into_iter().chain(pending.calls).collect::<Vec<_>>()
+            batch
+                .calls
+                .into_iter()
+                .chain(pending.calls)
+                .collect::<Vec<_>>()
         };
         match res {
             Ok(CommitOutcome::Applied { epoch }) => {
                 self.epoch = epoch;
                 self.claimed = true;
+                for kind in event_kinds {
+                    metrics::counter!("headroom_events_published_total", "type" => kind)
+                        .increment(1);
+                }
+                self.update_gauges();
                 for w in batch.calls {
                     w.answer();
                 }
@@ -505,6 +566,20 @@ impl EntitlementActor {
         }
     }
 
+    /// Keeps the overdraft gauge exact for resident entitlements: counted
+    /// once while in overdraft on seats or any feature.
+    fn update_gauges(&mut self) {
+        let over = self.state.as_ref().is_some_and(Entitlement::in_overdraft);
+        if over != self.counted_overdraft {
+            self.counted_overdraft = over;
+            metrics::gauge!("headroom_entitlements_in_overdraft").increment(if over {
+                1.0
+            } else {
+                -1.0
+            });
+        }
+    }
+
     fn notify_drains(&mut self, ctx: &mut Context<Self>) {
         if !self.drains.is_empty() && self.idle() {
             ctx.stop();
@@ -515,10 +590,10 @@ impl EntitlementActor {
         let now = self.shared.clock.now();
         if self.phase == Phase::Ready
             && self
-            .state
-            .as_ref()
-            .and_then(Entitlement::next_housekeeping)
-            .is_some_and(|t| t <= now)
+                .state
+                .as_ref()
+                .and_then(Entitlement::next_housekeeping)
+                .is_some_and(|t| t <= now)
         {
             self.decide(Op::Sweep, None);
             self.flush(ctx);
@@ -526,7 +601,10 @@ impl EntitlementActor {
         let idle_limit = if self.state.is_some() {
             self.shared.settings.idle_timeout
         } else {
-            self.shared.settings.idle_timeout.min(std::time::Duration::from_secs(5))
+            self.shared
+                .settings
+                .idle_timeout
+                .min(std::time::Duration::from_secs(5))
         };
         if self.idle() && self.last_used.elapsed() >= idle_limit {
             ctx.stop();

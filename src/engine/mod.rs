@@ -169,24 +169,38 @@ impl Engine {
                 .registry
                 .remove_if(id, |_, slot| slot.generation == generation);
         }
-        Err(EngineError::Unavailable("entitlement actor did not answer".into()))
+        Err(EngineError::Unavailable(
+            "entitlement actor did not answer".into(),
+        ))
     }
 
-    pub async fn activate(&self, id: &EntitlementId, seat: SeatId) -> Result<SeatDecision, EngineError> {
+    pub async fn activate(
+        &self,
+        id: &EntitlementId,
+        seat: SeatId,
+    ) -> Result<SeatDecision, EngineError> {
         match self.call(id, Op::Activate(seat)).await? {
             Reply::Seat(d) => Ok(d),
             other => Err(other.unexpected()),
         }
     }
 
-    pub async fn release(&self, id: &EntitlementId, seat: SeatId) -> Result<ReleaseResult, EngineError> {
+    pub async fn release(
+        &self,
+        id: &EntitlementId,
+        seat: SeatId,
+    ) -> Result<ReleaseResult, EngineError> {
         match self.call(id, Op::Release(seat)).await? {
             Reply::Release(r) => Ok(r),
             other => Err(other.unexpected()),
         }
     }
 
-    pub async fn consume(&self, id: &EntitlementId, req: UsageRequest) -> Result<UsageReply, EngineError> {
+    pub async fn consume(
+        &self,
+        id: &EntitlementId,
+        req: UsageRequest,
+    ) -> Result<UsageReply, EngineError> {
         match self.call(id, Op::Usage(req)).await? {
             Reply::Usage(r) => Ok(r),
             other => Err(other.unexpected()),
@@ -234,7 +248,11 @@ impl Engine {
     }
 
     /// Creates or replaces a configuration; answers whether it was created.
-    pub async fn put(&self, id: &EntitlementId, config: EntitlementConfig) -> Result<(bool, EntitlementView), EngineError> {
+    pub async fn put(
+        &self,
+        id: &EntitlementId,
+        config: EntitlementConfig,
+    ) -> Result<(bool, EntitlementView), EngineError> {
         match self.call(id, Op::Put(Box::new(config))).await? {
             Reply::Put { created, view } => Ok((created, *view)),
             other => Err(other.unexpected()),
@@ -266,8 +284,12 @@ impl Engine {
     /// what it holds, stops the actors and then the store.
     pub async fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
-        let addrs: Vec<Addr<EntitlementActor>> =
-            self.shared.registry.iter().map(|s| s.addr.clone()).collect();
+        let addrs: Vec<Addr<EntitlementActor>> = self
+            .shared
+            .registry
+            .iter()
+            .map(|s| s.addr.clone())
+            .collect();
         let stops = addrs.into_iter().map(|a| async move {
             let (tx, rx) = oneshot::channel();
             if a.try_send(actor::Drain(tx)).is_ok() {

@@ -119,7 +119,11 @@ impl Store for MemoryStore {
         }
         let epoch = entry.epoch;
         match commit.write {
-            Write::Put { replace, core, seats } => {
+            Write::Put {
+                replace,
+                core,
+                seats,
+            } => {
                 if replace {
                     entry.seats.clear();
                 }
@@ -148,7 +152,10 @@ impl Store for MemoryStore {
         }
         let expires = now + self.idempotency_window;
         for r in commit.idempotency {
-            inner.keys.insert((commit.id.clone(), r.incarnation, r.key), (r.record, expires));
+            inner.keys.insert(
+                (commit.id.clone(), r.incarnation, r.key),
+                (r.record, expires),
+            );
         }
         if now >= inner.next_purge {
             inner.keys.retain(|_, (_, e)| *e > now);

@@ -56,9 +56,54 @@ impl RedisSettings {
     }
 }
 
-struct Job {
-    commit: Commit,
-    reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
+/// Work for the committer. Loads and pings go the same way as commits, so
+/// that all Redis I/O runs on the committer's runtime and cold loads are
+/// pipelined together with writes.
+enum Job {
+    Commit {
+        commit: Commit,
+        reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
+    },
+    Load {
+        id: EntitlementId,
+        reply: oneshot::Sender<Result<Loaded, StoreError>>,
+    },
+    Ping {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Job {
+    fn fail(self, e: StoreError) {
+        match self {
+            Job::Commit { reply, .. } => drop(reply.send(Err(e))),
+            Job::Load { reply, .. } => drop(reply.send(Err(e))),
+            Job::Ping { reply } => drop(reply.send(Err(e))),
+        }
+    }
+
+    fn answer(self, value: Result<Value, StoreError>, shared: &Shared) {
+        match self {
+            Job::Commit { commit, reply } => {
+                let outcome = value.and_then(|v| parse_commit_reply(&commit, v));
+                if outcome.is_err() {
+                    metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
+                }
+                let _ = reply.send(outcome);
+            }
+            Job::Load { id, reply } => {
+                let loaded = value.and_then(|v| parse_load_reply(&id, v));
+                if loaded.is_err() {
+                    metrics::counter!("headroom_store_errors_total", "op" => "load").increment(1);
+                }
+                let _ = reply.send(loaded);
+            }
+            Job::Ping { reply } => {
+                let _ = shared;
+                let _ = reply.send(value.map(|_| ()));
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -86,7 +131,8 @@ impl RedisStore {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout));
-        let manager = Manager::new_with_config(settings.url.as_str(), config).map_err(unavailable)?;
+        let manager =
+            Manager::new_with_config(settings.url.as_str(), config).map_err(unavailable)?;
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .wait_timeout(Some(settings.timeout))
@@ -135,16 +181,17 @@ impl Shared {
 
     /// Runs a pipeline of script calls, loading the scripts once when Redis
     /// does not know them (after a Redis restart, say) and trying again.
-    async fn run_scripts(&self, pipe: &redis::Pipeline) -> Result<Vec<Result<Value, redis::RedisError>>, StoreError> {
+    async fn run_scripts(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<Vec<Result<Value, redis::RedisError>>, StoreError> {
         let mut conn = self.conn().await?;
         for attempt in 0..2 {
-            let results: Vec<redis::RedisResult<Value>> = tokio::time::timeout(
-                self.settings.timeout,
-                pipe.query_async(&mut conn),
-            )
-            .await
-            .map_err(|_| StoreError::Timeout(self.settings.timeout))?
-            .map_err(unavailable)?;
+            let results: Vec<redis::RedisResult<Value>> =
+                tokio::time::timeout(self.settings.timeout, pipe.query_async(&mut conn))
+                    .await
+                    .map_err(|_| StoreError::Timeout(self.settings.timeout))?
+                    .map_err(unavailable)?;
             let missing = results
                 .iter()
                 .any(|r| matches!(r, Err(e) if e.code() == Some("NOSCRIPT")));
@@ -170,7 +217,10 @@ impl Shared {
     }
 
     fn add_commit(&self, pipe: &mut redis::Pipeline, c: &Commit) {
-        let cmd = pipe.cmd("EVALSHA").arg(&self.commit_sha).arg(4 + c.idempotency.len());
+        let cmd = pipe
+            .cmd("EVALSHA")
+            .arg(&self.commit_sha)
+            .arg(4 + c.idempotency.len());
         cmd.arg(self.key(&c.id, "epoch"))
             .arg(self.key(&c.id, "state"))
             .arg(self.key(&c.id, "seats"))
@@ -179,8 +229,16 @@ impl Shared {
             cmd.arg(self.key(&c.id, &format!("key:{}:{}", r.incarnation, r.key)));
         }
         let (mode, core, seats): (&str, &str, &[_]) = match &c.write {
-            Write::Put { replace: false, core, seats } => ("put", core, seats),
-            Write::Put { replace: true, core, seats } => ("replace", core, seats),
+            Write::Put {
+                replace: false,
+                core,
+                seats,
+            } => ("put", core, seats),
+            Write::Put {
+                replace: true,
+                core,
+                seats,
+            } => ("replace", core, seats),
             Write::Delete => ("delete", "", &[]),
         };
         cmd.arg(c.epoch)
@@ -193,7 +251,8 @@ impl Shared {
             .arg(self.settings.idempotency_window.as_millis() as u64)
             .arg(c.id.as_str());
         for (seat, lease) in seats {
-            cmd.arg(seat.as_str()).arg(lease.map(|l| l.encode()).unwrap_or_default());
+            cmd.arg(seat.as_str())
+                .arg(lease.map(|l| l.encode()).unwrap_or_default());
         }
         for (kind, json) in &c.events {
             cmd.arg(*kind).arg(json);
@@ -203,44 +262,57 @@ impl Shared {
         }
     }
 
+    fn add_load(&self, pipe: &mut redis::Pipeline, id: &EntitlementId) {
+        pipe.cmd("EVALSHA")
+            .arg(&self.load_sha)
+            .arg(3)
+            .arg(self.key(id, "epoch"))
+            .arg(self.key(id, "state"))
+            .arg(self.key(id, "seats"));
+    }
+
     async fn flush(&self, jobs: Vec<Job>) {
         let started = Instant::now();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for job in &jobs {
-            self.add_commit(&mut pipe, &job.commit);
+            match job {
+                Job::Commit { commit, .. } => self.add_commit(&mut pipe, commit),
+                Job::Load { id, .. } => self.add_load(&mut pipe, id),
+                Job::Ping { .. } => {
+                    pipe.cmd("PING");
+                }
+            }
         }
         let results = self.run_scripts(&pipe).await;
-        metrics::histogram!("headroom_store_write_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("headroom_store_write_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::histogram!("headroom_store_batch_size").record(jobs.len() as f64);
         match results {
             Ok(results) if results.len() == jobs.len() => {
                 for (job, result) in jobs.into_iter().zip(results) {
-                    let outcome = result
-                        .map_err(unavailable)
-                        .and_then(|v| parse_commit_reply(&job.commit, v));
-                    if outcome.is_err() {
-                        metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
-                    }
-                    let _ = job.reply.send(outcome);
+                    job.answer(result.map_err(unavailable), self);
                 }
             }
             Ok(results) => {
-                metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
-                let msg = format!("pipeline answered {} results for {} commits", results.len(), jobs.len());
+                metrics::counter!("headroom_store_errors_total", "op" => "pipeline").increment(1);
+                let msg = format!(
+                    "pipeline answered {} results for {} calls",
+                    results.len(),
+                    jobs.len()
+                );
                 for job in jobs {
-                    let _ = job.reply.send(Err(unavailable(&msg)));
+                    job.fail(unavailable(&msg));
                 }
             }
             Err(e) => {
-                metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
-                tracing::warn!(error = %e, commits = jobs.len(), "store write failed");
-                let msg = e.to_string();
+                metrics::counter!("headroom_store_errors_total", "op" => "pipeline").increment(1);
+                tracing::warn!(error = %e, calls = jobs.len(), "store pipeline failed");
                 for job in jobs {
-                    let _ = job.reply.send(Err(match &e {
+                    job.fail(match &e {
                         StoreError::Timeout(d) => StoreError::Timeout(*d),
-                        _ => unavailable(&msg),
-                    }));
+                        other => unavailable(other),
+                    });
                 }
             }
         }
@@ -258,20 +330,29 @@ fn text(v: &Value) -> Option<String> {
 
 fn parse_commit_reply(c: &Commit, v: Value) -> Result<CommitOutcome, StoreError> {
     let bad = || unavailable(format!("unexpected commit reply for {}", c.id));
-    let Value::Array(items) = v else { return Err(bad()) };
+    let Value::Array(items) = v else {
+        return Err(bad());
+    };
     let tag = items.first().and_then(text).ok_or_else(bad)?;
     match tag.as_str() {
         "ok" => {
-            let epoch = items.get(1).and_then(text).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            let epoch = items
+                .get(1)
+                .and_then(text)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad)?;
             Ok(CommitOutcome::Applied { epoch })
         }
         "fenced" => Ok(CommitOutcome::Fenced),
         "keys" => {
             let mut found = Vec::new();
             for pair in items[1..].chunks(2) {
-                let idx: usize = text(&pair[0]).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+                let idx: usize = text(&pair[0])
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(bad)?;
                 let record = pair.get(1).and_then(text).ok_or_else(bad)?;
-                let key: &IdempotencyKey = &c.idempotency.get(idx.wrapping_sub(1)).ok_or_else(bad)?.key;
+                let key: &IdempotencyKey =
+                    &c.idempotency.get(idx.wrapping_sub(1)).ok_or_else(bad)?.key;
                 found.push((key.clone(), record));
             }
             Ok(CommitOutcome::KeysExist(found))
@@ -280,7 +361,11 @@ fn parse_commit_reply(c: &Commit, v: Value) -> Result<CommitOutcome, StoreError>
     }
 }
 
-async fn committer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>, mut stop: watch::Receiver<bool>) {
+async fn committer(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut stop: watch::Receiver<bool>,
+) {
     let flushes = Arc::new(Semaphore::new(shared.settings.max_flushes));
     let max_batch = shared.settings.max_batch;
     let mut stopping = false;
@@ -299,7 +384,9 @@ async fn committer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>, mu
         let Some(first) = first else { break };
         // Wait for a free pipeline slot first: while all are busy, commits
         // keep queueing, and the next pipeline takes them all at once.
-        let Ok(permit) = flushes.clone().acquire_owned().await else { break };
+        let Ok(permit) = flushes.clone().acquire_owned().await else {
+            break;
+        };
         let mut jobs = vec![first];
         while jobs.len() < max_batch {
             match rx.try_recv() {
@@ -314,79 +401,87 @@ async fn committer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>, mu
         });
     }
     // Wait for the pipelines still in flight.
-    let _ = flushes.acquire_many(shared.settings.max_flushes as u32).await;
+    let _ = flushes
+        .acquire_many(shared.settings.max_flushes as u32)
+        .await;
+}
+
+fn parse_load_reply(id: &EntitlementId, value: Value) -> Result<Loaded, StoreError> {
+    let corrupt = |cause: &str| StoreError::Corrupt {
+        id: id.to_string(),
+        cause: cause.to_string(),
+    };
+    let Value::Array(items) = value else {
+        return Err(corrupt("load reply"));
+    };
+    let epoch: u64 = items
+        .first()
+        .and_then(text)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| corrupt("epoch"))?;
+    let Some(core) = items.get(1) else {
+        return Ok(Loaded {
+            epoch,
+            claimed: false,
+            state: None,
+        });
+    };
+    let core = text(core).ok_or_else(|| corrupt("core"))?;
+    let mut seats = Vec::new();
+    if let Some(Value::Array(fields)) = items.get(2) {
+        for pair in fields.chunks(2) {
+            if let (Some(s), Some(l)) = (text(&pair[0]), pair.get(1).and_then(text)) {
+                seats.push((s, l));
+            }
+        }
+    }
+    let state = decode_state(id, core.as_bytes(), seats)?;
+    Ok(Loaded {
+        epoch,
+        claimed: true,
+        state: Some(state),
+    })
+}
+
+impl RedisStore {
+    async fn submit<T>(
+        &self,
+        job: Job,
+        rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let closed = || unavailable("store is shutting down");
+        self.queue.send(job).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
 }
 
 #[async_trait]
 impl Store for RedisStore {
     async fn load(&self, id: &EntitlementId) -> Result<Loaded, StoreError> {
-        let s = &self.shared;
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        pipe.cmd("EVALSHA")
-            .arg(&s.load_sha)
-            .arg(3)
-            .arg(s.key(id, "epoch"))
-            .arg(s.key(id, "state"))
-            .arg(s.key(id, "seats"));
+        let (reply, rx) = oneshot::channel();
         let started = Instant::now();
-        let result = s.run_scripts(&pipe).await;
-        metrics::histogram!("headroom_store_load_duration_seconds").record(started.elapsed().as_secs_f64());
-        let value = result
-            .and_then(|mut r| r.pop().ok_or_else(|| unavailable("empty reply")))
-            .and_then(|r| r.map_err(unavailable))
-            .inspect_err(|_| {
-                metrics::counter!("headroom_store_errors_total", "op" => "load").increment(1);
-            })?;
-        let corrupt = |cause: &str| StoreError::Corrupt {
-            id: id.to_string(),
-            cause: cause.to_string(),
-        };
-        let Value::Array(items) = value else { return Err(corrupt("load reply")) };
-        let epoch: u64 = items
-            .first()
-            .and_then(text)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| corrupt("epoch"))?;
-        let Some(core) = items.get(1) else {
-            return Ok(Loaded {
-                epoch,
-                claimed: false,
-                state: None,
-            });
-        };
-        let core = text(core).ok_or_else(|| corrupt("core"))?;
-        let mut seats = Vec::new();
-        if let Some(Value::Array(fields)) = items.get(2) {
-            for pair in fields.chunks(2) {
-                if let (Some(s), Some(l)) = (text(&pair[0]), pair.get(1).and_then(text)) {
-                    seats.push((s, l));
-                }
-            }
-        }
-        let state = decode_state(id, core.as_bytes(), seats)?;
-        Ok(Loaded {
-            epoch,
-            claimed: true,
-            state: Some(state),
-        })
+        let loaded = self
+            .submit(
+                Job::Load {
+                    id: id.clone(),
+                    reply,
+                },
+                rx,
+            )
+            .await;
+        metrics::histogram!("headroom_store_load_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        loaded
     }
 
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.queue
-            .send(Job { commit, reply })
-            .map_err(|_| unavailable("store is shutting down"))?;
-        rx.await.map_err(|_| unavailable("store is shutting down"))?
+        self.submit(Job::Commit { commit, reply }, rx).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.shared.conn().await?;
-        let _: String = tokio::time::timeout(self.shared.settings.timeout, redis::cmd("PING").query_async(&mut conn))
-            .await
-            .map_err(|_| StoreError::Timeout(self.shared.settings.timeout))?
-            .map_err(unavailable)?;
-        Ok(())
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Ping { reply }, rx).await
     }
 
     fn durable(&self) -> bool {

@@ -29,7 +29,12 @@ fn count(fx: &Effects, kind: &str) -> usize {
 
 fn new(json: &str, now: DateTime<Utc>) -> (Entitlement, Effects) {
     let mut fx = Effects::default();
-    let e = Entitlement::create(EntitlementId::parse("acme").unwrap(), cfg(json), now, &mut fx);
+    let e = Entitlement::create(
+        EntitlementId::parse("acme").unwrap(),
+        cfg(json),
+        now,
+        &mut fx,
+    );
     (e, fx)
 }
 
@@ -38,10 +43,24 @@ fn seed_scenario_100_purchased_120_cap() {
     let now = t("2026-11-28T00:00:00Z");
     let (mut e, _) = new(r#"{"seats": {"purchased": 100, "hard_cap": 120}}"#, now);
     let mut fx = Effects::default();
-    let outcomes: Vec<Outcome> = (0..130).map(|i| e.activate(&seat(i), now, &mut fx).outcome).collect();
-    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Granted).count(), 100);
-    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Overdraft).count(), 20);
-    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Denied).count(), 10);
+    let outcomes: Vec<Outcome> = (0..130)
+        .map(|i| e.activate(&seat(i), now, &mut fx).outcome)
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == Outcome::Granted).count(),
+        100
+    );
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == Outcome::Overdraft)
+            .count(),
+        20
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == Outcome::Denied).count(),
+        10
+    );
     assert_eq!(count(&fx, "seat.overdraft_entered"), 1);
     assert_eq!(count(&fx, "seat.hard_cap_reached"), 1);
     assert_eq!(count(&fx, "seat.denied"), 10);
@@ -67,12 +86,23 @@ fn refresh_is_never_a_second_seat_and_survives_a_lowered_limit() {
     assert!(d.refreshed);
     assert_eq!((d.outcome, d.in_use), (Outcome::Overdraft, 3));
     let mut fx = Effects::default();
-    e.replace_config(cfg(r#"{"seats": {"purchased": 1, "hard_cap": 1}}"#), now, &mut fx);
+    e.replace_config(
+        cfg(r#"{"seats": {"purchased": 1, "hard_cap": 1}}"#),
+        now,
+        &mut fx,
+    );
     assert_eq!(e.seats.in_use(), 3, "no seat is evicted");
     let d = e.activate(&seat(1), now, &mut fx);
-    assert_eq!(d.outcome, Outcome::Overdraft, "an active seat keeps its slot");
+    assert_eq!(
+        d.outcome,
+        Outcome::Overdraft,
+        "an active seat keeps its slot"
+    );
     let d = e.activate(&seat(9), now, &mut fx);
-    assert_eq!((d.outcome, d.reason), (Outcome::Denied, Some(DenyReason::HardCap)));
+    assert_eq!(
+        (d.outcome, d.reason),
+        (Outcome::Denied, Some(DenyReason::HardCap))
+    );
     let mut fx = Effects::default();
     e.replace_config(cfg(r#"{"seats": {"purchased": 10}}"#), now, &mut fx);
     assert_eq!(kinds(&fx), ["entitlement.updated", "seat.overdraft_exited"]);
@@ -81,12 +111,16 @@ fn refresh_is_never_a_second_seat_and_survives_a_lowered_limit() {
 #[test]
 fn lowering_the_limit_emits_transitions_at_once() {
     let now = t("2026-11-28T00:00:00Z");
-    let (mut e, _) = new(r#"{"seats": {"purchased": 5}, "features": {"x": {"included": 100}}}"#, now);
+    let (mut e, _) = new(
+        r#"{"seats": {"purchased": 5}, "features": {"x": {"included": 100}}}"#,
+        now,
+    );
     let mut fx = Effects::default();
     for i in 0..4 {
         e.activate(&seat(i), now, &mut fx);
     }
-    e.consume(&feat("x"), Amount::new(60).unwrap(), now, &mut fx).unwrap();
+    e.consume(&feat("x"), Amount::new(60).unwrap(), now, &mut fx)
+        .unwrap();
     let mut fx = Effects::default();
     e.replace_config(
         cfg(r#"{"seats": {"purchased": 2, "hard_cap": 4}, "features": {"x": {"included": 50, "hard_cap": 60}}}"#),
@@ -103,7 +137,9 @@ fn lowering_the_limit_emits_transitions_at_once() {
             "usage.hard_cap_reached"
         ]
     );
-    let d = e.consume(&feat("x"), Amount::new(1).unwrap(), now, &mut fx).unwrap();
+    let d = e
+        .consume(&feat("x"), Amount::new(1).unwrap(), now, &mut fx)
+        .unwrap();
     assert_eq!(d.outcome, Outcome::Denied);
 }
 
@@ -115,9 +151,12 @@ fn one_call_jumping_over_several_thresholds_emits_each_once_in_order() {
         now,
     );
     let mut fx = Effects::default();
-    e.consume(&feat("api"), Amount::new(499).unwrap(), now, &mut fx).unwrap();
+    e.consume(&feat("api"), Amount::new(499).unwrap(), now, &mut fx)
+        .unwrap();
     assert!(fx.events.is_empty());
-    let d = e.consume(&feat("api"), Amount::new(602).unwrap(), now, &mut fx).unwrap();
+    let d = e
+        .consume(&feat("api"), Amount::new(602).unwrap(), now, &mut fx)
+        .unwrap();
     assert_eq!((d.outcome, d.used), (Outcome::Overdraft, 1101));
     let crossed: Vec<u16> = fx
         .events
@@ -130,7 +169,8 @@ fn one_call_jumping_over_several_thresholds_emits_each_once_in_order() {
     assert_eq!(crossed, [50, 80, 100, 110]);
     assert_eq!(count(&fx, "usage.overdraft_entered"), 1);
     let mut fx = Effects::default();
-    e.consume(&feat("api"), Amount::new(1).unwrap(), now, &mut fx).unwrap();
+    e.consume(&feat("api"), Amount::new(1).unwrap(), now, &mut fx)
+        .unwrap();
     assert_eq!(count(&fx, "usage.threshold_crossed"), 0, "once per period");
     let seqs: Vec<u64> = fx.events.iter().map(|e| e.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
@@ -139,26 +179,52 @@ fn one_call_jumping_over_several_thresholds_emits_each_once_in_order() {
 #[test]
 fn usage_is_denied_whole_and_hard_cap_is_exact() {
     let now = t("2026-11-28T00:00:00Z");
-    let (mut e, _) = new(r#"{"features": {"gpu": {"included": 10, "hard_cap": 12}}}"#, now);
+    let (mut e, _) = new(
+        r#"{"features": {"gpu": {"included": 10, "hard_cap": 12}}}"#,
+        now,
+    );
     let mut fx = Effects::default();
-    let d = e.consume(&feat("gpu"), Amount::new(13).unwrap(), now, &mut fx).unwrap();
+    let d = e
+        .consume(&feat("gpu"), Amount::new(13).unwrap(), now, &mut fx)
+        .unwrap();
     assert_eq!((d.outcome, d.used), (Outcome::Denied, 0));
-    let d = e.consume(&feat("gpu"), Amount::new(12).unwrap(), now, &mut fx).unwrap();
-    assert_eq!((d.outcome, d.used, d.remaining_overdraft), (Outcome::Overdraft, 12, Some(0)));
-    let d = e.consume(&feat("gpu"), Amount::new(u64::MAX).unwrap(), now, &mut fx).unwrap();
+    let d = e
+        .consume(&feat("gpu"), Amount::new(12).unwrap(), now, &mut fx)
+        .unwrap();
+    assert_eq!(
+        (d.outcome, d.used, d.remaining_overdraft),
+        (Outcome::Overdraft, 12, Some(0))
+    );
+    let d = e
+        .consume(&feat("gpu"), Amount::new(u64::MAX).unwrap(), now, &mut fx)
+        .unwrap();
     assert_eq!(d.outcome, Outcome::Denied);
     assert_eq!(e.meters[&feat("gpu")].denied_period, 2);
-    assert!(e.consume(&feat("nope"), Amount::new(1).unwrap(), now, &mut fx).is_err());
+    assert!(
+        e.consume(&feat("nope"), Amount::new(1).unwrap(), now, &mut fx)
+            .is_err()
+    );
 }
 
 #[test]
 fn unlimited_is_never_denied_but_customer_cap_is() {
     let now = t("2026-11-28T00:00:00Z");
-    let (mut e, _) = new(r#"{"features": {"f": {"included": 1, "hard_cap": "unlimited"}}}"#, now);
+    let (mut e, _) = new(
+        r#"{"features": {"f": {"included": 1, "hard_cap": "unlimited"}}}"#,
+        now,
+    );
     let mut fx = Effects::default();
-    let d = e.consume(&feat("f"), Amount::new(u64::MAX - 1).unwrap(), now, &mut fx).unwrap();
-    assert_eq!((d.outcome, d.remaining_overdraft), (Outcome::Overdraft, None));
-    let (mut e, _) = new(r#"{"seats": {"purchased": 3, "hard_cap": "unlimited", "customer_cap": 2}}"#, now);
+    let d = e
+        .consume(&feat("f"), Amount::new(u64::MAX - 1).unwrap(), now, &mut fx)
+        .unwrap();
+    assert_eq!(
+        (d.outcome, d.remaining_overdraft),
+        (Outcome::Overdraft, None)
+    );
+    let (mut e, _) = new(
+        r#"{"seats": {"purchased": 3, "hard_cap": "unlimited", "customer_cap": 2}}"#,
+        now,
+    );
     assert_eq!(e.activate(&seat(0), now, &mut fx).outcome, Outcome::Granted);
     assert_eq!(e.activate(&seat(1), now, &mut fx).outcome, Outcome::Granted);
     assert_eq!(e.activate(&seat(2), now, &mut fx).outcome, Outcome::Denied);
@@ -173,18 +239,39 @@ fn period_rollover_closes_the_period_and_resets() {
         now,
     );
     let mut fx = Effects::default();
-    e.consume(&feat("api"), Amount::new(15).unwrap(), now, &mut fx).unwrap();
-    e.consume(&feat("api"), Amount::new(6).unwrap(), now, &mut fx).unwrap();
+    e.consume(&feat("api"), Amount::new(15).unwrap(), now, &mut fx)
+        .unwrap();
+    e.consume(&feat("api"), Amount::new(6).unwrap(), now, &mut fx)
+        .unwrap();
     let mut fx = Effects::default();
     let later = t("2026-02-28T00:00:01Z");
-    let d = e.consume(&feat("api"), Amount::new(5).unwrap(), later, &mut fx).unwrap();
+    let d = e
+        .consume(&feat("api"), Amount::new(5).unwrap(), later, &mut fx)
+        .unwrap();
     assert_eq!((d.outcome, d.used), (Outcome::Granted, 5));
     assert_eq!(d.period_end, Some(t("2026-03-31T00:00:00Z")));
-    assert_eq!(kinds(&fx), ["usage.period_closed", "usage.reset", "usage.threshold_crossed"]);
+    assert_eq!(
+        kinds(&fx),
+        [
+            "usage.period_closed",
+            "usage.reset",
+            "usage.threshold_crossed"
+        ]
+    );
     match &fx.events[0].data {
-        EventData::UsagePeriodClosed { used, overage, denied, period_start, period_end, .. } => {
+        EventData::UsagePeriodClosed {
+            used,
+            overage,
+            denied,
+            period_start,
+            period_end,
+            ..
+        } => {
             assert_eq!((*used, *overage, *denied), (15, 5, 1));
-            assert_eq!((*period_start, *period_end), (t("2026-01-31T00:00:00Z"), t("2026-02-28T00:00:00Z")));
+            assert_eq!(
+                (*period_start, *period_end),
+                (t("2026-01-31T00:00:00Z"), t("2026-02-28T00:00:00Z"))
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -193,7 +280,10 @@ fn period_rollover_closes_the_period_and_resets() {
 #[test]
 fn leases_expire_lazily_with_an_event() {
     let now = t("2026-11-28T00:00:00Z");
-    let (mut e, _) = new(r#"{"seats": {"purchased": 1, "hard_cap": 2, "lease_seconds": 60}}"#, now);
+    let (mut e, _) = new(
+        r#"{"seats": {"purchased": 1, "hard_cap": 2, "lease_seconds": 60}}"#,
+        now,
+    );
     let mut fx = Effects::default();
     e.activate(&seat(0), now, &mut fx);
     e.activate(&seat(1), now + Duration::seconds(30), &mut fx);
@@ -203,7 +293,12 @@ fn leases_expire_lazily_with_an_event() {
     assert_eq!((d.outcome, d.in_use), (Outcome::Overdraft, 2));
     assert_eq!(
         kinds(&fx),
-        ["seat.expired", "seat.overdraft_exited", "seat.overdraft_entered", "seat.hard_cap_reached"]
+        [
+            "seat.expired",
+            "seat.overdraft_exited",
+            "seat.overdraft_entered",
+            "seat.hard_cap_reached"
+        ]
     );
     assert_eq!(fx.seats.get(&seat(0)), Some(&None));
 }
@@ -211,15 +306,26 @@ fn leases_expire_lazily_with_an_event() {
 #[test]
 fn disabled_and_expired_deny_with_their_reason() {
     let now = t("2026-11-28T00:00:00Z");
-    let (mut e, _) = new(r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}, "disabled": true}"#, now);
+    let (mut e, _) = new(
+        r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}, "disabled": true}"#,
+        now,
+    );
     let mut fx = Effects::default();
-    assert_eq!(e.activate(&seat(0), now, &mut fx).reason, Some(DenyReason::Disabled));
+    assert_eq!(
+        e.activate(&seat(0), now, &mut fx).reason,
+        Some(DenyReason::Disabled)
+    );
     let (mut e, _) = new(
         r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}, "expires_at": "2026-11-28T00:00:00Z"}"#,
         now,
     );
-    assert_eq!(e.activate(&seat(0), now, &mut fx).reason, Some(DenyReason::Expired));
-    let d = e.consume(&feat("f"), Amount::new(1).unwrap(), now, &mut fx).unwrap();
+    assert_eq!(
+        e.activate(&seat(0), now, &mut fx).reason,
+        Some(DenyReason::Expired)
+    );
+    let d = e
+        .consume(&feat("f"), Amount::new(1).unwrap(), now, &mut fx)
+        .unwrap();
     assert_eq!(d.reason, Some(DenyReason::Expired));
     e.replace_config(cfg(r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}, "expires_at": "2027-11-28T00:00:00Z"}"#), now, &mut fx);
     assert_eq!(e.activate(&seat(0), now, &mut fx).outcome, Outcome::Granted);
@@ -227,9 +333,15 @@ fn disabled_and_expired_deny_with_their_reason() {
 
 #[test]
 fn lease_encoding_round_trips() {
-    let l = Lease { activated_at: t("2026-11-28T00:00:00.123Z"), expires_at: Some(t("2026-11-28T01:00:00Z")) };
+    let l = Lease {
+        activated_at: t("2026-11-28T00:00:00.123Z"),
+        expires_at: Some(t("2026-11-28T01:00:00Z")),
+    };
     assert_eq!(Lease::decode(&l.encode()), Some(l));
-    let l = Lease { activated_at: t("2026-11-28T00:00:00Z"), expires_at: None };
+    let l = Lease {
+        activated_at: t("2026-11-28T00:00:00Z"),
+        expires_at: None,
+    };
     assert_eq!(Lease::decode(&l.encode()), Some(l));
     assert_eq!(Lease::decode("x:y"), None);
 }
@@ -349,5 +461,11 @@ proptest! {
 
 #[test]
 fn hourly_period_matches_model_boundaries() {
-    assert_eq!(Period::Hour.bounds(None, t("2026-11-28T00:59:59Z")).unwrap().end, t("2026-11-28T01:00:00Z"));
+    assert_eq!(
+        Period::Hour
+            .bounds(None, t("2026-11-28T00:59:59Z"))
+            .unwrap()
+            .end,
+        t("2026-11-28T01:00:00Z")
+    );
 }

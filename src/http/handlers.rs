@@ -1,0 +1,370 @@
+//! Route handlers: parse at the edge, call the engine, shape the answer.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header;
+use actix_web::web::{self, BytesMut};
+use actix_web::{HttpRequest, HttpResponse};
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::AppState;
+use super::auth::Scope;
+use super::problem::{ApiError, Kind};
+use crate::domain::{
+    Amount, DenyReason, EntitlementConfig, EntitlementId, FeatureKey, IdempotencyKey, Outcome,
+    SeatDecision, SeatId, UsageDecision,
+};
+use crate::engine::{EngineError, UsageReply, UsageRequest};
+
+/// Most events in one `POST /v1/usage/batch`.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// Reads the body up to `limit` bytes; a longer one is refused with 413
+/// before it is buffered whole.
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<BytesMut> {
+    let too_large = || {
+        ApiError::new(
+            Kind::PayloadTooLarge,
+            format!("the body limit is {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::new(Kind::InvalidRequest, format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn entitlement_id(raw: &str) -> Result<EntitlementId> {
+    Ok(EntitlementId::parse(raw)?)
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> HttpResponse {
+    HttpResponse::build(status).json(value)
+}
+
+/// The 429 of a denial: problem+json that also carries the decision.
+fn denied<T: Serialize>(
+    reason: Option<DenyReason>,
+    detail: String,
+    decision: &T,
+    retry_after: Option<u64>,
+) -> ApiError {
+    let mut e = ApiError::new(Kind::Denied, detail).with_extra(serde_json::json!({
+        "reason": reason.map(DenyReason::as_str),
+        "decision": decision,
+    }));
+    e.retry_after = retry_after;
+    e
+}
+
+fn seat_answer(d: SeatDecision) -> Result<HttpResponse> {
+    if d.outcome != Outcome::Denied {
+        return Ok(json(StatusCode::OK, &d));
+    }
+    let detail = match d.reason {
+        Some(DenyReason::Disabled) => "the entitlement is disabled".to_string(),
+        Some(DenyReason::Expired) => "the entitlement has expired".to_string(),
+        _ => format!(
+            "activating seat {} would pass the hard cap of {}",
+            d.seat_id, d.hard_cap
+        ),
+    };
+    Err(denied(d.reason, detail, &d, None))
+}
+
+fn usage_retry_after(d: &UsageDecision) -> Option<u64> {
+    if d.reason != Some(DenyReason::HardCap) {
+        return None;
+    }
+    d.period_end
+        .map(|end| (end - Utc::now()).num_seconds().max(1) as u64)
+}
+
+fn usage_answer(r: UsageReply) -> Result<HttpResponse> {
+    let d = r.decision;
+    if d.outcome == Outcome::Denied {
+        let detail = match d.reason {
+            Some(DenyReason::Disabled) => "the entitlement is disabled".to_string(),
+            Some(DenyReason::Expired) => "the entitlement has expired".to_string(),
+            _ => format!(
+                "consuming {} of {} would pass the hard cap of {} (used {})",
+                d.amount, d.feature, d.hard_cap, d.used
+            ),
+        };
+        let retry = usage_retry_after(&d);
+        return Err(denied(d.reason, detail, &d, retry));
+    }
+    let mut res = HttpResponse::Ok();
+    if r.replayed {
+        res.insert_header(("Idempotency-Replayed", "true"));
+    }
+    Ok(res.json(&d))
+}
+
+pub async fn put_entitlement(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Admin)?;
+    let id = entitlement_id(&path)?;
+    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
+    let config = EntitlementConfig::from_json(&body).map_err(|e| {
+        if e.field == "body" {
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Err(j) => ApiError::json_error(j),
+                Ok(_) => ApiError::from(e),
+            }
+        } else {
+            ApiError::from(e)
+        }
+    })?;
+    let (created, view) = state.engine.put(&id, config).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(status, &view))
+}
+
+pub async fn get_entitlement(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Admin)?;
+    let id = entitlement_id(&path)?;
+    Ok(json(StatusCode::OK, &state.engine.get(&id).await?))
+}
+
+pub async fn delete_entitlement(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Admin)?;
+    let id = entitlement_id(&path)?;
+    state.engine.delete(&id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+pub async fn list_seats(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Admin)?;
+    let id = entitlement_id(&path)?;
+    let seats = state.engine.seats(&id).await?;
+    Ok(json(StatusCode::OK, &serde_json::json!({ "seats": seats })))
+}
+
+/// The seat calls take no body, or an empty JSON object.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+fn check_empty(body: &[u8]) -> Result<()> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    serde_json::from_slice::<EmptyBody>(body).map_err(ApiError::json_error)?;
+    Ok(())
+}
+
+pub async fn activate_seat(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Client)?;
+    let id = entitlement_id(&path.0)?;
+    let seat = SeatId::parse(&path.1)?;
+    check_empty(&read_body(&req, payload, 1024).await?)?;
+    seat_answer(state.engine.activate(&id, seat).await?)
+}
+
+pub async fn release_seat(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Client)?;
+    let id = entitlement_id(&path.0)?;
+    let seat = SeatId::parse(&path.1)?;
+    check_empty(&read_body(&req, payload, 1024).await?)?;
+    Ok(json(
+        StatusCode::OK,
+        &state.engine.release(&id, seat).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageBody {
+    feature: FeatureKey,
+    amount: Amount,
+    #[serde(default)]
+    idempotency_key: Option<IdempotencyKey>,
+}
+
+impl From<UsageBody> for UsageRequest {
+    fn from(b: UsageBody) -> Self {
+        UsageRequest {
+            feature: b.feature,
+            amount: b.amount,
+            idempotency_key: b.idempotency_key,
+        }
+    }
+}
+
+pub async fn record_usage(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Client)?;
+    let id = entitlement_id(&path)?;
+    let body = read_body(&req, payload, 64 * 1024).await?;
+    let usage: UsageBody = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
+    usage_answer(state.engine.consume(&id, usage.into()).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchEvent {
+    entitlement: EntitlementId,
+    feature: FeatureKey,
+    amount: Amount,
+    #[serde(default)]
+    idempotency_key: Option<IdempotencyKey>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchSlot<'a> {
+    Decision(&'a UsageDecision),
+    Error { error: serde_json::Value },
+}
+
+fn error_slot(e: &ApiError) -> serde_json::Value {
+    serde_json::to_value(e.problem()).unwrap_or_default()
+}
+
+pub async fn record_batch(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Client)?;
+    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
+    let batch: BatchBody<'_> = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
+    if batch.events.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::new(
+            Kind::BatchTooLarge,
+            format!(
+                "{} events; at most {MAX_BATCH_EVENTS} per batch",
+                batch.events.len()
+            ),
+        ));
+    }
+    let n = batch.events.len();
+    let mut slots: Vec<Option<std::result::Result<UsageReply, ApiError>>> = Vec::with_capacity(n);
+    let mut valid = Vec::with_capacity(n);
+    let mut valid_idx = Vec::with_capacity(n);
+    for (i, raw) in batch.events.iter().enumerate() {
+        match serde_json::from_str::<BatchEvent>(raw.get()) {
+            Ok(ev) => {
+                valid_idx.push(i);
+                valid.push((
+                    ev.entitlement,
+                    UsageRequest {
+                        feature: ev.feature,
+                        amount: ev.amount,
+                        idempotency_key: ev.idempotency_key,
+                    },
+                ));
+                slots.push(None);
+            }
+            Err(e) => slots.push(Some(Err(ApiError::json_error(e)))),
+        }
+    }
+    let results = state.engine.consume_batch(valid).await;
+    for (i, r) in valid_idx.into_iter().zip(results) {
+        slots[i] = Some(r.map_err(ApiError::from));
+    }
+    let out: Vec<BatchSlot<'_>> = slots
+        .iter()
+        .map(|s| match s {
+            Some(Ok(r)) => BatchSlot::Decision(&r.decision),
+            Some(Err(e)) => BatchSlot::Error {
+                error: error_slot(e),
+            },
+            None => BatchSlot::Error {
+                error: error_slot(&ApiError::from(EngineError::Unavailable(
+                    "no result".into(),
+                ))),
+            },
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &serde_json::json!({ "results": out })))
+}
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
+    match state.engine.store().ping().await {
+        Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))),
+        Err(e) => {
+            let mut err = ApiError::new(Kind::StoreUnavailable, e.to_string());
+            err.retry_after = Some(1);
+            Err(err)
+        }
+    }
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    metrics::gauge!("headroom_resident_entitlements_registry").set(state.engine.resident() as f64);
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    Err(ApiError::new(
+        Kind::NotFound,
+        format!("no route for {} {}", req.method(), req.path()),
+    ))
+}

@@ -1,0 +1,114 @@
+//! The HTTP API (actix-web): routes, auth, problem+json errors, `/metrics`.
+
+pub mod auth;
+mod handlers;
+pub mod problem;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::{Server, Service};
+use actix_web::web::{self, ServiceConfig};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub use auth::{Auth, Scope};
+pub use handlers::MAX_BATCH_EVENTS;
+
+use crate::engine::Engine;
+use problem::{ApiError, Kind};
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest body of a configuration or batch request.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+pub struct AppState {
+    pub engine: Engine,
+    pub auth: Auth,
+    pub limits: Limits,
+    pub metrics: PrometheusHandle,
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        Kind::MethodNotAllowed,
+        format!("{} is not allowed on {}", req.method(), req.path()),
+    ))
+}
+
+/// Every route of the API; shared by `main` and the tests.
+pub fn routes(cfg: &mut ServiceConfig) {
+    let resource = |path: &str| web::resource(path).default_service(web::to(method_not_allowed));
+    cfg.service(
+        resource("/v1/entitlements/{id}")
+            .route(web::put().to(handlers::put_entitlement))
+            .route(web::get().to(handlers::get_entitlement))
+            .route(web::delete().to(handlers::delete_entitlement)),
+    )
+    .service(resource("/v1/entitlements/{id}/seats").route(web::get().to(handlers::list_seats)))
+    .service(
+        resource("/v1/entitlements/{id}/seats/{seat_id}")
+            .route(web::post().to(handlers::activate_seat))
+            .route(web::delete().to(handlers::release_seat)),
+    )
+    .service(resource("/v1/entitlements/{id}/usage").route(web::post().to(handlers::record_usage)))
+    .service(resource("/v1/usage/batch").route(web::post().to(handlers::record_batch)))
+    .service(resource("/healthz").route(web::get().to(handlers::healthz)))
+    .service(resource("/readyz").route(web::get().to(handlers::readyz)))
+    .service(resource("/metrics").route(web::get().to(handlers::metrics)))
+    .default_service(web::to(handlers::not_found));
+}
+
+/// Starts the HTTP server on `listener`. The caller awaits the returned
+/// server; it stops gracefully on SIGINT/SIGTERM (unless `signals` is false).
+pub fn serve(
+    listener: TcpListener,
+    state: web::Data<AppState>,
+    workers: usize,
+    shutdown_timeout: Duration,
+    signals: bool,
+) -> std::io::Result<Server> {
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap_fn(|req, srv| {
+                let started = Instant::now();
+                let method = req.method().clone();
+                let fut = srv.call(req);
+                async move {
+                    let res = fut.await?;
+                    let route = res
+                        .request()
+                        .match_pattern()
+                        .unwrap_or_else(|| "unmatched".into());
+                    metrics::histogram!(
+                        "headroom_http_request_duration_seconds",
+                        "route" => route,
+                        "method" => method.to_string(),
+                        "status" => res.status().as_str().to_owned(),
+                    )
+                    .record(started.elapsed().as_secs_f64());
+                    Ok(res)
+                }
+            })
+            .configure(routes)
+    })
+    .workers(workers.max(1))
+    .shutdown_timeout(shutdown_timeout.as_secs())
+    .client_request_timeout(Duration::from_secs(10))
+    .listen(listener)?;
+    if !signals {
+        server = server.disable_signals();
+    }
+    Ok(server.run())
+}

@@ -1,0 +1,192 @@
+//! RFC 9457 problem details: one table maps each error kind to its status,
+//! stable `code` and title.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::domain::ValidationError;
+use crate::engine::EngineError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    InvalidJson,
+    InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    EntitlementNotFound,
+    FeatureNotFound,
+    MethodNotAllowed,
+    IdempotencyConflict,
+    PayloadTooLarge,
+    BatchTooLarge,
+    Denied,
+    StoreUnavailable,
+    ShuttingDown,
+}
+
+impl Kind {
+    /// `(status, code, title)`: the single place where kinds become HTTP.
+    pub fn describe(self) -> (StatusCode, &'static str, &'static str) {
+        use StatusCode as S;
+        match self {
+            Kind::InvalidJson => (S::BAD_REQUEST, "invalid_json", "Body is not valid JSON"),
+            Kind::InvalidRequest => (S::BAD_REQUEST, "invalid_request", "Request is invalid"),
+            Kind::Unauthorized => (
+                S::UNAUTHORIZED,
+                "unauthorized",
+                "Missing or unknown bearer token",
+            ),
+            Kind::Forbidden => (
+                S::FORBIDDEN,
+                "forbidden",
+                "Token lacks the scope for this call",
+            ),
+            Kind::NotFound => (S::NOT_FOUND, "not_found", "No such route"),
+            Kind::EntitlementNotFound => {
+                (S::NOT_FOUND, "entitlement_not_found", "Unknown entitlement")
+            }
+            Kind::FeatureNotFound => (S::NOT_FOUND, "feature_not_found", "Unknown feature"),
+            Kind::MethodNotAllowed => (
+                S::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+            ),
+            Kind::IdempotencyConflict => (
+                S::CONFLICT,
+                "idempotency_conflict",
+                "Idempotency key already used with another payload",
+            ),
+            Kind::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "payload_too_large", "Body too large"),
+            Kind::BatchTooLarge => (
+                S::PAYLOAD_TOO_LARGE,
+                "batch_too_large",
+                "Too many events in one batch",
+            ),
+            Kind::Denied => (S::TOO_MANY_REQUESTS, "denied", "Denied"),
+            Kind::StoreUnavailable => (
+                S::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "Store unavailable",
+            ),
+            Kind::ShuttingDown => (
+                S::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "Tracker is shutting down",
+            ),
+        }
+    }
+}
+
+/// An error answered as `application/problem+json`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub kind: Kind,
+    pub detail: String,
+    /// Extra members (the decision of a denial, the field that was invalid).
+    pub extra: Option<serde_json::Value>,
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+pub struct Problem<'a> {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub code: &'static str,
+    pub detail: &'a str,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<&'a serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(kind: Kind, detail: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            detail: detail.into(),
+            extra: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_extra(mut self, extra: serde_json::Value) -> Self {
+        self.extra = Some(extra);
+        self
+    }
+
+    pub fn problem(&self) -> Problem<'_> {
+        let (status, code, title) = self.kind.describe();
+        Problem {
+            type_: format!("https://headroom.dev/problems/{code}"),
+            title,
+            status: status.as_u16(),
+            code,
+            detail: &self.detail,
+            extra: self.extra.as_ref(),
+        }
+    }
+
+    pub fn json_error(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        let kind = match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => Kind::InvalidJson,
+            Category::Data => Kind::InvalidRequest,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        let field = e.field.clone();
+        ApiError::new(Kind::InvalidRequest, e.to_string())
+            .with_extra(serde_json::json!({ "field": field }))
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let kind = match &e {
+            EngineError::NotFound(_) => Kind::EntitlementNotFound,
+            EngineError::UnknownFeature(_) => Kind::FeatureNotFound,
+            EngineError::Conflict(_) => Kind::IdempotencyConflict,
+            EngineError::Unavailable(_) => Kind::StoreUnavailable,
+            EngineError::ShuttingDown => Kind::ShuttingDown,
+        };
+        let mut err = ApiError::new(kind, e.to_string());
+        if matches!(kind, Kind::StoreUnavailable | Kind::ShuttingDown) {
+            err.retry_after = Some(1);
+        }
+        err
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.describe().1, self.detail)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.kind.describe().0
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        res.insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        ));
+        if let Some(s) = self.retry_after {
+            res.insert_header((header::RETRY_AFTER, s.to_string()));
+        }
+        if self.kind == Kind::Unauthorized {
+            res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        res.body(serde_json::to_string(&self.problem()).unwrap_or_default())
+    }
+}

@@ -1,0 +1,171 @@
+//! Flags with `HEADROOM_*` environment fallbacks, and what `main` runs.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+use clap::Parser;
+use rand::RngCore;
+
+use crate::engine::{Engine, EngineSettings, SystemClock};
+use crate::http::{self, AppState, Auth, Limits};
+use crate::store::{MemoryStore, RedisSettings, RedisStore, Store};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 24h, 35days)"))
+}
+
+fn tokens(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "headroom",
+    version,
+    about = "Seat and metered-usage tracker with overdraft and hard caps"
+)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "HEADROOM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Redis URL (redis:// or rediss://). Without one, state lives in memory only.
+    #[arg(long, env = "HEADROOM_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "HEADROOM_REDIS_PREFIX", default_value = "headroom")]
+    pub redis_prefix: String,
+    /// Comma-separated admin tokens; generated and printed once when none are given.
+    #[arg(long, env = "HEADROOM_ADMIN_TOKENS", hide_env_values = true)]
+    pub admin_tokens: Option<String>,
+    /// Comma-separated client (metering) tokens; generated when none are given.
+    #[arg(long, env = "HEADROOM_CLIENT_TOKENS", hide_env_values = true)]
+    pub client_tokens: Option<String>,
+    /// Accept every call without a token (logged loudly).
+    #[arg(long, env = "HEADROOM_NO_AUTH")]
+    pub no_auth: bool,
+    /// Approximate maximum length of the event stream (XADD MAXLEN ~).
+    #[arg(long, env = "HEADROOM_STREAM_MAXLEN", default_value_t = 1_000_000)]
+    pub stream_maxlen: u64,
+    /// How long idempotency keys are remembered (at least up to 35 days).
+    #[arg(long, env = "HEADROOM_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = duration)]
+    pub idempotency_window: Duration,
+    /// Longest wait for Redis on one operation; calls answer 503 after it.
+    #[arg(long, env = "HEADROOM_REDIS_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub redis_timeout: Duration,
+    /// Redis connections in the pool.
+    #[arg(long, env = "HEADROOM_REDIS_POOL_SIZE", default_value_t = 8)]
+    pub redis_pool_size: usize,
+    /// An entitlement untouched this long leaves memory.
+    #[arg(long, env = "HEADROOM_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// How often resident entitlements expire leases and close periods.
+    #[arg(long, env = "HEADROOM_SWEEP_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub sweep_interval: Duration,
+    /// Largest request body (configuration and batch requests).
+    #[arg(long, env = "HEADROOM_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "HEADROOM_WORKERS")]
+    pub workers: Option<usize>,
+    /// How long a graceful shutdown waits for calls in flight.
+    #[arg(long, env = "HEADROOM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "HEADROOM_LOG_JSON")]
+    pub log_json: bool,
+}
+
+fn generate_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}_{hex}")
+}
+
+impl Settings {
+    /// The tokens to accept; generated ones are printed once, to stdout.
+    pub fn auth(&self) -> Auth {
+        if self.no_auth {
+            tracing::warn!("--no-auth: every call is accepted without a token");
+            return Auth::disabled();
+        }
+        let mut admin = self.admin_tokens.as_deref().map(tokens).unwrap_or_default();
+        let mut client = self
+            .client_tokens
+            .as_deref()
+            .map(tokens)
+            .unwrap_or_default();
+        if admin.is_empty() {
+            admin.push(generate_token("adm"));
+            println!("generated admin token (shown once): {}", admin[0]);
+        }
+        if client.is_empty() {
+            client.push(generate_token("cli"));
+            println!("generated client token (shown once): {}", client[0]);
+        }
+        Auth::new(admin, client)
+    }
+
+    pub fn store(&self) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(match &self.redis_url {
+            Some(url) => {
+                let mut rs = RedisSettings::new(url.clone());
+                rs.prefix = self.redis_prefix.clone();
+                rs.stream_maxlen = self.stream_maxlen;
+                rs.idempotency_window = self.idempotency_window;
+                rs.timeout = self.redis_timeout;
+                rs.pool_size = self.redis_pool_size.max(1);
+                tracing::info!(prefix = %rs.prefix, "persisting to Redis");
+                Arc::new(RedisStore::start(rs)?)
+            }
+            None => {
+                tracing::warn!(
+                    "no --redis-url: running on the embedded in-memory store; NOTHING SURVIVES A RESTART"
+                );
+                Arc::new(MemoryStore::new(
+                    self.stream_maxlen as usize,
+                    self.idempotency_window,
+                ))
+            }
+        })
+    }
+
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            idle_timeout: self.idle_timeout,
+            sweep_interval: self.sweep_interval,
+            idempotency_window: self.idempotency_window,
+            ..EngineSettings::default()
+        }
+    }
+
+    /// Runs the tracker until SIGINT/SIGTERM, then drains and exits.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let store = self.store()?;
+        let engine = Engine::new(store, Arc::new(SystemClock), self.engine_settings());
+        let state = web::Data::new(AppState {
+            engine: engine.clone(),
+            auth: self.auth(),
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+            },
+            metrics: crate::telemetry::metrics(),
+        });
+        let listener = TcpListener::bind(self.listen)?;
+        let workers = self
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        tracing::info!(listen = %listener.local_addr()?, workers, "headroom is listening");
+        http::serve(listener, state, workers, self.shutdown_timeout, true)?.await?;
+        tracing::info!("HTTP stopped; writing what is left");
+        engine.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
