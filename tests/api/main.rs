@@ -1,0 +1,5 @@
+//! Integration tests: real HTTP against the app, on the embedded store and on
+//! a private redis-server started by each test.
+
+mod helpers;
+mod seats;
