@@ -180,16 +180,19 @@ pub async fn list_seats(
 }
 
 /// The seat calls take no body, or an empty JSON object.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmptyBody {}
-
 fn check_empty(body: &[u8]) -> Result<()> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
-    serde_json::from_slice::<EmptyBody>(body).map_err(ApiError::json_error)?;
-    Ok(())
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(ApiError::json_error)?;
+    match map.keys().next() {
+        None => Ok(()),
+        Some(k) => Err(ApiError::new(
+            Kind::InvalidRequest,
+            format!("this call takes no body or {{}}; unknown field `{k}`"),
+        )),
+    }
 }
 
 pub async fn activate_seat(

@@ -2,5 +2,6 @@
 //! a private redis-server started by each test.
 
 mod helpers;
+mod bad_input;
 mod seats;
 mod usage;
