@@ -1,0 +1,158 @@
+//! Crash and outage tests: every acknowledged call must be in the state
+//! exactly once afterwards, proven by re-sending every call with its
+//! idempotency key.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[derive(Debug, Clone)]
+enum Seen {
+    Acknowledged(Value),
+    Failed(u16),
+    NoAnswer,
+}
+
+struct Ledger(Mutex<HashMap<String, Seen>>);
+
+impl Ledger {
+    fn new() -> Self {
+        Ledger(Mutex::new(HashMap::new()))
+    }
+
+    fn record(&self, key: String, seen: Seen) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(key, seen);
+    }
+
+    fn snapshot(&self) -> HashMap<String, Seen> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+async fn usage_call(http: &reqwest::Client, base: &str, key: &str) -> Result<(u16, bool, Value), reqwest::Error> {
+    let res = http
+        .post(format!("{base}/v1/entitlements/acme/usage"))
+        .bearer_auth(CLIENT)
+        .body(format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await?;
+    let status = res.status().as_u16();
+    let replayed = res.headers().contains_key("idempotency-replayed");
+    if status == 503 {
+        assert!(res.headers().contains_key("retry-after"), "503 carries Retry-After");
+    }
+    let body = res.json::<Value>().await.unwrap_or(Value::Null);
+    Ok((status, replayed, body))
+}
+
+/// Clients that send calls with fresh keys until `stop` says so.
+async fn load(http: &reqwest::Client, base: &str, ledger: &Ledger, worker: usize, calls: usize, pause: Duration) {
+    for i in 0..calls {
+        let key = format!("w{worker}-{i}");
+        let seen = match usage_call(http, base, &key).await {
+            Ok((200, _, body)) => Seen::Acknowledged(body),
+            Ok((status, _, _)) => Seen::Failed(status),
+            Err(_) => Seen::NoAnswer,
+        };
+        ledger.record(key, seen);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Re-sends every call with its key: acknowledged ones must come back as
+/// replays of the same decision, the others are applied now; afterwards the
+/// counter equals the number of distinct calls.
+async fn check_ledger(http: &reqwest::Client, base: &str, ledger: &Ledger) {
+    let seen = ledger.snapshot();
+    for (key, s) in &seen {
+        let (status, replayed, body) = usage_call(http, base, key).await.expect("tracker answers");
+        assert_eq!(status, 200, "retry of {key}: {body}");
+        if let Seen::Acknowledged(first) = s {
+            assert!(replayed, "acknowledged call {key} was lost");
+            assert_eq!(&body, first, "replay of {key} answers the first decision");
+        }
+    }
+    let res = http
+        .get(format!("{base}/v1/entitlements/acme"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("get");
+    let view: Value = res.json().await.expect("json");
+    assert_eq!(view["features"]["api"]["used"].as_u64(), Some(seen.len() as u64), "each call applied exactly once");
+}
+
+#[actix_rt::test]
+async fn sigkill_of_the_tracker_during_load_loses_no_acknowledged_call() {
+    let redis = RedisServer::start();
+    let mut tracker = TrackerProcess::start(&redis.url(), "crash").await;
+    let http = reqwest::Client::new();
+    let res = http
+        .put(format!("{}/v1/entitlements/acme", tracker.base))
+        .bearer_auth(ADMIN)
+        .body(r#"{"features": {"api": {"included": 1000000}}}"#)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(res.status().as_u16(), 201);
+
+    let ledger = Ledger::new();
+    let base = tracker.base.clone();
+    let clients = (0..16).map(|w| load(&http, &base, &ledger, w, 400, Duration::ZERO));
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tracker.kill();
+    };
+    futures_util::join!(join_all(clients), killer);
+
+    let seen = ledger.snapshot();
+    let acked = seen.values().filter(|s| matches!(s, Seen::Acknowledged(_))).count();
+    let lost = seen.values().filter(|s| matches!(s, Seen::NoAnswer)).count();
+    assert!(acked > 0 && lost > 0, "the kill happened during load ({acked} acknowledged, {lost} unanswered)");
+
+    let tracker = TrackerProcess::start(&redis.url(), "crash").await;
+    check_ledger(&http, &tracker.base, &ledger).await;
+}
+
+#[actix_rt::test]
+async fn redis_outage_during_load_answers_503_and_recovers_by_itself() {
+    let mut redis = RedisServer::start();
+    let app = TestApp::spawn(redis_store(&redis, "outage")).await;
+    app.put("acme", r#"{"features": {"api": {"included": 1000000}}}"#).await;
+
+    let ledger = Ledger::new();
+    let clients = (0..8).map(|w| load(&app.http, &app.base, &ledger, w, 150, Duration::from_millis(10)));
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let (ready, _) = app.send(reqwest::Method::GET, "/readyz", None, None).await;
+        redis.restart();
+        ready
+    };
+    let (_, ready_during_outage) = futures_util::join!(join_all(clients), outage);
+    assert_eq!(ready_during_outage, 503, "/readyz fails while Redis is down");
+
+    let seen = ledger.snapshot();
+    let unavailable = seen.values().filter(|s| matches!(s, Seen::Failed(503))).count();
+    assert!(unavailable > 0, "calls during the outage answered 503");
+    assert!(
+        seen.values().all(|s| matches!(s, Seen::Acknowledged(_) | Seen::Failed(503))),
+        "only 200 or 503: {:?}",
+        seen.values().filter(|s| !matches!(s, Seen::Acknowledged(_) | Seen::Failed(503))).collect::<Vec<_>>()
+    );
+    // The app was not restarted: it serves again once Redis is back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while app.send(reqwest::Method::GET, "/readyz", None, None).await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check_ledger(&app.http, &app.base, &ledger).await;
+    app.stop().await;
+}
