@@ -5,7 +5,10 @@ use crate::helpers::*;
 async fn app_with_acme() -> TestApp {
     let app = TestApp::spawn(memory_store()).await;
     let (s, _) = app
-        .put("acme", r#"{"seats": {"purchased": 2, "hard_cap": 3}, "features": {"api": {"included": 10}}}"#)
+        .put(
+            "acme",
+            r#"{"seats": {"purchased": 2, "hard_cap": 3}, "features": {"api": {"included": 10}}}"#,
+        )
         .await;
     assert_eq!(s, 201);
     app
@@ -20,7 +23,9 @@ async fn unchanged(app: &TestApp) {
 }
 
 fn is_problem(body: &serde_json::Value, status: u16, code: &str) -> bool {
-    body["status"] == status && body["code"] == code && body["detail"].as_str().is_some_and(|d| !d.is_empty())
+    body["status"] == status
+        && body["code"] == code
+        && body["detail"].as_str().is_some_and(|d| !d.is_empty())
 }
 
 #[actix_rt::test]
@@ -30,14 +35,35 @@ async fn bad_configurations_are_400_and_change_nothing() {
         ("{", "invalid_json"),
         ("[1, 2]", "invalid_request"),
         (r#"{"seats": {"purchased": "ten"}}"#, "invalid_request"),
-        (r#"{"seats": {"purchased": 10, "hard_cap": 9}}"#, "invalid_request"),
+        (
+            r#"{"seats": {"purchased": 10, "hard_cap": 9}}"#,
+            "invalid_request",
+        ),
         (r#"{"seats": {"purchased": -1}}"#, "invalid_request"),
-        (r#"{"seats": {"purchased": 18446744073709551616}}"#, "invalid_request"),
-        (r#"{"seats": {"purchased": 1}, "colour": "red"}"#, "invalid_request"),
-        (r#"{"features": {"api": {"included": 10, "thresholds": [0]}}}"#, "invalid_request"),
-        (r#"{"features": {"api": {"included": 10, "thresholds": [1001]}}}"#, "invalid_request"),
-        (r#"{"features": {"api": {"included": 10, "period": "fortnight"}}}"#, "invalid_request"),
-        (r#"{"features": {"bad key!": {"included": 10}}}"#, "invalid_request"),
+        (
+            r#"{"seats": {"purchased": 18446744073709551616}}"#,
+            "invalid_request",
+        ),
+        (
+            r#"{"seats": {"purchased": 1}, "colour": "red"}"#,
+            "invalid_request",
+        ),
+        (
+            r#"{"features": {"api": {"included": 10, "thresholds": [0]}}}"#,
+            "invalid_request",
+        ),
+        (
+            r#"{"features": {"api": {"included": 10, "thresholds": [1001]}}}"#,
+            "invalid_request",
+        ),
+        (
+            r#"{"features": {"api": {"included": 10, "period": "fortnight"}}}"#,
+            "invalid_request",
+        ),
+        (
+            r#"{"features": {"bad key!": {"included": 10}}}"#,
+            "invalid_request",
+        ),
     ];
     for (body, code) in cases {
         let (s, p) = app.put("acme", body).await;
@@ -52,29 +78,80 @@ async fn bad_metering_calls_are_4xx_and_change_nothing() {
     let app = app_with_acme().await;
     let cases = [
         (r#"{"feature": "api", "amount": 0}"#, 400, "invalid_request"),
-        (r#"{"feature": "api", "amount": -3}"#, 400, "invalid_request"),
-        (r#"{"feature": "api", "amount": 18446744073709551616}"#, 400, "invalid_request"),
-        (r#"{"feature": "api", "amount": 1.5}"#, 400, "invalid_request"),
+        (
+            r#"{"feature": "api", "amount": -3}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"feature": "api", "amount": 18446744073709551616}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"feature": "api", "amount": 1.5}"#,
+            400,
+            "invalid_request",
+        ),
         (r#"{"feature": "api"}"#, 400, "invalid_request"),
-        (r#"{"feature": "api", "amount": 1, "idempotency_kee": "x"}"#, 400, "invalid_request"),
+        (
+            r#"{"feature": "api", "amount": 1, "idempotency_kee": "x"}"#,
+            400,
+            "invalid_request",
+        ),
         (r#"{"feature": "a b", "amount": 1}"#, 400, "invalid_request"),
-        (r#"{"feature": "api", "amount": 1, "idempotency_key": ""}"#, 400, "invalid_request"),
-        (r#"{"feature": "nope", "amount": 1}"#, 404, "feature_not_found"),
+        (
+            r#"{"feature": "api", "amount": 1, "idempotency_key": ""}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"feature": "nope", "amount": 1}"#,
+            404,
+            "feature_not_found",
+        ),
         ("not json", 400, "invalid_json"),
     ];
     for (body, status, code) in cases {
         let (s, p) = app.usage("acme", body).await;
-        assert!(s == status && is_problem(&p, status, code), "{body} -> {s} {p}");
+        assert!(
+            s == status && is_problem(&p, status, code),
+            "{body} -> {s} {p}"
+        );
     }
-    let (s, p) = app.usage("ghost", r#"{"feature": "api", "amount": 1}"#).await;
-    assert!(s == 404 && is_problem(&p, 404, "entitlement_not_found"), "{p}");
-    let (s, p) = app.send(Method::POST, "/v1/entitlements/bad%20id/seats/a", Some(CLIENT), None).await;
-    assert!(s == 400 && is_problem(&p, 400, "invalid_request"), "{p}");
     let (s, p) = app
-        .send(Method::POST, &format!("/v1/entitlements/acme/seats/{}", "x".repeat(129)), Some(CLIENT), None)
+        .usage("ghost", r#"{"feature": "api", "amount": 1}"#)
+        .await;
+    assert!(
+        s == 404 && is_problem(&p, 404, "entitlement_not_found"),
+        "{p}"
+    );
+    let (s, p) = app
+        .send(
+            Method::POST,
+            "/v1/entitlements/bad%20id/seats/a",
+            Some(CLIENT),
+            None,
+        )
         .await;
     assert!(s == 400 && is_problem(&p, 400, "invalid_request"), "{p}");
-    let (s, p) = app.send(Method::POST, "/v1/entitlements/acme/seats/a", Some(CLIENT), Some("[]")).await;
+    let (s, p) = app
+        .send(
+            Method::POST,
+            &format!("/v1/entitlements/acme/seats/{}", "x".repeat(129)),
+            Some(CLIENT),
+            None,
+        )
+        .await;
+    assert!(s == 400 && is_problem(&p, 400, "invalid_request"), "{p}");
+    let (s, p) = app
+        .send(
+            Method::POST,
+            "/v1/entitlements/acme/seats/a",
+            Some(CLIENT),
+            Some("[]"),
+        )
+        .await;
     assert!(s == 400 && is_problem(&p, 400, "invalid_request"), "{p}");
     unchanged(&app).await;
     app.stop().await;
@@ -85,13 +162,25 @@ async fn bad_batches_and_bodies_over_the_limit() {
     let app = app_with_acme().await;
     let one = r#"{"entitlement": "acme", "feature": "api", "amount": 1}"#;
     let too_many = format!(r#"{{"events": [{}]}}"#, vec![one; 10_001].join(","));
-    let (s, p) = app.send(Method::POST, "/v1/usage/batch", Some(CLIENT), Some(&too_many)).await;
+    let (s, p) = app
+        .send(
+            Method::POST,
+            "/v1/usage/batch",
+            Some(CLIENT),
+            Some(&too_many),
+        )
+        .await;
     assert!(s == 413 && is_problem(&p, 413, "batch_too_large"), "{p}");
     for body in ["{", r#"{"events": 3}"#, r#"{"evnts": []}"#] {
-        let (s, p) = app.send(Method::POST, "/v1/usage/batch", Some(CLIENT), Some(body)).await;
+        let (s, p) = app
+            .send(Method::POST, "/v1/usage/batch", Some(CLIENT), Some(body))
+            .await;
         assert_eq!(s, 400, "{body} -> {p}");
     }
-    let huge = format!(r#"{{"seats": {{"purchased": 1}}, "pad": "{}"}}"#, "x".repeat(5 * 1024 * 1024));
+    let huge = format!(
+        r#"{{"seats": {{"purchased": 1}}, "pad": "{}"}}"#,
+        "x".repeat(5 * 1024 * 1024)
+    );
     let (s, p) = app.put("acme", &huge).await;
     assert!(s == 413 && is_problem(&p, 413, "payload_too_large"), "{s}");
     unchanged(&app).await;
@@ -105,7 +194,9 @@ async fn bad_batches_and_bodies_over_the_limit() {
         {"entitlement": "acme", "feature": "nope", "amount": 1},
         {"entitlement": "acme", "feature": "api", "amount": 6}
     ]}"#;
-    let (s, r) = app.send(Method::POST, "/v1/usage/batch", Some(CLIENT), Some(body)).await;
+    let (s, r) = app
+        .send(Method::POST, "/v1/usage/batch", Some(CLIENT), Some(body))
+        .await;
     assert_eq!(s, 200, "{r}");
     let results = r["results"].as_array().cloned().unwrap_or_default();
     assert_eq!(results.len(), 6);
@@ -114,7 +205,10 @@ async fn bad_batches_and_bodies_over_the_limit() {
     assert_eq!(results[2]["error"]["code"], "entitlement_not_found");
     assert_eq!(results[3]["outcome"], "denied");
     assert_eq!(results[4]["error"]["code"], "feature_not_found");
-    assert_eq!((results[5]["outcome"].as_str(), results[5]["used"].as_u64()), (Some("granted"), Some(10)));
+    assert_eq!(
+        (results[5]["outcome"].as_str(), results[5]["used"].as_u64()),
+        (Some("granted"), Some(10))
+    );
     app.stop().await;
 }
 
@@ -122,7 +216,13 @@ async fn bad_batches_and_bodies_over_the_limit() {
 async fn auth_matrix() {
     let app = app_with_acme().await;
     let admin_calls: [(Method, &str, Option<&str>); 4] = [
-        (Method::PUT, "/v1/entitlements/acme", Some(r#"{"seats": {"purchased": 2, "hard_cap": 3}, "features": {"api": {"included": 10}}}"#)),
+        (
+            Method::PUT,
+            "/v1/entitlements/acme",
+            Some(
+                r#"{"seats": {"purchased": 2, "hard_cap": 3}, "features": {"api": {"included": 10}}}"#,
+            ),
+        ),
         (Method::GET, "/v1/entitlements/acme", None),
         (Method::GET, "/v1/entitlements/acme/seats", None),
         (Method::DELETE, "/v1/entitlements/other", None),
@@ -130,18 +230,28 @@ async fn auth_matrix() {
     let client_calls: [(Method, &str, Option<&str>); 4] = [
         (Method::POST, "/v1/entitlements/acme/seats/a", None),
         (Method::DELETE, "/v1/entitlements/acme/seats/a", None),
-        (Method::POST, "/v1/entitlements/acme/usage", Some(r#"{"feature": "api", "amount": 1}"#)),
+        (
+            Method::POST,
+            "/v1/entitlements/acme/usage",
+            Some(r#"{"feature": "api", "amount": 1}"#),
+        ),
         (Method::POST, "/v1/usage/batch", Some(r#"{"events": []}"#)),
     ];
     for (m, path, body) in admin_calls.iter().chain(client_calls.iter()) {
         let (s, p) = app.send(m.clone(), path, None, *body).await;
-        assert!(s == 401 && is_problem(&p, 401, "unauthorized"), "{m} {path}: {s}");
+        assert!(
+            s == 401 && is_problem(&p, 401, "unauthorized"),
+            "{m} {path}: {s}"
+        );
         let (s, _) = app.send(m.clone(), path, Some("wrong-token"), *body).await;
         assert_eq!(s, 401, "{m} {path}");
     }
     for (m, path, body) in &admin_calls {
         let (s, p) = app.send(m.clone(), path, Some(CLIENT), *body).await;
-        assert!(s == 403 && is_problem(&p, 403, "forbidden"), "{m} {path}: {s}");
+        assert!(
+            s == 403 && is_problem(&p, 403, "forbidden"),
+            "{m} {path}: {s}"
+        );
     }
     for (m, path, body) in &client_calls {
         let (s, _) = app.send(m.clone(), path, Some(CLIENT), *body).await;
@@ -149,11 +259,18 @@ async fn auth_matrix() {
     }
     for (m, path, body) in admin_calls.iter().chain(client_calls.iter()) {
         let (s, _) = app.send(m.clone(), path, Some(ADMIN), *body).await;
-        assert!(s < 400 || (*m == Method::DELETE && s == 404), "admin token on {m} {path}: {s}");
+        assert!(
+            s < 400 || (*m == Method::DELETE && s == 404),
+            "admin token on {m} {path}: {s}"
+        );
     }
     // Operations endpoints need no token.
     for path in ["/healthz", "/readyz", "/metrics"] {
-        assert_eq!(app.send(Method::GET, path, None, None).await.0, 200, "{path}");
+        assert_eq!(
+            app.send(Method::GET, path, None, None).await.0,
+            200,
+            "{path}"
+        );
     }
     app.stop().await;
 }

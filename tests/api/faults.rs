@@ -26,7 +26,10 @@ impl Ledger {
     }
 
     fn record(&self, key: String, seen: Seen) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(key, seen);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, seen);
     }
 
     fn snapshot(&self) -> HashMap<String, Seen> {
@@ -34,25 +37,41 @@ impl Ledger {
     }
 }
 
-async fn usage_call(http: &reqwest::Client, base: &str, key: &str) -> Result<(u16, bool, Value), reqwest::Error> {
+async fn usage_call(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+) -> Result<(u16, bool, Value), reqwest::Error> {
     let res = http
         .post(format!("{base}/v1/entitlements/acme/usage"))
         .bearer_auth(CLIENT)
-        .body(format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#))
+        .body(format!(
+            r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#
+        ))
         .timeout(Duration::from_secs(10))
         .send()
         .await?;
     let status = res.status().as_u16();
     let replayed = res.headers().contains_key("idempotency-replayed");
     if status == 503 {
-        assert!(res.headers().contains_key("retry-after"), "503 carries Retry-After");
+        assert!(
+            res.headers().contains_key("retry-after"),
+            "503 carries Retry-After"
+        );
     }
     let body = res.json::<Value>().await.unwrap_or(Value::Null);
     Ok((status, replayed, body))
 }
 
 /// Clients that send calls with fresh keys until `stop` says so.
-async fn load(http: &reqwest::Client, base: &str, ledger: &Ledger, worker: usize, calls: usize, pause: Duration) {
+async fn load(
+    http: &reqwest::Client,
+    base: &str,
+    ledger: &Ledger,
+    worker: usize,
+    calls: usize,
+    pause: Duration,
+) {
     for i in 0..calls {
         let key = format!("w{worker}-{i}");
         let seen = match usage_call(http, base, &key).await {
@@ -85,7 +104,11 @@ async fn check_ledger(http: &reqwest::Client, base: &str, ledger: &Ledger) {
         .await
         .expect("get");
     let view: Value = res.json().await.expect("json");
-    assert_eq!(view["features"]["api"]["used"].as_u64(), Some(seen.len() as u64), "each call applied exactly once");
+    assert_eq!(
+        view["features"]["api"]["used"].as_u64(),
+        Some(seen.len() as u64),
+        "each call applied exactly once"
+    );
 }
 
 #[actix_rt::test]
@@ -112,9 +135,18 @@ async fn sigkill_of_the_tracker_during_load_loses_no_acknowledged_call() {
     futures_util::join!(join_all(clients), killer);
 
     let seen = ledger.snapshot();
-    let acked = seen.values().filter(|s| matches!(s, Seen::Acknowledged(_))).count();
-    let lost = seen.values().filter(|s| matches!(s, Seen::NoAnswer)).count();
-    assert!(acked > 0 && lost > 0, "the kill happened during load ({acked} acknowledged, {lost} unanswered)");
+    let acked = seen
+        .values()
+        .filter(|s| matches!(s, Seen::Acknowledged(_)))
+        .count();
+    let lost = seen
+        .values()
+        .filter(|s| matches!(s, Seen::NoAnswer))
+        .count();
+    assert!(
+        acked > 0 && lost > 0,
+        "the kill happened during load ({acked} acknowledged, {lost} unanswered)"
+    );
 
     let tracker = TrackerProcess::start(&redis.url(), "crash").await;
     check_ledger(&http, &tracker.base, &ledger).await;
@@ -124,10 +156,20 @@ async fn sigkill_of_the_tracker_during_load_loses_no_acknowledged_call() {
 async fn redis_outage_during_load_answers_503_and_recovers_by_itself() {
     let mut redis = RedisServer::start();
     let app = TestApp::spawn(redis_store(&redis, "outage")).await;
-    app.put("acme", r#"{"features": {"api": {"included": 1000000}}}"#).await;
+    app.put("acme", r#"{"features": {"api": {"included": 1000000}}}"#)
+        .await;
 
     let ledger = Ledger::new();
-    let clients = (0..8).map(|w| load(&app.http, &app.base, &ledger, w, 150, Duration::from_millis(10)));
+    let clients = (0..8).map(|w| {
+        load(
+            &app.http,
+            &app.base,
+            &ledger,
+            w,
+            150,
+            Duration::from_millis(10),
+        )
+    });
     let outage = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         redis.kill();
@@ -137,19 +179,33 @@ async fn redis_outage_during_load_answers_503_and_recovers_by_itself() {
         ready
     };
     let (_, ready_during_outage) = futures_util::join!(join_all(clients), outage);
-    assert_eq!(ready_during_outage, 503, "/readyz fails while Redis is down");
+    assert_eq!(
+        ready_during_outage, 503,
+        "/readyz fails while Redis is down"
+    );
 
     let seen = ledger.snapshot();
-    let unavailable = seen.values().filter(|s| matches!(s, Seen::Failed(503))).count();
+    let unavailable = seen
+        .values()
+        .filter(|s| matches!(s, Seen::Failed(503)))
+        .count();
     assert!(unavailable > 0, "calls during the outage answered 503");
     assert!(
-        seen.values().all(|s| matches!(s, Seen::Acknowledged(_) | Seen::Failed(503))),
+        seen.values()
+            .all(|s| matches!(s, Seen::Acknowledged(_) | Seen::Failed(503))),
         "only 200 or 503: {:?}",
-        seen.values().filter(|s| !matches!(s, Seen::Acknowledged(_) | Seen::Failed(503))).collect::<Vec<_>>()
+        seen.values()
+            .filter(|s| !matches!(s, Seen::Acknowledged(_) | Seen::Failed(503)))
+            .collect::<Vec<_>>()
     );
     // The app was not restarted: it serves again once Redis is back.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while app.send(reqwest::Method::GET, "/readyz", None, None).await.0 != 200 {
+    while app
+        .send(reqwest::Method::GET, "/readyz", None, None)
+        .await
+        .0
+        != 200
+    {
         assert!(std::time::Instant::now() < deadline, "did not recover");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

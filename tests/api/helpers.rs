@@ -44,7 +44,14 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -104,7 +111,10 @@ impl RedisServer {
             .expect("XRANGE")
             .into_iter()
             .map(|(id, fields)| {
-                let pairs = fields.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+                let pairs = fields
+                    .chunks(2)
+                    .map(|p| (p[0].clone(), p[1].clone()))
+                    .collect();
                 (id, pairs)
             })
             .collect();
@@ -211,38 +221,79 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
-    pub async fn send(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
         let mut req = self.http.request(method, self.url(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_string());
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
         }
         let res = req.send().await.expect("request");
         let status = res.status().as_u16();
         let text = res.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn put(&self, id: &str, config: &str) -> (u16, Value) {
-        self.send(reqwest::Method::PUT, &format!("/v1/entitlements/{id}"), Some(ADMIN), Some(config)).await
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/v1/entitlements/{id}"),
+            Some(ADMIN),
+            Some(config),
+        )
+        .await
     }
 
     pub async fn get(&self, id: &str) -> (u16, Value) {
-        self.send(reqwest::Method::GET, &format!("/v1/entitlements/{id}"), Some(ADMIN), None).await
+        self.send(
+            reqwest::Method::GET,
+            &format!("/v1/entitlements/{id}"),
+            Some(ADMIN),
+            None,
+        )
+        .await
     }
 
     pub async fn activate(&self, id: &str, seat: &str) -> (u16, Value) {
-        self.send(reqwest::Method::POST, &format!("/v1/entitlements/{id}/seats/{seat}"), Some(CLIENT), None).await
+        self.send(
+            reqwest::Method::POST,
+            &format!("/v1/entitlements/{id}/seats/{seat}"),
+            Some(CLIENT),
+            None,
+        )
+        .await
     }
 
     pub async fn release(&self, id: &str, seat: &str) -> (u16, Value) {
-        self.send(reqwest::Method::DELETE, &format!("/v1/entitlements/{id}/seats/{seat}"), Some(CLIENT), None).await
+        self.send(
+            reqwest::Method::DELETE,
+            &format!("/v1/entitlements/{id}/seats/{seat}"),
+            Some(CLIENT),
+            None,
+        )
+        .await
     }
 
     pub async fn usage(&self, id: &str, body: &str) -> (u16, Value) {
-        self.send(reqwest::Method::POST, &format!("/v1/entitlements/{id}/usage"), Some(CLIENT), Some(body)).await
+        self.send(
+            reqwest::Method::POST,
+            &format!("/v1/entitlements/{id}/usage"),
+            Some(CLIENT),
+            Some(body),
+        )
+        .await
     }
 }
 
@@ -267,12 +318,17 @@ impl TrackerProcess {
             .stderr(Stdio::null())
             .spawn()
             .expect("start headroom");
-        let base = format!("http://127.0.0.1:{port}");
+        // Owned before anything can fail, so that Drop kills and reaps it.
+        let tracker = TrackerProcess {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+        };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
-                return TrackerProcess { base, child };
+            let ready = http.get(format!("{}/readyz", tracker.base)).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return tracker;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -293,5 +349,8 @@ impl Drop for TrackerProcess {
 }
 
 pub fn count_kind(events: &[(String, String, Value)], entitlement: &str, kind: &str) -> usize {
-    events.iter().filter(|(k, e, _)| k == kind && e == entitlement).count()
+    events
+        .iter()
+        .filter(|(k, e, _)| k == kind && e == entitlement)
+        .count()
 }

@@ -18,7 +18,9 @@ async fn seed_scenario_130_concurrent_activations_on_redis() {
     let count = |status: u16, outcome: &str| {
         results
             .iter()
-            .filter(|(s, b)| *s == status && (b["outcome"] == outcome || b["decision"]["outcome"] == outcome))
+            .filter(|(s, b)| {
+                *s == status && (b["outcome"] == outcome || b["decision"]["outcome"] == outcome)
+            })
             .count()
     };
     assert_eq!(count(200, "granted"), 100);
@@ -54,7 +56,11 @@ async fn seed_scenario_130_concurrent_activations_on_redis() {
         .map(|(_, _, e)| e["id"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(ids.len(), events.len());
-    assert!(events.iter().all(|(_, _, e)| e["specversion"] == "1.0" && e["subject"] == "acme"));
+    assert!(
+        events
+            .iter()
+            .all(|(_, _, e)| e["specversion"] == "1.0" && e["subject"] == "acme")
+    );
     app.stop().await;
 }
 
@@ -62,7 +68,8 @@ async fn seed_scenario_130_concurrent_activations_on_redis() {
 async fn state_survives_a_restart_of_the_app_on_the_same_redis() {
     let redis = RedisServer::start();
     let app = TestApp::spawn(redis_store(&redis, "restart")).await;
-    app.put("acme", r#"{"seats": {"purchased": 2, "hard_cap": 3}}"#).await;
+    app.put("acme", r#"{"seats": {"purchased": 2, "hard_cap": 3}}"#)
+        .await;
     for s in ["a", "b", "c"] {
         assert_eq!(app.activate("acme", s).await.0, 200);
     }
@@ -74,7 +81,12 @@ async fn state_survives_a_restart_of_the_app_on_the_same_redis() {
     let (status, d) = app.activate("acme", "a").await;
     assert_eq!((status, d["refreshed"].as_bool()), (200, Some(true)));
     let (_, seats) = app
-        .send(reqwest::Method::GET, "/v1/entitlements/acme/seats", Some(ADMIN), None)
+        .send(
+            reqwest::Method::GET,
+            "/v1/entitlements/acme/seats",
+            Some(ADMIN),
+            None,
+        )
         .await;
     assert_eq!(seats["seats"].as_array().map(Vec::len), Some(3));
     app.stop().await;

@@ -8,21 +8,42 @@ use crate::helpers::*;
 async fn a_thousand_concurrent_usage_calls_never_pass_the_cap() {
     let redis = RedisServer::start();
     let app = TestApp::spawn(redis_store(&redis, "cap")).await;
-    app.put("acme", r#"{"features": {"gpu": {"included": 1500, "hard_cap": 2000}}}"#).await;
+    app.put(
+        "acme",
+        r#"{"features": {"gpu": {"included": 1500, "hard_cap": 2000}}}"#,
+    )
+    .await;
     let calls = (0..1000u64).map(|i| {
         let app = &app;
         let amount = 1 + i % 4;
         async move {
-            let (s, b) = app.usage("acme", &format!(r#"{{"feature": "gpu", "amount": {amount}}}"#)).await;
+            let (s, b) = app
+                .usage(
+                    "acme",
+                    &format!(r#"{{"feature": "gpu", "amount": {amount}}}"#),
+                )
+                .await;
             (s, amount, b)
         }
     });
     let results = join_all(calls).await;
-    let granted: u64 = results.iter().filter(|(s, _, _)| *s == 200).map(|(_, a, _)| a).sum();
+    let granted: u64 = results
+        .iter()
+        .filter(|(s, _, _)| *s == 200)
+        .map(|(_, a, _)| a)
+        .sum();
     assert!(results.iter().all(|(s, _, _)| *s == 200 || *s == 429));
-    assert!(results.iter().any(|(s, _, _)| *s == 429), "the cap was reached");
+    assert!(
+        results.iter().any(|(s, _, _)| *s == 429),
+        "the cap was reached"
+    );
     assert!(granted <= 2000);
-    assert!(results.iter().filter(|(s, _, _)| *s == 200).all(|(_, _, b)| b["used"].as_u64() <= Some(2000)));
+    assert!(
+        results
+            .iter()
+            .filter(|(s, _, _)| *s == 200)
+            .all(|(_, _, b)| b["used"].as_u64() <= Some(2000))
+    );
     let (_, view) = app.get("acme").await;
     assert_eq!(view["features"]["gpu"]["used"].as_u64(), Some(granted));
     let events = redis.events("cap");
@@ -38,16 +59,28 @@ async fn a_thousand_concurrent_usage_calls_never_pass_the_cap() {
 async fn idempotent_retry_returns_the_first_decision_and_conflicts_are_409() {
     let redis = RedisServer::start();
     let app = TestApp::spawn(redis_store(&redis, "idem")).await;
-    app.put("acme", r#"{"features": {"api": {"included": 10}}}"#).await;
+    app.put("acme", r#"{"features": {"api": {"included": 10}}}"#)
+        .await;
     let body = r#"{"feature": "api", "amount": 4, "idempotency_key": "evt-9"}"#;
     let (s1, d1) = app.usage("acme", body).await;
     let (s2, d2) = app.usage("acme", body).await;
     assert_eq!((s1, s2), (200, 200));
     assert_eq!(d1, d2);
-    let (s3, p) = app.usage("acme", r#"{"feature": "api", "amount": 5, "idempotency_key": "evt-9"}"#).await;
-    assert_eq!((s3, p["code"].as_str()), (409, Some("idempotency_conflict")));
+    let (s3, p) = app
+        .usage(
+            "acme",
+            r#"{"feature": "api", "amount": 5, "idempotency_key": "evt-9"}"#,
+        )
+        .await;
+    assert_eq!(
+        (s3, p["code"].as_str()),
+        (409, Some("idempotency_conflict"))
+    );
     let (_, view) = app.get("acme").await;
-    assert_eq!(view["features"]["api"]["used"], 4, "the retry changed nothing");
+    assert_eq!(
+        view["features"]["api"]["used"], 4,
+        "the retry changed nothing"
+    );
     app.stop().await;
 
     // A fresh process (nothing cached) still knows the key: the store does.
@@ -56,7 +89,12 @@ async fn idempotent_retry_returns_the_first_decision_and_conflicts_are_409() {
     assert_eq!((s4, &d4), (200, &d1));
     let (_, view) = app.get("acme").await;
     assert_eq!(view["features"]["api"]["used"], 4);
-    let (s5, _) = app.usage("acme", r#"{"feature": "api", "amount": 5, "idempotency_key": "evt-9"}"#).await;
+    let (s5, _) = app
+        .usage(
+            "acme",
+            r#"{"feature": "api", "amount": 5, "idempotency_key": "evt-9"}"#,
+        )
+        .await;
     assert_eq!(s5, 409);
     app.stop().await;
 }
@@ -64,7 +102,8 @@ async fn idempotent_retry_returns_the_first_decision_and_conflicts_are_409() {
 #[actix_rt::test]
 async fn a_denied_call_is_remembered_under_its_key_too() {
     let app = TestApp::spawn(memory_store()).await;
-    app.put("acme", r#"{"features": {"api": {"included": 2}}}"#).await;
+    app.put("acme", r#"{"features": {"api": {"included": 2}}}"#)
+        .await;
     let body = r#"{"feature": "api", "amount": 3, "idempotency_key": "big"}"#;
     let (s1, p1) = app.usage("acme", body).await;
     let (s2, p2) = app.usage("acme", body).await;
@@ -84,9 +123,12 @@ async fn thresholds_jumped_over_in_one_call_each_emit_once_in_order() {
         r#"{"features": {"api": {"included": 1000, "hard_cap": 1200, "thresholds": [50, 80, 100, 110]}}}"#,
     )
     .await;
-    let (s, d) = app.usage("acme", r#"{"feature": "api", "amount": 1150}"#).await;
+    let (s, d) = app
+        .usage("acme", r#"{"feature": "api", "amount": 1150}"#)
+        .await;
     assert_eq!((s, d["outcome"].as_str()), (200, Some("overdraft")));
-    app.usage("acme", r#"{"feature": "api", "amount": 1}"#).await;
+    app.usage("acme", r#"{"feature": "api", "amount": 1}"#)
+        .await;
     let events = redis.events("thr");
     let crossed: Vec<u64> = events
         .iter()
@@ -112,23 +154,39 @@ async fn period_rollover_with_an_injected_clock() {
         r#"{"features": {"api": {"included": 10, "hard_cap": 20, "period": "month", "period_anchor": "2025-10-31T00:00:00Z"}}}"#,
     )
     .await;
-    let (_, d) = app.usage("acme", r#"{"feature": "api", "amount": 15}"#).await;
+    let (_, d) = app
+        .usage("acme", r#"{"feature": "api", "amount": 15}"#)
+        .await;
     assert_eq!(d["period_end"], "2026-02-28T00:00:00Z");
-    let (s, p) = app.usage("acme", r#"{"feature": "api", "amount": 6}"#).await;
+    let (s, p) = app
+        .usage("acme", r#"{"feature": "api", "amount": 6}"#)
+        .await;
     assert_eq!(s, 429);
     assert_eq!(p["decision"]["reason"], "hard_cap");
 
     clock.set("2026-02-28T00:00:00Z".parse().unwrap_or_default());
-    let (s, d) = app.usage("acme", r#"{"feature": "api", "amount": 6}"#).await;
+    let (s, d) = app
+        .usage("acme", r#"{"feature": "api", "amount": 6}"#)
+        .await;
     assert_eq!((s, d["used"].as_u64()), (200, Some(6)));
     assert_eq!(d["period_start"], "2026-02-28T00:00:00Z");
     assert_eq!(d["period_end"], "2026-03-31T00:00:00Z");
 
     let events = redis.events("roll");
-    let closed: Vec<_> = events.iter().filter(|(k, _, _)| k == "usage.period_closed").collect();
+    let closed: Vec<_> = events
+        .iter()
+        .filter(|(k, _, _)| k == "usage.period_closed")
+        .collect();
     assert_eq!(closed.len(), 1);
     let data = &closed[0].2["data"];
-    assert_eq!((data["used"].as_u64(), data["overage"].as_u64(), data["denied"].as_u64()), (Some(15), Some(5), Some(1)));
+    assert_eq!(
+        (
+            data["used"].as_u64(),
+            data["overage"].as_u64(),
+            data["denied"].as_u64()
+        ),
+        (Some(15), Some(5), Some(1))
+    );
     assert_eq!(count_kind(&events, "acme", "usage.reset"), 1);
     app.stop().await;
 }
@@ -146,20 +204,37 @@ async fn leases_expire_on_the_next_call_and_by_the_sweep() {
         ..AppOptions::default()
     };
     let app = TestApp::spawn_with(redis_store(&redis, "lease"), opts).await;
-    app.put("acme", r#"{"seats": {"purchased": 1, "hard_cap": 1, "lease_seconds": 60}}"#).await;
+    app.put(
+        "acme",
+        r#"{"seats": {"purchased": 1, "hard_cap": 1, "lease_seconds": 60}}"#,
+    )
+    .await;
     assert_eq!(app.activate("acme", "a").await.0, 200);
     assert_eq!(app.activate("acme", "b").await.0, 429);
     clock.advance(Duration::seconds(30));
-    assert_eq!(app.activate("acme", "a").await.0, 200, "refresh renews the lease");
+    assert_eq!(
+        app.activate("acme", "a").await.0,
+        200,
+        "refresh renews the lease"
+    );
     clock.advance(Duration::seconds(45));
-    assert_eq!(app.activate("acme", "b").await.0, 429, "a was refreshed 45 s ago");
+    assert_eq!(
+        app.activate("acme", "b").await.0,
+        429,
+        "a was refreshed 45 s ago"
+    );
     clock.advance(Duration::seconds(16));
     // The sweep timer expires the lease without any call.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while count_kind(&redis.events("lease"), "acme", "seat.expired") == 0 && std::time::Instant::now() < deadline {
+    while count_kind(&redis.events("lease"), "acme", "seat.expired") == 0
+        && std::time::Instant::now() < deadline
+    {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(count_kind(&redis.events("lease"), "acme", "seat.expired"), 1);
+    assert_eq!(
+        count_kind(&redis.events("lease"), "acme", "seat.expired"),
+        1
+    );
     assert_eq!(app.activate("acme", "b").await.0, 200);
     app.stop().await;
 }
@@ -172,18 +247,30 @@ async fn disabled_and_expired_entitlements_deny_with_their_reason() {
         ..AppOptions::default()
     };
     let app = TestApp::spawn_with(memory_store(), opts).await;
-    app.put("off", r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}, "disabled": true}"#).await;
+    app.put(
+        "off",
+        r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}, "disabled": true}"#,
+    )
+    .await;
     let (s, p) = app.activate("off", "a").await;
     assert_eq!((s, p["reason"].as_str()), (429, Some("disabled")));
     let (s, p) = app.usage("off", r#"{"feature": "f", "amount": 1}"#).await;
     assert_eq!((s, p["reason"].as_str()), (429, Some("disabled")));
 
-    app.put("trial", r#"{"seats": {"purchased": 5}, "expires_at": "2026-12-01T00:00:00Z"}"#).await;
+    app.put(
+        "trial",
+        r#"{"seats": {"purchased": 5}, "expires_at": "2026-12-01T00:00:00Z"}"#,
+    )
+    .await;
     assert_eq!(app.activate("trial", "a").await.0, 200);
     clock.set("2026-12-01T00:00:00Z".parse().unwrap_or_default());
     let (s, p) = app.activate("trial", "b").await;
     assert_eq!((s, p["reason"].as_str()), (429, Some("expired")));
-    app.put("trial", r#"{"seats": {"purchased": 5}, "expires_at": "2027-12-01T00:00:00Z"}"#).await;
+    app.put(
+        "trial",
+        r#"{"seats": {"purchased": 5}, "expires_at": "2027-12-01T00:00:00Z"}"#,
+    )
+    .await;
     assert_eq!(app.activate("trial", "b").await.0, 200, "renewed");
     app.stop().await;
 }
@@ -196,13 +283,19 @@ async fn a_limit_lowered_below_current_use_keeps_seats_and_emits_at_once() {
     for s in ["a", "b", "c", "d"] {
         app.activate("acme", s).await;
     }
-    let (s, view) = app.put("acme", r#"{"seats": {"purchased": 2, "hard_cap": 3}}"#).await;
+    let (s, view) = app
+        .put("acme", r#"{"seats": {"purchased": 2, "hard_cap": 3}}"#)
+        .await;
     assert_eq!(s, 200);
     assert_eq!(view["seats"]["in_use"], 4, "no seat was evicted");
     let events = redis.events("lower");
     assert_eq!(count_kind(&events, "acme", "seat.overdraft_entered"), 1);
     assert_eq!(count_kind(&events, "acme", "seat.hard_cap_reached"), 1);
-    assert_eq!(app.activate("acme", "a").await.0, 200, "an active seat refreshes");
+    assert_eq!(
+        app.activate("acme", "a").await.0,
+        200,
+        "an active seat refreshes"
+    );
     assert_eq!(app.activate("acme", "e").await.0, 429);
     app.stop().await;
 }
@@ -211,16 +304,41 @@ async fn a_limit_lowered_below_current_use_keeps_seats_and_emits_at_once() {
 async fn delete_removes_the_entitlement_and_its_state() {
     let redis = RedisServer::start();
     let app = TestApp::spawn(redis_store(&redis, "del")).await;
-    app.put("acme", r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}}"#).await;
+    app.put(
+        "acme",
+        r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}}"#,
+    )
+    .await;
     app.activate("acme", "a").await;
-    app.usage("acme", r#"{"feature": "f", "amount": 1, "idempotency_key": "k"}"#).await;
-    let (s, _) = app.send(reqwest::Method::DELETE, "/v1/entitlements/acme", Some(ADMIN), None).await;
+    app.usage(
+        "acme",
+        r#"{"feature": "f", "amount": 1, "idempotency_key": "k"}"#,
+    )
+    .await;
+    let (s, _) = app
+        .send(
+            reqwest::Method::DELETE,
+            "/v1/entitlements/acme",
+            Some(ADMIN),
+            None,
+        )
+        .await;
     assert_eq!(s, 204);
     assert_eq!(app.get("acme").await.0, 404);
     assert_eq!(app.activate("acme", "a").await.0, 404);
-    let (s, _) = app.send(reqwest::Method::DELETE, "/v1/entitlements/acme", Some(ADMIN), None).await;
+    let (s, _) = app
+        .send(
+            reqwest::Method::DELETE,
+            "/v1/entitlements/acme",
+            Some(ADMIN),
+            None,
+        )
+        .await;
     assert_eq!(s, 404);
-    assert_eq!(count_kind(&redis.events("del"), "acme", "entitlement.deleted"), 1);
+    assert_eq!(
+        count_kind(&redis.events("del"), "acme", "entitlement.deleted"),
+        1
+    );
     let mut c = redis.conn();
     let exists: u64 = redis::cmd("EXISTS")
         .arg("del:{acme}:state")
@@ -229,8 +347,14 @@ async fn delete_removes_the_entitlement_and_its_state() {
         .unwrap_or(99);
     assert_eq!(exists, 0);
     // Re-created, it starts afresh: the old idempotency key is not in force.
-    app.put("acme", r#"{"features": {"f": {"included": 5}}}"#).await;
-    let (_, d) = app.usage("acme", r#"{"feature": "f", "amount": 2, "idempotency_key": "k"}"#).await;
+    app.put("acme", r#"{"features": {"f": {"included": 5}}}"#)
+        .await;
+    let (_, d) = app
+        .usage(
+            "acme",
+            r#"{"feature": "f", "amount": 2, "idempotency_key": "k"}"#,
+        )
+        .await;
     assert_eq!(d["used"], 2);
     app.stop().await;
 }
