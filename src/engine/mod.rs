@@ -129,6 +129,11 @@ impl Engine {
         &self.shared.store
     }
 
+    /// The engine's clock (injected in tests).
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.shared.clock.now()
+    }
+
     /// Entitlements now in memory.
     pub fn resident(&self) -> usize {
         self.shared.registry.len()

@@ -4,7 +4,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header;
 use actix_web::web::{self, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -90,15 +90,15 @@ fn seat_answer(d: SeatDecision) -> Result<HttpResponse> {
     Err(denied(d.reason, detail, &d, None))
 }
 
-fn usage_retry_after(d: &UsageDecision) -> Option<u64> {
+fn usage_retry_after(d: &UsageDecision, now: DateTime<Utc>) -> Option<u64> {
     if d.reason != Some(DenyReason::HardCap) {
         return None;
     }
     d.period_end
-        .map(|end| (end - Utc::now()).num_seconds().max(1) as u64)
+        .map(|end| (end - now).num_seconds().max(1) as u64)
 }
 
-fn usage_answer(r: UsageReply) -> Result<HttpResponse> {
+fn usage_answer(r: UsageReply, now: DateTime<Utc>) -> Result<HttpResponse> {
     let d = r.decision;
     if d.outcome == Outcome::Denied {
         let detail = match d.reason {
@@ -109,7 +109,7 @@ fn usage_answer(r: UsageReply) -> Result<HttpResponse> {
                 d.amount, d.feature, d.hard_cap, d.used
             ),
         };
-        let retry = usage_retry_after(&d);
+        let retry = usage_retry_after(&d, now);
         return Err(denied(d.reason, detail, &d, retry));
     }
     let mut res = HttpResponse::Ok();
@@ -253,7 +253,10 @@ pub async fn record_usage(
     let id = entitlement_id(&path)?;
     let body = read_body(&req, payload, 64 * 1024).await?;
     let usage: UsageBody = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
-    usage_answer(state.engine.consume(&id, usage.into()).await?)
+    usage_answer(
+        state.engine.consume(&id, usage.into()).await?,
+        state.engine.now(),
+    )
 }
 
 #[derive(Deserialize)]

@@ -69,7 +69,14 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn load(&self, id: &EntitlementId) -> Result<Loaded, StoreError> {
         let mut inner = self.lock();
-        let entry = inner.entries.entry(id.clone()).or_default();
+        // An unknown id leaves nothing behind, so that probing ids costs no memory.
+        let Some(entry) = inner.entries.get_mut(id) else {
+            return Ok(Loaded {
+                epoch: 0,
+                claimed: false,
+                state: None,
+            });
+        };
         let Some(core) = entry.core.clone() else {
             return Ok(Loaded {
                 epoch: entry.epoch,

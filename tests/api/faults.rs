@@ -212,3 +212,34 @@ async fn redis_outage_during_load_answers_503_and_recovers_by_itself() {
     check_ledger(&app.http, &app.base, &ledger).await;
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn sigterm_finishes_calls_in_flight_and_exits_cleanly() {
+    let redis = RedisServer::start();
+    let mut tracker = TrackerProcess::start(&redis.url(), "term").await;
+    let http = reqwest::Client::new();
+    let res = http
+        .put(format!("{}/v1/entitlements/acme", tracker.base))
+        .bearer_auth(ADMIN)
+        .body(r#"{"features": {"api": {"included": 1000000}}}"#)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(res.status().as_u16(), 201);
+
+    let ledger = Ledger::new();
+    let base = tracker.base.clone();
+    let clients = (0..8).map(|w| load(&http, &base, &ledger, w, 300, Duration::ZERO));
+    let stopper = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The wait blocks this thread; the clients resume once it returns.
+        tracker.terminate()
+    };
+    let (_, clean) = futures_util::join!(join_all(clients), stopper);
+    assert!(clean, "headroom exits with status 0 after SIGTERM");
+    let seen = ledger.snapshot();
+    assert!(seen.values().any(|s| matches!(s, Seen::Acknowledged(_))));
+
+    let tracker = TrackerProcess::start(&redis.url(), "term").await;
+    check_ledger(&http, &tracker.base, &ledger).await;
+}

@@ -335,6 +335,15 @@ impl TrackerProcess {
         panic!("headroom did not become ready");
     }
 
+    /// SIGTERM, then waits for the process to exit; returns whether it
+    /// exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().is_ok_and(|s| s.success())
+    }
+
     /// SIGKILL: no shutdown hook runs.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

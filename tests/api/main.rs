@@ -2,8 +2,11 @@
 //! a private redis-server started by each test.
 
 mod bad_input;
+mod engine;
 mod faults;
 mod helpers;
+mod ops;
 mod readme;
 mod seats;
+mod store_contract;
 mod usage;

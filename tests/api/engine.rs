@@ -1,0 +1,263 @@
+//! The engine without HTTP: passivation, and a model-based test with
+//! idempotent replays.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use headroom::domain::{
+    Amount, EntitlementConfig, EntitlementId, FeatureKey, IdempotencyKey, Outcome, SeatId,
+};
+use headroom::engine::{Engine, EngineError, EngineSettings, SystemClock, UsageRequest};
+use proptest::prelude::*;
+
+use crate::helpers::*;
+
+fn eid(s: &str) -> EntitlementId {
+    EntitlementId::parse(s).unwrap()
+}
+
+fn config(json: &str) -> EntitlementConfig {
+    EntitlementConfig::from_json(json.as_bytes()).unwrap()
+}
+
+#[actix_rt::test]
+async fn idle_entitlements_leave_memory_and_come_back_from_the_store() {
+    let settings = EngineSettings {
+        idle_timeout: Duration::from_millis(150),
+        sweep_interval: Duration::from_millis(25),
+        ..EngineSettings::default()
+    };
+    let engine = Engine::new(memory_store(), Arc::new(SystemClock), settings);
+    for i in 0..300 {
+        let id = eid(&format!("e{i}"));
+        engine
+            .put(&id, config(r#"{"seats": {"purchased": 1}}"#))
+            .await
+            .unwrap();
+        engine
+            .activate(&id, SeatId::parse("a").unwrap())
+            .await
+            .unwrap();
+    }
+    for i in 0..50 {
+        assert!(matches!(
+            engine.get(&eid(&format!("ghost{i}"))).await,
+            Err(EngineError::NotFound(_))
+        ));
+    }
+    assert!(engine.resident() >= 300);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.resident() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} still resident",
+            engine.resident()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Passivated state is reloaded on the next call.
+    let d = engine
+        .activate(&eid("e7"), SeatId::parse("b").unwrap())
+        .await
+        .unwrap();
+    assert_eq!((d.outcome, d.in_use), (Outcome::Denied, 1));
+    engine.shutdown().await;
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Activate(u8),
+    Release(u8),
+    Usage { amount: u64, key: Option<u8> },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..12).prop_map(Op::Activate),
+        (0u8..12).prop_map(Op::Release),
+        (1u64..6, proptest::option::of(0u8..6)).prop_map(|(amount, key)| Op::Usage { amount, key }),
+    ]
+}
+
+/// Runs `ops` against the engine and compares each answer with a simple
+/// model: a set of seats, a counter, and the first decision of each key.
+async fn run_model(
+    ops: Vec<Op>,
+    store: Arc<dyn headroom::store::Store>,
+) -> Result<(), TestCaseError> {
+    let engine = Engine::new(store, Arc::new(SystemClock), EngineSettings::default());
+    let id = eid("acme");
+    engine
+        .put(&id, config(r#"{"seats": {"purchased": 4, "hard_cap": 6}, "features": {"f": {"included": 20, "hard_cap": 30}}}"#))
+        .await
+        .unwrap();
+    let feature = FeatureKey::parse("f").unwrap();
+    let mut seats: HashSet<u8> = HashSet::new();
+    let mut used = 0u64;
+    let mut keys: HashMap<u8, (u64, u64, Outcome)> = HashMap::new();
+    for op in ops {
+        match op {
+            Op::Activate(s) => {
+                let d = engine
+                    .activate(&id, SeatId::parse(&format!("s{s}")).unwrap())
+                    .await
+                    .unwrap();
+                let fits = seats.contains(&s) || seats.len() < 6;
+                prop_assert_eq!(d.outcome != Outcome::Denied, fits);
+                if fits {
+                    seats.insert(s);
+                }
+                prop_assert_eq!(d.in_use, seats.len() as u64);
+            }
+            Op::Release(s) => {
+                let r = engine
+                    .release(&id, SeatId::parse(&format!("s{s}")).unwrap())
+                    .await
+                    .unwrap();
+                prop_assert_eq!(r.released, seats.remove(&s));
+            }
+            Op::Usage { amount, key } => {
+                let req = UsageRequest {
+                    feature: feature.clone(),
+                    amount: Amount::new(amount).unwrap(),
+                    idempotency_key: key.map(|k| IdempotencyKey::parse(&format!("k{k}")).unwrap()),
+                };
+                let res = engine.consume(&id, req).await;
+                match key.and_then(|k| keys.get(&k).map(|v| (k, *v))) {
+                    Some((_, (first_amount, first_used, first_outcome))) => {
+                        if first_amount == amount {
+                            let r = res.unwrap();
+                            prop_assert!(r.replayed);
+                            prop_assert_eq!(
+                                (r.decision.used, r.decision.outcome),
+                                (first_used, first_outcome)
+                            );
+                        } else {
+                            prop_assert!(matches!(res, Err(EngineError::Conflict(_))));
+                        }
+                    }
+                    None => {
+                        let r = res.unwrap();
+                        let fits = used + amount <= 30;
+                        if fits {
+                            used += amount;
+                        }
+                        prop_assert_eq!(r.decision.outcome != Outcome::Denied, fits);
+                        prop_assert_eq!(r.decision.used, used);
+                        if let Some(k) = key {
+                            keys.insert(k, (amount, r.decision.used, r.decision.outcome));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let view = engine.get(&id).await.unwrap();
+    prop_assert_eq!(
+        view.features[&feature].used,
+        used,
+        "replays changed nothing"
+    );
+    prop_assert_eq!(view.seats.in_use, seats.len() as u64);
+    engine.shutdown().await;
+    Ok(())
+}
+
+#[test]
+fn engine_matches_the_model_on_redis() {
+    let redis = RedisServer::start();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24));
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner.run(&proptest::collection::vec(op(), 1..60), |ops| {
+        let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        actix_rt::System::new()
+            .block_on(async { run_model(ops, redis_store(&redis, &format!("model{n}"))).await })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn engine_matches_the_model_with_idempotent_replays(ops in proptest::collection::vec(op(), 1..60)) {
+        actix_rt::System::new().block_on(run_model(ops, memory_store()))?;
+    }
+}
+
+/// Counts the commits that reach the store.
+struct CountingStore {
+    inner: Arc<dyn headroom::store::Store>,
+    commits: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl headroom::store::Store for CountingStore {
+    async fn load(
+        &self,
+        id: &EntitlementId,
+    ) -> Result<headroom::store::Loaded, headroom::store::StoreError> {
+        self.inner.load(id).await
+    }
+    async fn commit(
+        &self,
+        commit: headroom::store::Commit,
+    ) -> Result<headroom::store::CommitOutcome, headroom::store::StoreError> {
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.commit(commit).await
+    }
+    async fn ping(&self) -> Result<(), headroom::store::StoreError> {
+        self.inner.ping().await
+    }
+    fn durable(&self) -> bool {
+        self.inner.durable()
+    }
+    async fn shutdown(&self) {
+        self.inner.shutdown().await
+    }
+}
+
+#[actix_rt::test]
+async fn concurrent_calls_share_writes() {
+    let redis = RedisServer::start();
+    let store = Arc::new(CountingStore {
+        inner: redis_store(&redis, "group"),
+        commits: Default::default(),
+    });
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        EngineSettings::default(),
+    );
+    let id = eid("hot");
+    engine
+        .put(&id, config(r#"{"features": {"f": {"included": 1000000}}}"#))
+        .await
+        .unwrap();
+    let before = store.commits.load(std::sync::atomic::Ordering::Relaxed);
+    let calls = (0..500).map(|i| {
+        let engine = &engine;
+        let id = &id;
+        async move {
+            let req = UsageRequest {
+                feature: FeatureKey::parse("f").unwrap(),
+                amount: Amount::new(1).unwrap(),
+                idempotency_key: Some(IdempotencyKey::parse(&format!("k{i}")).unwrap()),
+            };
+            engine.consume(id, req).await
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    assert!(results.iter().all(Result::is_ok));
+    let commits = store.commits.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(
+        commits < 500,
+        "500 calls took {commits} writes: no group commit"
+    );
+    let view = engine.get(&id).await.unwrap();
+    assert_eq!(view.features[&FeatureKey::parse("f").unwrap()].used, 500);
+    engine.shutdown().await;
+}
