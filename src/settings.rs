@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use clap::Parser;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser};
 use rand::RngCore;
 
 use crate::engine::{Engine, EngineSettings, SystemClock};
@@ -47,7 +48,7 @@ pub struct Settings {
     #[arg(long, env = "HEADROOM_CLIENT_TOKENS", hide_env_values = true)]
     pub client_tokens: Option<String>,
     /// Accept every call without a token (logged loudly).
-    #[arg(long, env = "HEADROOM_NO_AUTH")]
+    #[arg(long, env = "HEADROOM_NO_AUTH", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub no_auth: bool,
     /// Approximate maximum length of the event stream (XADD MAXLEN ~).
     #[arg(long, env = "HEADROOM_STREAM_MAXLEN", default_value_t = 1_000_000)]
@@ -77,7 +78,7 @@ pub struct Settings {
     #[arg(long, env = "HEADROOM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub shutdown_timeout: Duration,
     /// Log as JSON lines instead of text.
-    #[arg(long, env = "HEADROOM_LOG_JSON")]
+    #[arg(long, env = "HEADROOM_LOG_JSON", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub log_json: bool,
 }
 

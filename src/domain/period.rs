@@ -167,6 +167,17 @@ mod tests {
 
     proptest! {
         #[test]
+        fn extreme_anchors_and_instants_never_panic(
+            anchor in -62_135_596_800i64..253_402_300_799, now in -62_135_596_800i64..253_402_300_799,
+            p in prop_oneof![Just(Period::Hour), Just(Period::Day), Just(Period::Week), Just(Period::Month)],
+        ) {
+            let anchor = DateTime::from_timestamp(anchor, 0).unwrap();
+            let now = DateTime::from_timestamp(now, 0).unwrap();
+            let b = p.bounds(Some(anchor), now).unwrap();
+            prop_assert!(b.start < b.end);
+        }
+
+        #[test]
         fn every_instant_lies_in_its_period_and_periods_tile(
             anchor in 0i64..4_000_000_000, now in 0i64..4_000_000_000,
             p in prop_oneof![Just(Period::Hour), Just(Period::Day), Just(Period::Week), Just(Period::Month)],
