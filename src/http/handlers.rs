@@ -195,16 +195,27 @@ fn check_empty(body: &[u8]) -> Result<()> {
     }
 }
 
+/// What both seat calls check first: the token, the ids, and an empty body.
+async fn seat_call(
+    req: &HttpRequest,
+    path: &(String, String),
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<(EntitlementId, SeatId)> {
+    state.auth.require(req, Scope::Client)?;
+    let id = entitlement_id(&path.0)?;
+    let seat = SeatId::parse(&path.1)?;
+    check_empty(&read_body(req, payload, 1024).await?)?;
+    Ok((id, seat))
+}
+
 pub async fn activate_seat(
     req: HttpRequest,
     path: web::Path<(String, String)>,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Client)?;
-    let id = entitlement_id(&path.0)?;
-    let seat = SeatId::parse(&path.1)?;
-    check_empty(&read_body(&req, payload, 1024).await?)?;
+    let (id, seat) = seat_call(&req, &path, payload, &state).await?;
     seat_answer(state.engine.activate(&id, seat).await?)
 }
 
@@ -214,10 +225,7 @@ pub async fn release_seat(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Client)?;
-    let id = entitlement_id(&path.0)?;
-    let seat = SeatId::parse(&path.1)?;
-    check_empty(&read_body(&req, payload, 1024).await?)?;
+    let (id, seat) = seat_call(&req, &path, payload, &state).await?;
     Ok(json(
         StatusCode::OK,
         &state.engine.release(&id, seat).await?,

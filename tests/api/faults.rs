@@ -63,7 +63,18 @@ async fn usage_call(
     Ok((status, replayed, body))
 }
 
-/// Clients that send calls with fresh keys until `stop` says so.
+async fn create_acme(http: &reqwest::Client, base: &str) {
+    let res = http
+        .put(format!("{base}/v1/entitlements/acme"))
+        .bearer_auth(ADMIN)
+        .body(r#"{"features": {"api": {"included": 1000000}}}"#)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(res.status().as_u16(), 201);
+}
+
+/// A client that sends `calls` usage calls, each with a fresh key.
 async fn load(
     http: &reqwest::Client,
     base: &str,
@@ -116,14 +127,7 @@ async fn sigkill_of_the_tracker_during_load_loses_no_acknowledged_call() {
     let redis = RedisServer::start();
     let mut tracker = TrackerProcess::start(&redis.url(), "crash").await;
     let http = reqwest::Client::new();
-    let res = http
-        .put(format!("{}/v1/entitlements/acme", tracker.base))
-        .bearer_auth(ADMIN)
-        .body(r#"{"features": {"api": {"included": 1000000}}}"#)
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(res.status().as_u16(), 201);
+    create_acme(&http, &tracker.base).await;
 
     let ledger = Ledger::new();
     let base = tracker.base.clone();
@@ -218,14 +222,7 @@ async fn sigterm_finishes_calls_in_flight_and_exits_cleanly() {
     let redis = RedisServer::start();
     let mut tracker = TrackerProcess::start(&redis.url(), "term").await;
     let http = reqwest::Client::new();
-    let res = http
-        .put(format!("{}/v1/entitlements/acme", tracker.base))
-        .bearer_auth(ADMIN)
-        .body(r#"{"features": {"api": {"included": 1000000}}}"#)
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(res.status().as_u16(), 201);
+    create_acme(&http, &tracker.base).await;
 
     let ledger = Ledger::new();
     let base = tracker.base.clone();
