@@ -7,7 +7,8 @@ pub mod problem;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::{Server, Service};
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, Service, ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::web::{self, ServiceConfig};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -46,26 +47,58 @@ async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> 
     ))
 }
 
+/// Records the request duration under the route's pattern. It wraps each
+/// resource, so the pattern is known without matching the path again.
+fn timed(
+    pattern: &'static str,
+) -> actix_web::Resource<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    web::resource(pattern)
+        .default_service(web::to(method_not_allowed))
+        .wrap_fn(move |req, srv| {
+            let started = Instant::now();
+            let method = req.method().as_str().to_owned();
+            let fut = srv.call(req);
+            async move {
+                let res = fut.await?;
+                metrics::histogram!(
+                    "headroom_http_request_duration_seconds",
+                    "route" => pattern,
+                    "method" => method,
+                    "status" => res.status().as_str().to_owned(),
+                )
+                .record(started.elapsed().as_secs_f64());
+                Ok(res)
+            }
+        })
+}
+
 /// Every route of the API; shared by `main` and the tests.
 pub fn routes(cfg: &mut ServiceConfig) {
-    let resource = |path: &str| web::resource(path).default_service(web::to(method_not_allowed));
     cfg.service(
-        resource("/v1/entitlements/{id}")
+        timed("/v1/entitlements/{id}")
             .route(web::put().to(handlers::put_entitlement))
             .route(web::get().to(handlers::get_entitlement))
             .route(web::delete().to(handlers::delete_entitlement)),
     )
-    .service(resource("/v1/entitlements/{id}/seats").route(web::get().to(handlers::list_seats)))
+    .service(timed("/v1/entitlements/{id}/seats").route(web::get().to(handlers::list_seats)))
     .service(
-        resource("/v1/entitlements/{id}/seats/{seat_id}")
+        timed("/v1/entitlements/{id}/seats/{seat_id}")
             .route(web::post().to(handlers::activate_seat))
             .route(web::delete().to(handlers::release_seat)),
     )
-    .service(resource("/v1/entitlements/{id}/usage").route(web::post().to(handlers::record_usage)))
-    .service(resource("/v1/usage/batch").route(web::post().to(handlers::record_batch)))
-    .service(resource("/healthz").route(web::get().to(handlers::healthz)))
-    .service(resource("/readyz").route(web::get().to(handlers::readyz)))
-    .service(resource("/metrics").route(web::get().to(handlers::metrics)))
+    .service(timed("/v1/entitlements/{id}/usage").route(web::post().to(handlers::record_usage)))
+    .service(timed("/v1/usage/batch").route(web::post().to(handlers::record_batch)))
+    .service(timed("/healthz").route(web::get().to(handlers::healthz)))
+    .service(timed("/readyz").route(web::get().to(handlers::readyz)))
+    .service(timed("/metrics").route(web::get().to(handlers::metrics)))
     .default_service(web::to(handlers::not_found));
 }
 
@@ -78,35 +111,11 @@ pub fn serve(
     shutdown_timeout: Duration,
     signals: bool,
 ) -> std::io::Result<Server> {
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .wrap_fn(|req, srv| {
-                let started = Instant::now();
-                let method = req.method().clone();
-                let fut = srv.call(req);
-                async move {
-                    let res = fut.await?;
-                    let route = res
-                        .request()
-                        .match_pattern()
-                        .unwrap_or_else(|| "unmatched".into());
-                    metrics::histogram!(
-                        "headroom_http_request_duration_seconds",
-                        "route" => route,
-                        "method" => method.to_string(),
-                        "status" => res.status().as_str().to_owned(),
-                    )
-                    .record(started.elapsed().as_secs_f64());
-                    Ok(res)
-                }
-            })
-            .configure(routes)
-    })
-    .workers(workers.max(1))
-    .shutdown_timeout(shutdown_timeout.as_secs())
-    .client_request_timeout(Duration::from_secs(10))
-    .listen(listener)?;
+    let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes))
+        .workers(workers.max(1))
+        .shutdown_timeout(shutdown_timeout.as_secs())
+        .client_request_timeout(Duration::from_secs(10))
+        .listen(listener)?;
     if !signals {
         server = server.disable_signals();
     }

@@ -1,24 +1,29 @@
 //! The durable store: Redis through a deadpool-redis pool, with group commit.
 //!
-//! Commits from all entitlement actors go to one queue. A committer task takes
-//! whatever is queued (up to `max_batch`) and sends it as one pipeline of
-//! `EVALSHA` calls, one atomic script per entitlement, so a Redis round trip
-//! carries many decisions. Up to `max_flushes` pipelines are in flight at once.
-//! Each entitlement has at most one commit in flight (the actor waits), so
-//! per-entitlement order is kept across concurrent pipelines.
+//! Each thread that calls the store (each HTTP worker, where the entitlement
+//! actors live) gets a committer task of its own on first use, so a commit
+//! never wakes another thread. A committer takes whatever is queued (up to
+//! `max_batch`) and sends it as one pipeline of `EVALSHA` calls, one atomic
+//! script per entitlement, so a Redis round trip carries many decisions; up
+//! to `max_flushes` pipelines are in flight at once on the connection it
+//! holds. Each entitlement has at most one commit in flight (the actor
+//! waits), so per-entitlement order is kept across concurrent pipelines.
 //!
 //! Keys, with one hash tag per entitlement:
 //! `{prefix}:{<id>}:epoch`, `{prefix}:{<id>}:state`, `{prefix}:{<id>}:seats`,
 //! `{prefix}:{<id>}:key:<incarnation>:<idempotency key>` and `{prefix}:events`.
 
-use std::sync::Arc;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
+use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
-use tokio::sync::{Mutex, Semaphore, mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::{Commit, CommitOutcome, Loaded, Store, StoreError, Write, decode_state};
 use crate::domain::{EntitlementId, IdempotencyKey};
@@ -107,6 +112,8 @@ impl Job {
 }
 
 struct Shared {
+    /// Tells this store's committers apart in the thread-local registry.
+    id: u64,
     pool: Pool,
     settings: RedisSettings,
     commit_sha: String,
@@ -115,9 +122,16 @@ struct Shared {
 
 pub struct RedisStore {
     shared: Arc<Shared>,
-    queue: mpsc::UnboundedSender<Job>,
     stop: watch::Sender<bool>,
-    committer: Mutex<Option<JoinHandle<()>>>,
+    /// One receiver per committer started; each answers when it has stopped.
+    committers: Mutex<Vec<oneshot::Receiver<()>>>,
+}
+
+static STORE_IDS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's committer queue of each Redis store.
+    static QUEUES: RefCell<HashMap<u64, mpsc::UnboundedSender<Job>>> = RefCell::new(HashMap::new());
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -142,19 +156,41 @@ impl RedisStore {
             .build()
             .map_err(unavailable)?;
         let shared = Arc::new(Shared {
+            id: STORE_IDS.fetch_add(1, Ordering::Relaxed),
             pool,
             commit_sha: redis::Script::new(COMMIT_LUA).get_hash().to_string(),
             load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
             settings,
         });
-        let (queue, rx) = mpsc::unbounded_channel();
-        let (stop, stop_rx) = watch::channel(false);
-        let committer = tokio::spawn(committer(shared.clone(), rx, stop_rx));
+        let (stop, _) = watch::channel(false);
         Ok(RedisStore {
             shared,
-            queue,
             stop,
-            committer: Mutex::new(Some(committer)),
+            committers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// This thread's committer queue, started on first use.
+    fn queue(&self) -> mpsc::UnboundedSender<Job> {
+        QUEUES.with(|queues| {
+            let mut queues = queues.borrow_mut();
+            if let Some(q) = queues.get(&self.shared.id).filter(|q| !q.is_closed()) {
+                return q.clone();
+            }
+            let (queue, rx) = mpsc::unbounded_channel();
+            let (done, done_rx) = oneshot::channel();
+            self.committers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(done_rx);
+            tokio::spawn(committer(
+                self.shared.clone(),
+                rx,
+                self.stop.subscribe(),
+                done,
+            ));
+            queues.insert(self.shared.id, queue.clone());
+            queue
         })
     }
 
@@ -183,9 +219,9 @@ impl Shared {
     /// does not know them (after a Redis restart, say) and trying again.
     async fn run_scripts(
         &self,
+        mut conn: MultiplexedConnection,
         pipe: &redis::Pipeline,
     ) -> Result<Vec<Result<Value, redis::RedisError>>, StoreError> {
-        let mut conn = self.conn().await?;
         for attempt in 0..2 {
             let results: Vec<redis::RedisResult<Value>> =
                 tokio::time::timeout(self.settings.timeout, pipe.query_async(&mut conn))
@@ -205,7 +241,7 @@ impl Shared {
         Err(unavailable("scripts could not be loaded"))
     }
 
-    async fn load_scripts(&self, conn: &mut deadpool_redis::Connection) -> Result<(), StoreError> {
+    async fn load_scripts(&self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SCRIPT").arg("LOAD").arg(COMMIT_LUA);
         pipe.cmd("SCRIPT").arg("LOAD").arg(LOAD_LUA);
@@ -271,7 +307,8 @@ impl Shared {
             .arg(self.key(id, "seats"));
     }
 
-    async fn flush(&self, jobs: Vec<Job>) {
+    /// Sends one pipeline; answers whether the connection still works.
+    async fn flush(&self, conn: MultiplexedConnection, jobs: Vec<Job>) -> bool {
         let started = Instant::now();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -284,7 +321,8 @@ impl Shared {
                 }
             }
         }
-        let results = self.run_scripts(&pipe).await;
+        let results = self.run_scripts(conn, &pipe).await;
+        let healthy = results.is_ok();
         metrics::histogram!("headroom_store_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("headroom_store_batch_size").record(jobs.len() as f64);
@@ -316,6 +354,7 @@ impl Shared {
                 }
             }
         }
+        healthy
     }
 }
 
@@ -365,10 +404,15 @@ async fn committer(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Job>,
     mut stop: watch::Receiver<bool>,
+    done: oneshot::Sender<()>,
 ) {
     let flushes = Arc::new(Semaphore::new(shared.settings.max_flushes));
     let max_batch = shared.settings.max_batch;
-    let mut stopping = false;
+    // The connection this committer holds; checking one out of the pool per
+    // pipeline would cost a PING round trip each time.
+    let mut held: Option<deadpool_redis::Connection> = None;
+    let broken = Arc::new(AtomicBool::new(false));
+    let mut stopping = *stop.borrow();
     loop {
         let first = if stopping {
             rx.try_recv().ok()
@@ -394,9 +438,35 @@ async fn committer(
                 Err(_) => break,
             }
         }
+        if broken.swap(false, Ordering::Relaxed) {
+            held = None;
+        }
+        if held.is_none() {
+            match shared.conn().await {
+                Ok(c) => held = Some(c),
+                Err(e) => {
+                    metrics::counter!("headroom_store_errors_total", "op" => "connect")
+                        .increment(1);
+                    let msg = e.to_string();
+                    for job in jobs {
+                        job.fail(match &e {
+                            StoreError::Timeout(d) => StoreError::Timeout(*d),
+                            _ => unavailable(&msg),
+                        });
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(conn) = held.as_ref().map(|c| MultiplexedConnection::clone(c)) else {
+            continue;
+        };
         let shared = shared.clone();
+        let broken = broken.clone();
         tokio::spawn(async move {
-            shared.flush(jobs).await;
+            if !shared.flush(conn, jobs).await {
+                broken.store(true, Ordering::Relaxed);
+            }
             drop(permit);
         });
     }
@@ -404,6 +474,7 @@ async fn committer(
     let _ = flushes
         .acquire_many(shared.settings.max_flushes as u32)
         .await;
+    let _ = done.send(());
 }
 
 fn parse_load_reply(id: &EntitlementId, value: Value) -> Result<Loaded, StoreError> {
@@ -450,7 +521,7 @@ impl RedisStore {
         rx: oneshot::Receiver<Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let closed = || unavailable("store is shutting down");
-        self.queue.send(job).map_err(|_| closed())?;
+        self.queue().send(job).map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 }
@@ -490,8 +561,11 @@ impl Store for RedisStore {
 
     async fn shutdown(&self) {
         let _ = self.stop.send(true);
-        if let Some(handle) = self.committer.lock().await.take() {
-            let _ = handle.await;
+        let committers =
+            std::mem::take(&mut *self.committers.lock().unwrap_or_else(|p| p.into_inner()));
+        for done in committers {
+            // An error means the committer's thread already ended.
+            let _ = done.await;
         }
     }
 }
