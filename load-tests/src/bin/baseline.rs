@@ -54,8 +54,8 @@ end
 return {1, redis.call('HINCRBY', KEYS[1], ARGV[1], amount)}
 "#;
 
-fn parse(body: &[u8]) -> Result<Usage, HttpResponse> {
-    serde_json::from_slice(body).map_err(|e| HttpResponse::BadRequest().body(e.to_string()))
+fn parse(body: &[u8]) -> Result<Usage, String> {
+    serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
 async fn b0(_path: web::Path<String>, body: web::Bytes) -> HttpResponse {
@@ -63,7 +63,7 @@ async fn b0(_path: web::Path<String>, body: web::Bytes) -> HttpResponse {
         Ok(_) => HttpResponse::Ok()
             .content_type("application/json")
             .body(DECISION),
-        Err(e) => e,
+        Err(e) => HttpResponse::BadRequest().body(e),
     }
 }
 
@@ -79,7 +79,7 @@ struct B1 {
 async fn b1(path: web::Path<String>, body: web::Bytes, state: web::Data<B1>) -> HttpResponse {
     let usage = match parse(&body) {
         Ok(u) => u,
-        Err(e) => return e,
+        Err(e) => return HttpResponse::BadRequest().body(e),
     };
     let mut conn = state.conn.clone();
     let key = format!("b1:{{{}}}:usage", path.into_inner());
