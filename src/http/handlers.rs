@@ -7,19 +7,16 @@ use actix_web::{HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use super::AppState;
 use super::auth::Scope;
+use super::batch;
 use super::problem::{ApiError, Kind};
 use crate::domain::{
     Amount, DenyReason, EntitlementConfig, EntitlementId, FeatureKey, IdempotencyKey, Outcome,
     SeatDecision, SeatId, UsageDecision,
 };
-use crate::engine::{EngineError, UsageReply, UsageRequest};
-
-/// Most events in one `POST /v1/usage/batch`.
-pub const MAX_BATCH_EVENTS: usize = 10_000;
+use crate::engine::{UsageReply, UsageRequest};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -267,34 +264,6 @@ pub async fn record_usage(
     )
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchBody<'a> {
-    #[serde(borrow)]
-    events: Vec<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchEvent {
-    entitlement: EntitlementId,
-    feature: FeatureKey,
-    amount: Amount,
-    #[serde(default)]
-    idempotency_key: Option<IdempotencyKey>,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum BatchSlot<'a> {
-    Decision(&'a UsageDecision),
-    Error { error: serde_json::Value },
-}
-
-fn error_slot(e: &ApiError) -> serde_json::Value {
-    serde_json::to_value(e.problem()).unwrap_or_default()
-}
-
 pub async fn record_batch(
     req: HttpRequest,
     payload: web::Payload,
@@ -302,56 +271,11 @@ pub async fn record_batch(
 ) -> Result<HttpResponse> {
     state.auth.require(&req, Scope::Client)?;
     let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
-    let batch: BatchBody<'_> = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
-    if batch.events.len() > MAX_BATCH_EVENTS {
-        return Err(ApiError::new(
-            Kind::BatchTooLarge,
-            format!(
-                "{} events; at most {MAX_BATCH_EVENTS} per batch",
-                batch.events.len()
-            ),
-        ));
-    }
-    let n = batch.events.len();
-    let mut slots: Vec<Option<std::result::Result<UsageReply, ApiError>>> = Vec::with_capacity(n);
-    let mut valid = Vec::with_capacity(n);
-    let mut valid_idx = Vec::with_capacity(n);
-    for (i, raw) in batch.events.iter().enumerate() {
-        match serde_json::from_str::<BatchEvent>(raw.get()) {
-            Ok(ev) => {
-                valid_idx.push(i);
-                valid.push((
-                    ev.entitlement,
-                    UsageRequest {
-                        feature: ev.feature,
-                        amount: ev.amount,
-                        idempotency_key: ev.idempotency_key,
-                    },
-                ));
-                slots.push(None);
-            }
-            Err(e) => slots.push(Some(Err(ApiError::json_error(e)))),
-        }
-    }
-    let results = state.engine.consume_batch(valid).await;
-    for (i, r) in valid_idx.into_iter().zip(results) {
-        slots[i] = Some(r.map_err(ApiError::from));
-    }
-    let out: Vec<BatchSlot<'_>> = slots
-        .iter()
-        .map(|s| match s {
-            Some(Ok(r)) => BatchSlot::Decision(&r.decision),
-            Some(Err(e)) => BatchSlot::Error {
-                error: error_slot(e),
-            },
-            None => BatchSlot::Error {
-                error: error_slot(&ApiError::from(EngineError::Unavailable(
-                    "no result".into(),
-                ))),
-            },
-        })
-        .collect();
-    Ok(json(StatusCode::OK, &serde_json::json!({ "results": out })))
+    let (pending, valid) = batch::split(batch::decode(&body)?);
+    let results = pending.fill(state.engine.consume_batch(valid).await);
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(batch::encode(&results)))
 }
 
 pub async fn healthz() -> HttpResponse {

@@ -1,6 +1,7 @@
 //! The HTTP API (actix-web): routes, auth, problem+json errors, `/metrics`.
 
 pub mod auth;
+pub mod batch;
 mod handlers;
 pub mod problem;
 
@@ -14,7 +15,7 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 pub use auth::{Auth, Scope};
-pub use handlers::MAX_BATCH_EVENTS;
+pub use batch::MAX_BATCH_EVENTS;
 
 use crate::engine::Engine;
 use problem::{ApiError, Kind};

@@ -118,6 +118,8 @@ struct Shared {
     settings: RedisSettings,
     commit_sha: String,
     load_sha: String,
+    /// Pipelines sent: Redis round trips.
+    round_trips: AtomicU64,
 }
 
 pub struct RedisStore {
@@ -160,6 +162,7 @@ impl RedisStore {
             pool,
             commit_sha: redis::Script::new(COMMIT_LUA).get_hash().to_string(),
             load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
+            round_trips: AtomicU64::new(0),
             settings,
         });
         let (stop, _) = watch::channel(false);
@@ -197,6 +200,11 @@ impl RedisStore {
     pub fn settings(&self) -> &RedisSettings {
         &self.shared.settings
     }
+
+    /// Pipelines sent to Redis so far: each is one round trip.
+    pub fn round_trips(&self) -> u64 {
+        self.shared.round_trips.load(Ordering::Relaxed)
+    }
 }
 
 impl Shared {
@@ -223,6 +231,7 @@ impl Shared {
         pipe: &redis::Pipeline,
     ) -> Result<Vec<Result<Value, redis::RedisError>>, StoreError> {
         for attempt in 0..2 {
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
             let results: Vec<redis::RedisResult<Value>> =
                 tokio::time::timeout(self.settings.timeout, pipe.query_async(&mut conn))
                     .await

@@ -1,0 +1,131 @@
+//! The `POST /v1/usage/batch` wire format: decoding a batch into per-event
+//! requests (each event valid or not on its own) and encoding the results in
+//! input order. Public so that benches and fuzzing reach it directly.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::problem::{ApiError, Kind};
+use crate::domain::{Amount, EntitlementId, FeatureKey, IdempotencyKey, UsageDecision};
+use crate::engine::{EngineError, UsageReply, UsageRequest};
+
+/// Most events in one `POST /v1/usage/batch`.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchEvent {
+    entitlement: EntitlementId,
+    feature: FeatureKey,
+    amount: Amount,
+    #[serde(default)]
+    idempotency_key: Option<IdempotencyKey>,
+}
+
+/// One decoded event: a request for the engine, or why it is invalid.
+pub type DecodedEvent = Result<(EntitlementId, UsageRequest), ApiError>;
+
+/// Decodes a batch body. Fails as a whole only when the body itself is
+/// malformed or carries too many events; a bad event fails in its slot.
+pub fn decode(body: &[u8]) -> Result<Vec<DecodedEvent>, ApiError> {
+    let batch: BatchBody<'_> = serde_json::from_slice(body).map_err(ApiError::json_error)?;
+    if batch.events.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::new(
+            Kind::BatchTooLarge,
+            format!(
+                "{} events; at most {MAX_BATCH_EVENTS} per batch",
+                batch.events.len()
+            ),
+        ));
+    }
+    Ok(batch
+        .events
+        .iter()
+        .map(|raw| {
+            let ev: BatchEvent = serde_json::from_str(raw.get()).map_err(ApiError::json_error)?;
+            Ok((
+                ev.entitlement,
+                UsageRequest {
+                    feature: ev.feature,
+                    amount: ev.amount,
+                    idempotency_key: ev.idempotency_key,
+                },
+            ))
+        })
+        .collect())
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Slot<'a> {
+    Decision(&'a UsageDecision),
+    Error { error: super::problem::Problem<'a> },
+}
+
+#[derive(Serialize)]
+struct Results<'a> {
+    results: Vec<Slot<'a>>,
+}
+
+/// Encodes the results, one per event, in input order.
+pub fn encode(results: &[Result<UsageReply, ApiError>]) -> Vec<u8> {
+    let slots = results
+        .iter()
+        .map(|r| match r {
+            Ok(reply) => Slot::Decision(&reply.decision),
+            Err(e) => Slot::Error { error: e.problem() },
+        })
+        .collect();
+    serde_json::to_vec(&Results { results: slots }).unwrap_or_default()
+}
+
+/// The slots of a decoded batch while its valid events are with the engine.
+pub struct Pending {
+    slots: Vec<Option<Result<UsageReply, ApiError>>>,
+    valid_idx: Vec<usize>,
+}
+
+/// Takes the valid events out for the engine, keeping the others' errors.
+pub fn split(decoded: Vec<DecodedEvent>) -> (Pending, Vec<(EntitlementId, UsageRequest)>) {
+    let mut slots = Vec::with_capacity(decoded.len());
+    let mut valid = Vec::with_capacity(decoded.len());
+    let mut valid_idx = Vec::with_capacity(decoded.len());
+    for (i, d) in decoded.into_iter().enumerate() {
+        match d {
+            Ok(ev) => {
+                valid_idx.push(i);
+                valid.push(ev);
+                slots.push(None);
+            }
+            Err(e) => slots.push(Some(Err(e))),
+        }
+    }
+    (Pending { slots, valid_idx }, valid)
+}
+
+impl Pending {
+    /// Puts the engine's answers for the valid events back into their slots.
+    pub fn fill(
+        mut self,
+        answers: Vec<Result<UsageReply, EngineError>>,
+    ) -> Vec<Result<UsageReply, ApiError>> {
+        for (i, r) in self.valid_idx.into_iter().zip(answers) {
+            self.slots[i] = Some(r.map_err(ApiError::from));
+        }
+        self.slots
+            .into_iter()
+            .map(|s| {
+                s.unwrap_or_else(|| {
+                    Err(ApiError::from(EngineError::Unavailable("no result".into())))
+                })
+            })
+            .collect()
+    }
+}
