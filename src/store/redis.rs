@@ -261,49 +261,57 @@ impl Shared {
         Ok(())
     }
 
-    fn add_commit(&self, pipe: &mut redis::Pipeline, c: &Commit) {
-        let cmd = pipe
-            .cmd("EVALSHA")
-            .arg(&self.commit_sha)
-            .arg(4 + c.idempotency.len());
-        cmd.arg(self.key(&c.id, "epoch"))
-            .arg(self.key(&c.id, "state"))
-            .arg(self.key(&c.id, "seats"))
-            .arg(self.stream());
-        for r in &c.idempotency {
-            cmd.arg(self.key(&c.id, &format!("key:{}:{}", r.incarnation, r.key)));
+    /// One script call for all the commits of a pipeline.
+    fn add_commits(&self, pipe: &mut redis::Pipeline, commits: &[&Commit]) {
+        let nkeys: usize = 1 + commits
+            .iter()
+            .map(|c| 3 + c.idempotency.len())
+            .sum::<usize>();
+        let cmd = pipe.cmd("EVALSHA").arg(&self.commit_sha).arg(nkeys);
+        cmd.arg(self.stream());
+        for c in commits {
+            cmd.arg(self.key(&c.id, "epoch"))
+                .arg(self.key(&c.id, "state"))
+                .arg(self.key(&c.id, "seats"));
+            for r in &c.idempotency {
+                cmd.arg(self.key(&c.id, &format!("key:{}:{}", r.incarnation, r.key)));
+            }
         }
-        let (mode, core, seats): (&str, &str, &[_]) = match &c.write {
-            Write::Put {
-                replace: false,
-                core,
-                seats,
-            } => ("put", core, seats),
-            Write::Put {
-                replace: true,
-                core,
-                seats,
-            } => ("replace", core, seats),
-            Write::Delete => ("delete", "", &[]),
-        };
-        cmd.arg(c.epoch)
-            .arg(if c.claim { "1" } else { "0" })
-            .arg(mode)
-            .arg(core)
-            .arg(seats.len())
-            .arg(c.events.len())
+        cmd.arg(commits.len())
             .arg(self.settings.stream_maxlen)
-            .arg(self.settings.idempotency_window.as_millis() as u64)
-            .arg(c.id.as_str());
-        for (seat, lease) in seats {
-            cmd.arg(seat.as_str())
-                .arg(lease.map(|l| l.encode()).unwrap_or_default());
-        }
-        for (kind, json) in &c.events {
-            cmd.arg(*kind).arg(json);
-        }
-        for r in &c.idempotency {
-            cmd.arg(&r.record);
+            .arg(self.settings.idempotency_window.as_millis() as u64);
+        for c in commits {
+            let (mode, core, seats): (&str, &str, &[_]) = match &c.write {
+                Write::Put {
+                    replace: false,
+                    core,
+                    seats,
+                } => ("put", core, seats),
+                Write::Put {
+                    replace: true,
+                    core,
+                    seats,
+                } => ("replace", core, seats),
+                Write::Delete => ("delete", "", &[]),
+            };
+            cmd.arg(c.epoch)
+                .arg(if c.claim { "1" } else { "0" })
+                .arg(mode)
+                .arg(core)
+                .arg(seats.len())
+                .arg(c.events.len())
+                .arg(c.idempotency.len())
+                .arg(c.id.as_str());
+            for (seat, lease) in seats {
+                cmd.arg(seat.as_str())
+                    .arg(lease.map(|l| l.encode()).unwrap_or_default());
+            }
+            for (kind, json) in &c.events {
+                cmd.arg(*kind).arg(json);
+            }
+            for r in &c.idempotency {
+                cmd.arg(&r.record);
+            }
         }
     }
 
@@ -321,16 +329,62 @@ impl Shared {
         let started = Instant::now();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        let commits: Vec<&Commit> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Commit { commit, .. } => Some(commit),
+                _ => None,
+            })
+            .collect();
+        if !commits.is_empty() {
+            self.add_commits(&mut pipe, &commits);
+        }
         for job in &jobs {
             match job {
-                Job::Commit { commit, .. } => self.add_commit(&mut pipe, commit),
+                Job::Commit { .. } => {}
                 Job::Load { id, .. } => self.add_load(&mut pipe, id),
                 Job::Ping { .. } => {
                     pipe.cmd("PING");
                 }
             }
         }
-        let results = self.run_scripts(conn, &pipe).await;
+        let expected = jobs.len() - commits.len() + usize::from(!commits.is_empty());
+        let results = self.run_scripts(conn, &pipe).await.map(|mut results| {
+            // Spread the one reply of the commit script over its commits.
+            if commits.is_empty() || results.len() != expected {
+                return results;
+            }
+            let per_commit: Vec<Result<Value, redis::RedisError>> = match results.remove(0) {
+                Ok(Value::Array(items)) if items.len() == commits.len() => {
+                    items.into_iter().map(Ok).collect()
+                }
+                Ok(other) => {
+                    let e = redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "unexpected commit reply",
+                        format!("{other:?}"),
+                    ));
+                    (0..commits.len()).map(|_| Err(e.clone())).collect()
+                }
+                Err(e) => (0..commits.len()).map(|_| Err(e.clone())).collect(),
+            };
+            let mut per_commit = per_commit.into_iter();
+            let mut rest = results.into_iter();
+            jobs.iter()
+                .map(|j| match j {
+                    Job::Commit { .. } => per_commit.next(),
+                    _ => rest.next(),
+                })
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        Err(redis::RedisError::from((
+                            redis::ErrorKind::Client,
+                            "missing reply",
+                        )))
+                    })
+                })
+                .collect()
+        });
         let healthy = results.is_ok();
         metrics::histogram!("headroom_store_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());

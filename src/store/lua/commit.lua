@@ -1,52 +1,73 @@
--- Applies one entitlement's change atomically, or nothing.
--- KEYS: 1 epoch, 2 state hash, 3 seats hash, 4 event stream, 5.. idempotency keys
--- ARGV: 1 expected epoch, 2 claim (0|1), 3 mode (put|replace|delete), 4 core JSON,
---       5 seat count, 6 event count, 7 stream MAXLEN, 8 idempotency TTL (ms),
---       9 entitlement id, then per seat (id, lease or ''),
---       per event (type, CloudEvents JSON), per idempotency key its record.
-local epoch = redis.call('GET', KEYS[1]) or '0'
-if epoch ~= ARGV[1] then
-  return {'fenced', epoch}
-end
-local nkeys = #KEYS - 4
-local found = {'keys'}
-for i = 1, nkeys do
-  local v = redis.call('GET', KEYS[4 + i])
-  if v then
-    found[#found + 1] = tostring(i)
-    found[#found + 1] = v
-  end
-end
-if #found > 1 then
-  return found
-end
-if ARGV[2] == '1' then
-  epoch = tostring(redis.call('INCR', KEYS[1]))
-end
-local nseats = tonumber(ARGV[5])
-local nevents = tonumber(ARGV[6])
-local a = 10
-if ARGV[3] ~= 'put' then
-  redis.call('DEL', KEYS[2], KEYS[3])
-end
-if ARGV[3] ~= 'delete' then
-  redis.call('HSET', KEYS[2], 'core', ARGV[4])
-  for _ = 1, nseats do
-    if ARGV[a + 1] == '' then
-      redis.call('HDEL', KEYS[3], ARGV[a])
-    else
-      redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 1])
+-- Applies the changes of several entitlements, each atomically and on its
+-- own: one entitlement's refusal (fenced, idempotency key used) leaves the
+-- others' writes alone. One call carries a whole pipeline of commits, so
+-- Redis pays the script-call overhead once per round trip.
+--
+-- KEYS: 1 event stream, then per commit: epoch, state hash, seats hash and
+--       its idempotency keys.
+-- ARGV: 1 commit count, 2 stream MAXLEN, 3 idempotency TTL (ms), then per
+--       commit: expected epoch, claim (0|1), mode (put|replace|delete), core
+--       JSON, seat count, event count, key count, entitlement id, then per
+--       seat (id, lease or ''), per event (type, CloudEvents JSON), per
+--       idempotency key its record.
+-- Returns one reply per commit: {'ok', epoch}, {'fenced', epoch} or
+-- {'keys', index, record, ...}.
+local stream, maxlen, ttl = KEYS[1], ARGV[2], ARGV[3]
+local k, a = 2, 4
+local out = {}
+for c = 1, tonumber(ARGV[1]) do
+  local epoch_key, state_key, seats_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local expected, claim, mode, core = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local nseats, nevents, nkeys = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local id = ARGV[a + 7]
+  local seat_a = a + 8
+  local event_a = seat_a + 2 * nseats
+  local record_a = event_a + 2 * nevents
+  local key_k = k + 3
+  k = key_k + nkeys
+  a = record_a + nkeys
+
+  local epoch = redis.call('GET', epoch_key) or '0'
+  if epoch ~= expected then
+    out[c] = {'fenced', epoch}
+  else
+    local found = {'keys'}
+    for i = 0, nkeys - 1 do
+      local v = redis.call('GET', KEYS[key_k + i])
+      if v then
+        found[#found + 1] = tostring(i + 1)
+        found[#found + 1] = v
+      end
     end
-    a = a + 2
+    if #found > 1 then
+      out[c] = found
+    else
+      if claim == '1' then
+        epoch = tostring(redis.call('INCR', epoch_key))
+      end
+      if mode ~= 'put' then
+        redis.call('DEL', state_key, seats_key)
+      end
+      if mode ~= 'delete' then
+        redis.call('HSET', state_key, 'core', core)
+        for i = 0, nseats - 1 do
+          local seat, lease = ARGV[seat_a + 2 * i], ARGV[seat_a + 2 * i + 1]
+          if lease == '' then
+            redis.call('HDEL', seats_key, seat)
+          else
+            redis.call('HSET', seats_key, seat, lease)
+          end
+        end
+      end
+      for i = 0, nevents - 1 do
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
+          'type', ARGV[event_a + 2 * i], 'entitlement', id, 'event', ARGV[event_a + 2 * i + 1])
+      end
+      for i = 0, nkeys - 1 do
+        redis.call('SET', KEYS[key_k + i], ARGV[record_a + i], 'PX', ttl)
+      end
+      out[c] = {'ok', epoch}
+    end
   end
 end
-for _ = 1, nevents do
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*',
-    'type', ARGV[a], 'entitlement', ARGV[9], 'event', ARGV[a + 1])
-  a = a + 2
-end
-for i = 1, nkeys do
-  redis.call('SET', KEYS[4 + i], ARGV[a], 'PX', ARGV[8])
-  a = a + 1
-end
-return {'ok', epoch}
+return out
