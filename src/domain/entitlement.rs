@@ -88,6 +88,7 @@ pub struct SeatPool {
     /// Leases by expiry, so that expiring is O(expired).
     #[serde(skip)]
     expiry: BTreeSet<(DateTime<Utc>, SeatId)>,
+    #[serde(with = "chrono::serde::ts_milliseconds_option")]
     pub overdraft_since: Option<DateTime<Utc>>,
     pub at_hard_cap: bool,
     pub peak: u64,
@@ -138,6 +139,7 @@ pub struct Meter {
     pub used: u64,
     pub period: Option<Bounds>,
     pub thresholds_crossed: Vec<Percent>,
+    #[serde(with = "chrono::serde::ts_milliseconds_option")]
     pub overdraft_since: Option<DateTime<Utc>>,
     pub at_hard_cap: bool,
     pub denied_period: u64,
@@ -212,12 +214,17 @@ fn band(value: u64, purchased: u64) -> Outcome {
     }
 }
 
-/// Everything the tracker knows about one entitlement.
+/// Everything the tracker knows about one entitlement. Serialized, it is the
+/// live state written with every change; the configuration is kept apart
+/// (it changes rarely) and times are milliseconds, which are cheap to write.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Entitlement {
     pub id: EntitlementId,
+    #[serde(skip)]
     pub config: EntitlementConfig,
+    #[serde(with = "chrono::serde::ts_milliseconds")]
     pub created_at: DateTime<Utc>,
+    #[serde(with = "chrono::serde::ts_milliseconds")]
     pub updated_at: DateTime<Utc>,
     /// Sequence number of the next event.
     pub next_seq: u64,

@@ -18,7 +18,9 @@ pub enum Period {
 /// The half-open interval `[start, end)` of one period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bounds {
+    #[serde(with = "chrono::serde::ts_milliseconds")]
     pub start: DateTime<Utc>,
+    #[serde(with = "chrono::serde::ts_milliseconds")]
     pub end: DateTime<Utc>,
 }
 

@@ -80,9 +80,20 @@ impl Reply {
     }
 }
 
+thread_local! {
+    /// Counter handles by (operation, outcome): looking a labelled metric up
+    /// in the registry on every decision costs more than the decision.
+    static DECISIONS: std::cell::RefCell<HashMap<(&'static str, &'static str), metrics::Counter>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
 fn record_decision(op: &'static str, outcome: &'static str) {
-    metrics::counter!("headroom_decisions_total", "operation" => op, "outcome" => outcome)
-        .increment(1);
+    DECISIONS.with(|d| {
+        d.borrow_mut()
+            .entry((op, outcome))
+            .or_insert_with(|| metrics::counter!("headroom_decisions_total", "operation" => op, "outcome" => outcome))
+            .increment(1)
+    });
 }
 
 type ReplyTx = oneshot::Sender<Result<Reply, EngineError>>;
@@ -136,11 +147,17 @@ struct Batch {
     keys: Vec<KeyRecord>,
     /// The entitlement was deleted in this batch: the write starts afresh.
     reset: bool,
+    /// The configuration was replaced: the write carries it.
+    config_changed: bool,
 }
 
 impl Batch {
     fn needs_write(&self) -> bool {
-        self.fx.changed || !self.events.is_empty() || !self.keys.is_empty() || self.reset
+        self.fx.changed
+            || !self.events.is_empty()
+            || !self.keys.is_empty()
+            || self.reset
+            || self.config_changed
     }
 }
 
@@ -346,28 +363,40 @@ impl EntitlementActor {
         self.pending.calls.push(Waiting { op, reply, answer });
     }
 
+    fn put(
+        &mut self,
+        config: &EntitlementConfig,
+        now: DateTime<Utc>,
+    ) -> Result<Reply, EngineError> {
+        let fx = &mut self.pending.fx;
+        match &mut self.state {
+            Some(e) => {
+                e.replace_config(config.clone(), now, fx);
+                Ok(Reply::Put {
+                    created: false,
+                    view: Box::new(e.view()),
+                })
+            }
+            None => {
+                let e = Entitlement::create(self.id.clone(), config.clone(), now, fx);
+                let view = Box::new(e.view());
+                self.state = Some(e);
+                Ok(Reply::Put {
+                    created: true,
+                    view,
+                })
+            }
+        }
+    }
+
     fn apply(&mut self, op: &Op, now: DateTime<Utc>) -> Result<Reply, EngineError> {
         let fx = &mut self.pending.fx;
         let not_found = || EngineError::NotFound(self.id.clone());
         match op {
-            Op::Put(config) => match &mut self.state {
-                Some(e) => {
-                    e.replace_config((**config).clone(), now, fx);
-                    Ok(Reply::Put {
-                        created: false,
-                        view: Box::new(e.view()),
-                    })
-                }
-                None => {
-                    let e = Entitlement::create(self.id.clone(), (**config).clone(), now, fx);
-                    let view = Box::new(e.view());
-                    self.state = Some(e);
-                    Ok(Reply::Put {
-                        created: true,
-                        view,
-                    })
-                }
-            },
+            Op::Put(config) => {
+                self.pending.config_changed = true;
+                self.put(config, now)
+            }
             Op::Delete => {
                 let e = self.state.as_mut().ok_or_else(not_found)?;
                 e.delete(now, fx);
@@ -476,6 +505,8 @@ impl EntitlementActor {
                 Write::Put {
                     replace: batch.reset,
                     core: serde_json::to_string(&*e).unwrap_or_default(),
+                    config: (batch.config_changed || batch.reset)
+                        .then(|| serde_json::to_string(&e.config).unwrap_or_default()),
                     seats: batch.fx.seats.drain().collect(),
                 }
             }

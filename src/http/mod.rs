@@ -48,6 +48,14 @@ async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> 
     ))
 }
 
+thread_local! {
+    /// Histogram handles by (route, method, status), so that a request does
+    /// not look its labels up in the registry.
+    static DURATIONS: std::cell::RefCell<
+        std::collections::HashMap<(&'static str, actix_web::http::Method, u16), metrics::Histogram>,
+    > = std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
 /// Records the request duration under the route's pattern. It wraps each
 /// resource, so the pattern is known without matching the path again.
 fn timed(
@@ -65,17 +73,24 @@ fn timed(
         .default_service(web::to(method_not_allowed))
         .wrap_fn(move |req, srv| {
             let started = Instant::now();
-            let method = req.method().as_str().to_owned();
+            let method = req.method().clone();
             let fut = srv.call(req);
             async move {
                 let res = fut.await?;
-                metrics::histogram!(
-                    "headroom_http_request_duration_seconds",
-                    "route" => pattern,
-                    "method" => method,
-                    "status" => res.status().as_str().to_owned(),
-                )
-                .record(started.elapsed().as_secs_f64());
+                let status = res.status().as_u16();
+                DURATIONS.with(|d| {
+                    d.borrow_mut()
+                        .entry((pattern, method.clone(), status))
+                        .or_insert_with(|| {
+                            metrics::histogram!(
+                                "headroom_http_request_duration_seconds",
+                                "route" => pattern,
+                                "method" => method.to_string(),
+                                "status" => status.to_string(),
+                            )
+                        })
+                        .record(started.elapsed().as_secs_f64())
+                });
                 Ok(res)
             }
         })

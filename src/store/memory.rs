@@ -15,6 +15,7 @@ use crate::domain::{EntitlementId, IdempotencyKey, Lease, SeatId};
 struct Entry {
     epoch: u64,
     core: Option<String>,
+    config: String,
     seats: HashMap<SeatId, Lease>,
 }
 
@@ -91,7 +92,7 @@ impl Store for MemoryStore {
             .iter()
             .map(|(s, l)| (s.to_string(), l.encode()))
             .collect::<Vec<_>>();
-        let state = decode_state(id, core.as_bytes(), seats)?;
+        let state = decode_state(id, core.as_bytes(), entry.config.as_bytes(), seats)?;
         Ok(Loaded {
             epoch,
             claimed: true,
@@ -129,12 +130,16 @@ impl Store for MemoryStore {
             Write::Put {
                 replace,
                 core,
+                config,
                 seats,
             } => {
                 if replace {
                     entry.seats.clear();
                 }
                 entry.core = Some(core);
+                if let Some(config) = config {
+                    entry.config = config;
+                }
                 for (seat, lease) in seats {
                     match lease {
                         Some(l) => entry.seats.insert(seat, l),

@@ -62,11 +62,13 @@ pub struct KeyRecord {
 
 #[derive(Debug)]
 pub enum Write {
-    /// The core state as JSON and the seats that changed; with `replace`,
-    /// whatever was stored before goes first (deleted and created again).
+    /// The live state as JSON, the configuration when it changed, and the
+    /// seats that changed; with `replace`, whatever was stored before goes
+    /// first (deleted and created again).
     Put {
         replace: bool,
         core: String,
+        config: Option<String>,
         seats: Vec<(SeatId, Option<Lease>)>,
     },
     Delete,
@@ -98,10 +100,11 @@ pub trait Store: Send + Sync + 'static {
     async fn shutdown(&self);
 }
 
-/// Rebuilds an entitlement from its stored core JSON and seat fields.
+/// Rebuilds an entitlement from its stored state, configuration and seats.
 pub fn decode_state(
     id: &EntitlementId,
     core: &[u8],
+    config: &[u8],
     seats: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Entitlement, StoreError> {
     let corrupt = |cause: String| StoreError::Corrupt {
@@ -109,6 +112,7 @@ pub fn decode_state(
         cause,
     };
     let mut e: Entitlement = serde_json::from_slice(core).map_err(|e| corrupt(e.to_string()))?;
+    e.config = serde_json::from_slice(config).map_err(|e| corrupt(format!("config: {e}")))?;
     for (seat, lease) in seats {
         let seat = SeatId::parse(&seat).map_err(|e| corrupt(e.to_string()))?;
         let lease = Lease::decode(&lease).ok_or_else(|| corrupt(format!("lease {lease}")))?;

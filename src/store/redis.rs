@@ -281,23 +281,25 @@ impl Shared {
             .arg(self.settings.stream_maxlen)
             .arg(self.settings.idempotency_window.as_millis() as u64);
         for c in commits {
-            let (mode, core, seats): (&str, &str, &[_]) = match &c.write {
+            let (mode, core, config, seats): (&str, &str, &str, &[_]) = match &c.write {
                 Write::Put {
-                    replace: false,
+                    replace,
                     core,
+                    config,
                     seats,
-                } => ("put", core, seats),
-                Write::Put {
-                    replace: true,
+                } => (
+                    if *replace { "replace" } else { "put" },
                     core,
+                    config.as_deref().unwrap_or(""),
                     seats,
-                } => ("replace", core, seats),
-                Write::Delete => ("delete", "", &[]),
+                ),
+                Write::Delete => ("delete", "", "", &[]),
             };
             cmd.arg(c.epoch)
                 .arg(if c.claim { "1" } else { "0" })
                 .arg(mode)
                 .arg(core)
+                .arg(config)
                 .arg(seats.len())
                 .arg(c.events.len())
                 .arg(c.idempotency.len())
@@ -561,6 +563,10 @@ fn parse_load_reply(id: &EntitlementId, value: Value) -> Result<Loaded, StoreErr
         });
     };
     let core = text(core).ok_or_else(|| corrupt("core"))?;
+    let config = items
+        .get(3)
+        .and_then(text)
+        .ok_or_else(|| corrupt("config"))?;
     let mut seats = Vec::new();
     if let Some(Value::Array(fields)) = items.get(2) {
         for pair in fields.chunks(2) {
@@ -569,7 +575,7 @@ fn parse_load_reply(id: &EntitlementId, value: Value) -> Result<Loaded, StoreErr
             }
         }
     }
-    let state = decode_state(id, core.as_bytes(), seats)?;
+    let state = decode_state(id, core.as_bytes(), config.as_bytes(), seats)?;
     Ok(Loaded {
         epoch,
         claimed: true,

@@ -51,6 +51,7 @@ fn put(
         write: Write::Put {
             replace: false,
             core: serde_json::to_string(e).unwrap(),
+            config: claim.then(|| serde_json::to_string(&e.config).unwrap()),
             seats,
         },
         events: vec![("entitlement.updated", "{}".into())],

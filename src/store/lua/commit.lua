@@ -6,8 +6,8 @@
 -- KEYS: 1 event stream, then per commit: epoch, state hash, seats hash and
 --       its idempotency keys.
 -- ARGV: 1 commit count, 2 stream MAXLEN, 3 idempotency TTL (ms), then per
---       commit: expected epoch, claim (0|1), mode (put|replace|delete), core
---       JSON, seat count, event count, key count, entitlement id, then per
+--       commit: expected epoch, claim (0|1), mode (put|replace|delete), state
+--       JSON, configuration JSON ('' when unchanged), seat count, event count, key count, entitlement id, then per
 --       seat (id, lease or ''), per event (type, CloudEvents JSON), per
 --       idempotency key its record.
 -- Returns one reply per commit: {'ok', epoch}, {'fenced', epoch} or
@@ -17,10 +17,10 @@ local k, a = 2, 4
 local out = {}
 for c = 1, tonumber(ARGV[1]) do
   local epoch_key, state_key, seats_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local expected, claim, mode, core = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local nseats, nevents, nkeys = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  local id = ARGV[a + 7]
-  local seat_a = a + 8
+  local expected, claim, mode, core, config = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local nseats, nevents, nkeys = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
+  local id = ARGV[a + 8]
+  local seat_a = a + 9
   local event_a = seat_a + 2 * nseats
   local record_a = event_a + 2 * nevents
   local key_k = k + 3
@@ -50,6 +50,9 @@ for c = 1, tonumber(ARGV[1]) do
       end
       if mode ~= 'delete' then
         redis.call('HSET', state_key, 'core', core)
+        if config ~= '' then
+          redis.call('HSET', state_key, 'config', config)
+        end
         for i = 0, nseats - 1 do
           local seat, lease = ARGV[seat_a + 2 * i], ARGV[seat_a + 2 * i + 1]
           if lease == '' then

@@ -5,4 +5,4 @@ if not core then
   return {redis.call('GET', KEYS[1]) or '0'}
 end
 local epoch = redis.call('INCR', KEYS[1])
-return {tostring(epoch), core, redis.call('HGETALL', KEYS[3])}
+return {tostring(epoch), core, redis.call('HGETALL', KEYS[3]), redis.call('HGET', KEYS[2], 'config') or '{}'}
