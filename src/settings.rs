@@ -65,8 +65,9 @@ pub struct Settings {
     /// An entitlement untouched this long leaves memory.
     #[arg(long, env = "HEADROOM_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub idle_timeout: Duration,
-    /// How often resident entitlements expire leases and close periods.
-    #[arg(long, env = "HEADROOM_SWEEP_INTERVAL", default_value = "1s", value_parser = duration)]
+    /// Longest wait of a resident entitlement between checks for expired
+    /// leases and ended periods (each is also scheduled for when it falls due).
+    #[arg(long, env = "HEADROOM_SWEEP_INTERVAL", default_value = "60s", value_parser = duration)]
     pub sweep_interval: Duration,
     /// Largest request body (configuration and batch requests).
     #[arg(long, env = "HEADROOM_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]

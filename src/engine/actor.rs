@@ -236,6 +236,10 @@ pub(crate) struct EntitlementActor {
     counted_overdraft: bool,
     keys: KeyCache,
     last_used: Instant,
+    /// The one timer this actor may have pending, and when it fires: the
+    /// next lease expiry or period end, or the idle deadline. No periodic
+    /// timer, so a million idle entitlements cost no wake-ups.
+    timer: Option<(SpawnHandle, Instant)>,
     drains: Vec<oneshot::Sender<()>>,
 }
 
@@ -245,9 +249,6 @@ impl Actor for EntitlementActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(0);
         metrics::gauge!("headroom_resident_entitlements").increment(1.0);
-        ctx.run_interval(self.shared.settings.sweep_interval, |act, ctx| {
-            act.tick(ctx)
-        });
         self.reload(ctx, None, Vec::new());
     }
 
@@ -282,6 +283,7 @@ impl EntitlementActor {
                 counted_overdraft: false,
                 keys: KeyCache::default(),
                 last_used: Instant::now(),
+                timer: None,
                 drains: Vec::new(),
             }
         })
@@ -325,10 +327,12 @@ impl EntitlementActor {
                         act.decide(w.op, w.reply);
                     }
                     act.flush(ctx);
+                    act.schedule(ctx);
                 }
                 Err(e) => {
                     tracing::warn!(entitlement = %act.id, error = %e, "loading entitlement failed");
                     act.phase = Phase::Broken;
+                    act.schedule(ctx);
                     let e = EngineError::from(e);
                     for w in unknown
                         .into_iter()
@@ -565,6 +569,7 @@ impl EntitlementActor {
                     w.answer();
                 }
                 self.flush(ctx);
+                self.schedule(ctx);
                 self.notify_drains(ctx);
             }
             Ok(CommitOutcome::Fenced) => {
@@ -617,6 +622,44 @@ impl EntitlementActor {
         }
     }
 
+    fn idle_limit(&self) -> std::time::Duration {
+        if self.state.is_some() {
+            self.shared.settings.idle_timeout
+        } else {
+            // Unknown ids leave memory soon: probing costs nothing to keep.
+            self.shared
+                .settings
+                .idle_timeout
+                .min(std::time::Duration::from_secs(5))
+        }
+    }
+
+    /// Sets the timer for whichever comes first: housekeeping falling due
+    /// (checked again at least every `sweep_interval`) or the idle deadline.
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let mut at = self.last_used + self.idle_limit();
+        if let Some(next) = self.state.as_ref().and_then(Entitlement::next_housekeeping) {
+            let due = (next - self.shared.clock.now())
+                .to_std()
+                .unwrap_or_default();
+            at = at.min(now + due.min(self.shared.settings.sweep_interval));
+        }
+        match self.timer {
+            Some((_, pending)) if pending <= at => {}
+            _ => {
+                if let Some((handle, _)) = self.timer.take() {
+                    ctx.cancel_future(handle);
+                }
+                let handle = ctx.run_later(at.saturating_duration_since(now), |act, ctx| {
+                    act.timer = None;
+                    act.tick(ctx);
+                });
+                self.timer = Some((handle, at));
+            }
+        }
+    }
+
     fn tick(&mut self, ctx: &mut Context<Self>) {
         let now = self.shared.clock.now();
         if self.phase == Phase::Ready
@@ -629,16 +672,10 @@ impl EntitlementActor {
             self.decide(Op::Sweep, None);
             self.flush(ctx);
         }
-        let idle_limit = if self.state.is_some() {
-            self.shared.settings.idle_timeout
-        } else {
-            self.shared
-                .settings
-                .idle_timeout
-                .min(std::time::Duration::from_secs(5))
-        };
-        if self.idle() && self.last_used.elapsed() >= idle_limit {
+        if self.idle() && self.last_used.elapsed() >= self.idle_limit() {
             ctx.stop();
+        } else {
+            self.schedule(ctx);
         }
     }
 }

@@ -53,7 +53,9 @@ impl From<StoreError> for EngineError {
 pub struct EngineSettings {
     /// An entitlement untouched this long leaves memory (its state is in the store).
     pub idle_timeout: Duration,
-    /// How often a resident entitlement checks for expired leases and ended periods.
+    /// Longest wait between a resident entitlement's checks for expired
+    /// leases and ended periods; each is also scheduled for when it falls due
+    /// by the engine's clock.
     pub sweep_interval: Duration,
     /// Idempotency keys each resident entitlement remembers without asking the store.
     pub cached_keys: usize,
@@ -66,7 +68,7 @@ impl Default for EngineSettings {
     fn default() -> Self {
         EngineSettings {
             idle_timeout: Duration::from_secs(300),
-            sweep_interval: Duration::from_secs(1),
+            sweep_interval: Duration::from_secs(60),
             cached_keys: 1024,
             idempotency_window: Duration::from_secs(24 * 3600),
             source: "headroom".into(),

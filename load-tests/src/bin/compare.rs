@@ -5,7 +5,7 @@
 //! - T: headroom with durable Redis persistence,
 //! - T-mem: headroom on its in-memory store,
 //!
-//! then T at fixed rates (25/50/75 % of its peak), T with 1,000-event
+//! then T and B0 at fixed rates (25/50/75 % of T's peak), T with 1,000-event
 //! batches, T's cold start, and prints a markdown table.
 //!
 //! cargo run --release -p headroom-load --bin compare
@@ -407,6 +407,11 @@ fn main() -> anyhow::Result<()> {
         for share in [0.25, 0.5, 0.75] {
             let name = format!("T at {:.0} %", share * 100.0);
             fixed.push(bench.measure(&name, Server::Headroom { durable: true }, Scenario::Usage, Some(peak * share)).await?);
+            // B0 at the same rate: what the client and the machine add to
+            // any server's latency at this rate (the client paces on tokio's
+            // millisecond timer, so requests leave in small bursts).
+            let name = format!("B0 at T's {:.0} %", share * 100.0);
+            fixed.push(bench.measure(&name, Server::B0, Scenario::Usage, Some(peak * share)).await?);
         }
         let batch = bench.measure("T batch", Server::Headroom { durable: true }, Scenario::Batch, None).await?;
         let seats = bench.measure("T seats", Server::Headroom { durable: true }, Scenario::Seats, None).await?;
@@ -459,8 +464,8 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&args.report, serde_json::to_string_pretty(&Full { rows, cold: &cold, table: &out })?)?;
         eprintln!("report written to {}", args.report.display());
         let failed = [&t, &tmem, &batch, &seats]
-            .iter()
-            .chain(fixed.iter().collect::<Vec<_>>().iter())
+            .into_iter()
+            .chain(fixed.iter())
             .any(|r| r.report.ledger.as_ref().is_some_and(|l| !l.ok));
         anyhow::ensure!(!failed, "a ledger check failed");
         Ok(())
