@@ -128,6 +128,8 @@ struct Counts {
 
 struct Shared {
     spec: Spec,
+    /// `/v1/entitlements/{id}/usage` of every entitlement, built once.
+    usage_paths: Vec<String>,
     counts: Counts,
     requests: AtomicU64,
     errors: AtomicU64,
@@ -236,6 +238,9 @@ pub async fn run(spec: Spec) -> anyhow::Result<(Report, Tally)> {
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        usage_paths: (0..n)
+            .map(|i| format!("/v1/entitlements/{}/usage", entitlement_id(&spec.prefix, i)))
+            .collect(),
         spec,
     });
     let started = Instant::now();
@@ -383,9 +388,7 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
         }
     };
     let token = auth(&spec.client_token);
-    let usage_paths: Vec<String> = (0..n)
-        .map(|i| format!("/v1/entitlements/{}/usage", entitlement_id(&spec.prefix, i)))
-        .collect();
+    let usage_paths = &shared.usage_paths;
     let usage_body = Bytes::from_static(br#"{"feature":"api","amount":1}"#);
     let interval = spec
         .rate
