@@ -1,6 +1,5 @@
 //! Entitlement configuration: what the vendor sold, validated once at the edge.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -8,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ValidationError;
 use super::ids::FeatureKey;
+use super::keymap::KeyMap;
 use super::period::Period;
 
 /// Most features one entitlement may carry; keeps a single configuration, and
@@ -258,7 +258,7 @@ pub struct EntitlementConfig {
     #[serde(default)]
     pub seats: SeatConfig,
     #[serde(default)]
-    pub features: BTreeMap<FeatureKey, FeatureConfig>,
+    pub features: KeyMap<FeatureConfig>,
     #[serde(default)]
     pub disabled: bool,
     #[serde(default)]

@@ -1,7 +1,7 @@
 //! The entitlement aggregate: one customer's seat pool and meters, and the
 //! overdraft and hard-cap rules applied to them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{EntitlementConfig, FeatureConfig, Limit, Percent};
 use super::event::{Event, EventData};
 use super::ids::{EntitlementId, FeatureKey, SeatId};
+use super::keymap::KeyMap;
 use super::period::Bounds;
 use super::{DenyReason, Effects, Outcome, ValidationError};
 
@@ -233,7 +234,7 @@ pub struct Entitlement {
     #[serde(default)]
     pub commits: u64,
     pub seats: SeatPool,
-    pub meters: BTreeMap<FeatureKey, Meter>,
+    pub meters: KeyMap<Meter>,
 }
 
 impl Entitlement {
@@ -252,7 +253,7 @@ impl Entitlement {
             next_seq: 1,
             commits: 0,
             seats: SeatPool::default(),
-            meters: BTreeMap::new(),
+            meters: KeyMap::default(),
         };
         e.apply_config(config, true, now, fx);
         e
@@ -285,7 +286,7 @@ impl Entitlement {
     ) {
         self.meters.retain(|k, _| config.features.contains_key(k));
         for (key, fc) in &config.features {
-            let meter = self.meters.entry(key.clone()).or_default();
+            let meter = self.meters.get_or_default(key);
             meter.period = fc.period.bounds(fc.period_anchor, now);
         }
         self.config = config;
@@ -620,7 +621,7 @@ impl Entitlement {
         };
         let cap = fc.effective_cap();
         let blocked = self.config.blocked(now);
-        let meter = self.meters.entry(key.clone()).or_default();
+        let meter = self.meters.get_or_default(key);
         let next = meter.used.checked_add(amount.get());
         let denial = blocked.or_else(|| match next {
             Some(n) if cap.allows(n) => None,

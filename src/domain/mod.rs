@@ -7,6 +7,7 @@ mod config;
 mod entitlement;
 mod event;
 mod ids;
+mod keymap;
 mod period;
 mod view;
 
@@ -19,6 +20,7 @@ pub use entitlement::{
 };
 pub use event::{CloudEvent, EVENT_KINDS, Event, EventData};
 pub use ids::{EntitlementId, FeatureKey, IdempotencyKey, SeatId};
+pub use keymap::KeyMap;
 pub use period::{Bounds, Period};
 pub use view::{EntitlementView, FeatureView, SeatView, SeatsView};
 

@@ -172,25 +172,32 @@ struct KeyEntry {
 /// The idempotency keys this actor used recently; the store holds them all.
 #[derive(Default)]
 struct KeyCache {
-    map: HashMap<IdempotencyKey, KeyEntry>,
-    order: VecDeque<IdempotencyKey>,
+    /// Allocated on the first key: most entitlements never see one.
+    inner: Option<Box<KeysByAge>>,
 }
 
+/// The entries, and their keys oldest first for eviction.
+type KeysByAge = (HashMap<IdempotencyKey, KeyEntry>, VecDeque<IdempotencyKey>);
+
 impl KeyCache {
+    fn get(&self, key: &IdempotencyKey) -> Option<&KeyEntry> {
+        self.inner.as_ref().and_then(|i| i.0.get(key))
+    }
+
     fn insert(&mut self, key: IdempotencyKey, entry: KeyEntry, limit: usize) {
-        if self.map.insert(key.clone(), entry).is_none() {
-            self.order.push_back(key);
+        let (map, order) = &mut **self.inner.get_or_insert_default();
+        if map.insert(key.clone(), entry).is_none() {
+            order.push_back(key);
         }
-        while self.order.len() > limit {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
+        while order.len() > limit {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
             }
         }
     }
 
     fn clear(&mut self) {
-        self.map.clear();
-        self.order.clear();
+        self.inner = None;
     }
 }
 
@@ -231,7 +238,7 @@ pub(crate) struct EntitlementActor {
     claimed: bool,
     state: Option<Entitlement>,
     pending: Batch,
-    inflight: Option<Inflight>,
+    inflight: Option<Box<Inflight>>,
     /// Whether this entitlement is counted in the overdraft gauge.
     counted_overdraft: bool,
     keys: KeyCache,
@@ -454,7 +461,7 @@ impl EntitlementActor {
             .unwrap_or(chrono::Duration::MAX);
         let fp = req.idempotency_key.as_ref().map(|_| fingerprint(req));
         if let (Some(key), Some(fp)) = (&req.idempotency_key, &fp)
-            && let Some(entry) = self.keys.map.get(key).filter(|k| now - k.at < window)
+            && let Some(entry) = self.keys.get(key).filter(|k| now - k.at < window)
         {
             if &entry.fingerprint != fp {
                 return Err(EngineError::Conflict(key.clone()));
@@ -530,7 +537,7 @@ impl EntitlementActor {
             batch,
         };
         let store = self.shared.store.clone();
-        self.inflight = Some(inflight);
+        self.inflight = Some(Box::new(inflight));
         ctx.spawn(
             async move { store.commit(commit).await }
                 .into_actor(self)
@@ -539,15 +546,15 @@ impl EntitlementActor {
     }
 
     fn committed(&mut self, res: Result<CommitOutcome, StoreError>, ctx: &mut Context<Self>) {
-        let Some(Inflight {
+        let Some(inflight) = self.inflight.take() else {
+            return;
+        };
+        let Inflight {
             batch,
             incarnation,
             commits,
             event_kinds,
-        }) = self.inflight.take()
-        else {
-            return;
-        };
+        } = *inflight;
         let replay_all = |act: &mut Self, batch: Batch| {
             let pending = std::mem::take(&mut act.pending);
             batch
