@@ -62,6 +62,10 @@ pub struct Settings {
     /// Redis connections in the pool.
     #[arg(long, env = "HEADROOM_REDIS_POOL_SIZE", default_value_t = 8)]
     pub redis_pool_size: usize,
+    /// An entitlement untouched this long gives up its actor and stays in
+    /// memory in a compact form (woken without reading Redis).
+    #[arg(long, env = "HEADROOM_HIBERNATE_AFTER", default_value = "10s", value_parser = duration)]
+    pub hibernate_after: Duration,
     /// An entitlement untouched this long leaves memory.
     #[arg(long, env = "HEADROOM_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub idle_timeout: Duration,
@@ -141,6 +145,7 @@ impl Settings {
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {
             idle_timeout: self.idle_timeout,
+            hibernate_after: self.hibernate_after,
             sweep_interval: self.sweep_interval,
             idempotency_window: self.idempotency_window,
             ..EngineSettings::default()

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::{EngineError, Shared, UsageReply, UsageRequest};
+use super::{Dormant, EngineError, Shared, Slot, UsageReply, UsageRequest};
 use crate::domain::{
     Effects, Entitlement, EntitlementConfig, EntitlementId, EntitlementView, IdempotencyKey,
     ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
@@ -248,6 +248,8 @@ pub(crate) struct EntitlementActor {
     /// timer, so a million idle entitlements cost no wake-ups.
     timer: Option<(SpawnHandle, Instant)>,
     drains: Vec<oneshot::Sender<()>>,
+    /// State handed over by a dormant slot, taken in `started`.
+    preloaded: Option<(Box<Entitlement>, u64)>,
 }
 
 impl Actor for EntitlementActor {
@@ -256,7 +258,16 @@ impl Actor for EntitlementActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(0);
         metrics::gauge!("headroom_resident_entitlements").increment(1.0);
-        self.reload(ctx, None, Vec::new());
+        match self.preloaded.take() {
+            Some((state, epoch)) => {
+                self.state = Some(*state);
+                self.epoch = epoch;
+                self.claimed = true;
+                self.update_gauges();
+                self.schedule(ctx);
+            }
+            None => self.reload(ctx, None, Vec::new()),
+        }
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -266,7 +277,7 @@ impl Actor for EntitlementActor {
         }
         self.shared
             .registry
-            .remove_if(&self.id, |_, slot| slot.generation == self.generation);
+            .remove_if(&self.id, |_, slot| slot.is_generation(self.generation));
         for tx in self.drains.drain(..) {
             let _ = tx.send(());
         }
@@ -274,7 +285,14 @@ impl Actor for EntitlementActor {
 }
 
 impl EntitlementActor {
-    pub(crate) fn spawn(id: EntitlementId, generation: u64, shared: Arc<Shared>) -> Addr<Self> {
+    /// Starts an actor; with `preloaded` (state and epoch of a dormant
+    /// entitlement) it does not read the store.
+    pub(crate) fn spawn(
+        id: EntitlementId,
+        generation: u64,
+        shared: Arc<Shared>,
+        preloaded: Option<(Box<Entitlement>, u64)>,
+    ) -> Addr<Self> {
         EntitlementActor::create(|ctx| {
             ctx.set_mailbox_capacity(0);
             EntitlementActor {
@@ -292,6 +310,7 @@ impl EntitlementActor {
                 last_used: Instant::now(),
                 timer: None,
                 drains: Vec::new(),
+                preloaded,
             }
         })
     }
@@ -646,6 +665,9 @@ impl EntitlementActor {
     fn schedule(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let mut at = self.last_used + self.idle_limit();
+        if self.state.is_some() {
+            at = at.min(self.last_used + self.shared.settings.hibernate_after);
+        }
         if let Some(next) = self.state.as_ref().and_then(Entitlement::next_housekeeping) {
             let due = (next - self.shared.clock.now())
                 .to_std()
@@ -667,6 +689,27 @@ impl EntitlementActor {
         }
     }
 
+    /// Hands the committed state to the registry as a dormant slot and
+    /// stops. A call already in the mailbox is dropped with the actor and
+    /// retried by the engine, which wakes the dormant slot.
+    fn hibernate(&mut self, ctx: &mut Context<Self>) {
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let due = state.next_housekeeping();
+        if let Some(mut slot) = self.shared.registry.get_mut(&self.id)
+            && slot.is_generation(self.generation)
+        {
+            *slot = Slot::Dormant(Dormant {
+                state: Some(Box::new(state)),
+                epoch: self.epoch,
+                since: self.last_used,
+                due,
+            });
+        }
+        ctx.stop();
+    }
+
     fn tick(&mut self, ctx: &mut Context<Self>) {
         let now = self.shared.clock.now();
         if self.phase == Phase::Ready
@@ -679,8 +722,16 @@ impl EntitlementActor {
             self.decide(Op::Sweep, None);
             self.flush(ctx);
         }
-        if self.idle() && self.last_used.elapsed() >= self.idle_limit() {
+        let idle_for = self.last_used.elapsed();
+        if self.idle() && idle_for >= self.idle_limit() {
             ctx.stop();
+        } else if self.idle()
+            && self.phase == Phase::Ready
+            && self.drains.is_empty()
+            && idle_for >= self.shared.settings.hibernate_after
+            && self.state.is_some()
+        {
+            self.hibernate(ctx);
         } else {
             self.schedule(ctx);
         }

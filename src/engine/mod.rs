@@ -19,12 +19,13 @@ use std::time::Duration;
 
 use actix::Addr;
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
 use crate::domain::{
-    Amount, EntitlementConfig, EntitlementId, EntitlementView, FeatureKey, IdempotencyKey,
-    ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
+    Amount, Entitlement, EntitlementConfig, EntitlementId, EntitlementView, FeatureKey,
+    IdempotencyKey, ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
 };
 use crate::store::{Store, StoreError};
 use actor::{Call, EntitlementActor, Op, Reply};
@@ -53,6 +54,9 @@ impl From<StoreError> for EngineError {
 pub struct EngineSettings {
     /// An entitlement untouched this long leaves memory (its state is in the store).
     pub idle_timeout: Duration,
+    /// An entitlement untouched this long gives up its actor and stays in
+    /// memory in a compact form until `idle_timeout`.
+    pub hibernate_after: Duration,
     /// Longest wait between a resident entitlement's checks for expired
     /// leases and ended periods; each is also scheduled for when it falls due
     /// by the engine's clock.
@@ -68,6 +72,7 @@ impl Default for EngineSettings {
     fn default() -> Self {
         EngineSettings {
             idle_timeout: Duration::from_secs(300),
+            hibernate_after: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(60),
             cached_keys: 1024,
             idempotency_window: Duration::from_secs(24 * 3600),
@@ -91,9 +96,32 @@ pub struct UsageReply {
     pub replayed: bool,
 }
 
-pub(crate) struct Slot {
-    generation: u64,
-    addr: Addr<EntitlementActor>,
+/// What the registry holds for a resident entitlement.
+pub(crate) enum Slot {
+    /// An actor serves it.
+    Live {
+        generation: u64,
+        addr: Addr<EntitlementActor>,
+    },
+    /// Idle: its committed state without an actor, a fraction of the memory;
+    /// the next call starts an actor from it without reading the store.
+    Dormant(Dormant),
+}
+
+pub(crate) struct Dormant {
+    /// Taken when the entitlement wakes up.
+    pub(crate) state: Option<Box<Entitlement>>,
+    pub(crate) epoch: u64,
+    /// Last call, for the idle timeout.
+    pub(crate) since: std::time::Instant,
+    /// When housekeeping (a lease expiry, a period end) falls due.
+    pub(crate) due: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Slot {
+    fn is_generation(&self, g: u64) -> bool {
+        matches!(self, Slot::Live { generation, .. } if *generation == g)
+    }
 }
 
 pub(crate) struct Shared {
@@ -103,6 +131,9 @@ pub(crate) struct Shared {
     settings: EngineSettings,
     generation: AtomicU64,
     stopping: AtomicBool,
+    /// The dormant-entitlement sweeper: started with the first call, told to
+    /// stop and awaited by `shutdown`.
+    sweeper: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, oneshot::Receiver<()>)>>,
 }
 
 /// The handle the HTTP layer holds: cheap to clone, safe to share.
@@ -123,6 +154,7 @@ impl Engine {
                 settings,
                 generation: AtomicU64::new(1),
                 stopping: AtomicBool::new(false),
+                sweeper: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -142,15 +174,111 @@ impl Engine {
     }
 
     fn addr(&self, id: &EntitlementId) -> (u64, Addr<EntitlementActor>) {
-        if let Some(slot) = self.shared.registry.get(id) {
-            return (slot.generation, slot.addr.clone());
+        if let Some(slot) = self.shared.registry.get(id)
+            && let Slot::Live { generation, addr } = &*slot
+        {
+            return (*generation, addr.clone());
         }
-        let slot = self.shared.registry.entry(id.clone()).or_insert_with(|| {
+        self.start_sweeper();
+        let spawn = |preloaded| {
             let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed);
-            let addr = EntitlementActor::spawn(id.clone(), generation, self.shared.clone());
-            Slot { generation, addr }
+            let addr =
+                EntitlementActor::spawn(id.clone(), generation, self.shared.clone(), preloaded);
+            (generation, addr)
+        };
+        match self.shared.registry.entry(id.clone()) {
+            Entry::Occupied(mut o) => match o.get_mut() {
+                Slot::Live { generation, addr } => (*generation, addr.clone()),
+                Slot::Dormant(d) => {
+                    let preloaded = d.state.take().map(|s| (s, d.epoch));
+                    let (generation, addr) = spawn(preloaded);
+                    *o.get_mut() = Slot::Live {
+                        generation,
+                        addr: addr.clone(),
+                    };
+                    (generation, addr)
+                }
+            },
+            Entry::Vacant(v) => {
+                let (generation, addr) = spawn(None);
+                v.insert(Slot::Live {
+                    generation,
+                    addr: addr.clone(),
+                });
+                (generation, addr)
+            }
+        }
+    }
+
+    /// Entitlements in memory: with an actor, and dormant.
+    pub fn counts(&self) -> (usize, usize) {
+        let live = self
+            .shared
+            .registry
+            .iter()
+            .filter(|s| matches!(**s, Slot::Live { .. }))
+            .count();
+        (live, self.shared.registry.len() - live)
+    }
+
+    /// Starts, once, the task that drops dormant entitlements after the idle
+    /// timeout and wakes those whose housekeeping falls due.
+    fn start_sweeper(&self) {
+        let mut sweeper = self
+            .shared
+            .sweeper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if sweeper.is_some() || self.shared.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let (done, done_rx) = oneshot::channel();
+        let engine = Arc::downgrade(&self.shared);
+        let every = self
+            .shared
+            .settings
+            .sweep_interval
+            .min(Duration::from_secs(1));
+        let stop_rx = stop.clone();
+        actix_rt::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop_rx.notified() => break,
+                }
+                let Some(shared) = engine.upgrade() else {
+                    break;
+                };
+                Engine { shared }.sweep_dormant();
+            }
+            let _ = done.send(());
         });
-        (slot.generation, slot.addr.clone())
+        *sweeper = Some((stop, done_rx));
+    }
+
+    fn sweep_dormant(&self) {
+        let idle = self.shared.settings.idle_timeout;
+        let now = self.shared.clock.now();
+        let mut due = Vec::new();
+        self.shared.registry.retain(|id, slot| match slot {
+            Slot::Dormant(d) if d.since.elapsed() >= idle => false,
+            Slot::Dormant(d) => {
+                if d.due.is_some_and(|t| t <= now) {
+                    due.push(id.clone());
+                }
+                true
+            }
+            Slot::Live { .. } => true,
+        });
+        for id in due {
+            let (_, addr) = self.addr(&id);
+            let (reply, _) = oneshot::channel();
+            let _ = addr.try_send(Call {
+                op: Op::Sweep,
+                reply,
+            });
+        }
     }
 
     /// Sends `op` to the entitlement's actor and waits for its answer. An
@@ -174,7 +302,7 @@ impl Engine {
             }
             self.shared
                 .registry
-                .remove_if(id, |_, slot| slot.generation == generation);
+                .remove_if(id, |_, slot| slot.is_generation(generation));
         }
         Err(EngineError::Unavailable(
             "entitlement actor did not answer".into(),
@@ -295,7 +423,10 @@ impl Engine {
             .shared
             .registry
             .iter()
-            .map(|s| s.addr.clone())
+            .filter_map(|s| match &*s {
+                Slot::Live { addr, .. } => Some(addr.clone()),
+                Slot::Dormant(_) => None,
+            })
             .collect();
         let stops = addrs.into_iter().map(|a| async move {
             let (tx, rx) = oneshot::channel();
@@ -305,6 +436,16 @@ impl Engine {
         });
         join_all(stops).await;
         self.shared.registry.clear();
+        let sweeper = self
+            .shared
+            .sweeper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((stop, done)) = sweeper {
+            stop.notify_one();
+            let _ = done.await;
+        }
         self.shared.store.shutdown().await;
     }
 }

@@ -191,6 +191,7 @@ proptest! {
 struct CountingStore {
     inner: Arc<dyn headroom::store::Store>,
     commits: std::sync::atomic::AtomicUsize,
+    loads: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -199,6 +200,8 @@ impl headroom::store::Store for CountingStore {
         &self,
         id: &EntitlementId,
     ) -> Result<headroom::store::Loaded, headroom::store::StoreError> {
+        self.loads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.load(id).await
     }
     async fn commit(
@@ -226,6 +229,7 @@ async fn concurrent_calls_share_writes() {
     let store = Arc::new(CountingStore {
         inner: redis_store(&redis, "group"),
         commits: Default::default(),
+        loads: Default::default(),
     });
     let engine = Engine::new(
         store.clone(),
@@ -259,5 +263,70 @@ async fn concurrent_calls_share_writes() {
     );
     let view = engine.get(&id).await.unwrap();
     assert_eq!(view.features[&FeatureKey::parse("f").unwrap()].used, 500);
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn idle_entitlements_hibernate_wake_without_the_store_and_still_expire_leases() {
+    let clock = manual_clock("2026-11-28T00:00:00Z");
+    let store = Arc::new(CountingStore {
+        inner: memory_store(),
+        commits: Default::default(),
+        loads: Default::default(),
+    });
+    let settings = EngineSettings {
+        hibernate_after: Duration::from_millis(50),
+        idle_timeout: Duration::from_secs(60),
+        sweep_interval: Duration::from_millis(20),
+        ..EngineSettings::default()
+    };
+    let engine = Engine::new(store.clone(), clock.clone(), settings);
+    for i in 0..100 {
+        let id = eid(&format!("e{i}"));
+        engine
+            .put(
+                &id,
+                config(r#"{"seats": {"purchased": 1, "lease_seconds": 60}}"#),
+            )
+            .await
+            .unwrap();
+        engine
+            .activate(&id, SeatId::parse("a").unwrap())
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.counts() != (0, 100) {
+        assert!(
+            Instant::now() < deadline,
+            "not dormant: {:?}",
+            engine.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Woken by a call: the state is the committed one, not read again.
+    let loads = store.loads.load(std::sync::atomic::Ordering::Relaxed);
+    let d = engine
+        .activate(&eid("e3"), SeatId::parse("b").unwrap())
+        .await
+        .unwrap();
+    assert_eq!((d.outcome, d.in_use), (Outcome::Denied, 1));
+    assert_eq!(
+        store.loads.load(std::sync::atomic::Ordering::Relaxed),
+        loads
+    );
+    // Leases of dormant entitlements still expire on time, with their event.
+    let before = store.commits.load(std::sync::atomic::Ordering::Relaxed);
+    clock.advance(chrono::Duration::seconds(61));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.commits.load(std::sync::atomic::Ordering::Relaxed) < before + 100 {
+        assert!(
+            Instant::now() < deadline,
+            "leases of dormant entitlements did not expire"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let view = engine.get(&eid("e42")).await.unwrap();
+    assert_eq!(view.seats.in_use, 0);
     engine.shutdown().await;
 }
