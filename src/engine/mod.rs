@@ -271,6 +271,11 @@ impl Engine {
             }
             Slot::Live { .. } => true,
         });
+        // The table does not shrink by itself: after traffic moves on, give
+        // the memory of a mostly empty registry back.
+        if self.shared.registry.capacity() > 4 * self.shared.registry.len().max(1024) {
+            self.shared.registry.shrink_to_fit();
+        }
         for id in due {
             let (_, addr) = self.addr(&id);
             let (reply, _) = oneshot::channel();

@@ -127,11 +127,21 @@ pub fn serve(
     shutdown_timeout: Duration,
     signals: bool,
 ) -> std::io::Result<Server> {
-    let mut server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes))
-        .workers(workers.max(1))
-        .shutdown_timeout(shutdown_timeout.as_secs())
-        .client_request_timeout(Duration::from_secs(10))
-        .listen(listener)?;
+    let mut server = HttpServer::new(move || {
+        // Runs once on each worker thread as it starts: open this thread's
+        // store connection now, so that the first calls do not pay for it.
+        let store = state.engine.store().clone();
+        actix_rt::spawn(async move {
+            if let Err(e) = store.ping().await {
+                tracing::warn!(error = %e, "store not reachable yet");
+            }
+        });
+        App::new().app_data(state.clone()).configure(routes)
+    })
+    .workers(workers.max(1))
+    .shutdown_timeout(shutdown_timeout.as_secs())
+    .client_request_timeout(Duration::from_secs(10))
+    .listen(listener)?;
     if !signals {
         server = server.disable_signals();
     }
