@@ -525,27 +525,31 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
     stats
 }
 
+/// Every entitlement of the run, as `GET /v1/entitlements/{id}` answers.
+async fn read_views(spec: &Spec) -> anyhow::Result<Vec<serde_json::Value>> {
+    let token = auth(&spec.admin_token);
+    let mut conn = Conn::open(spec.addr).await?;
+    let mut views = Vec::with_capacity(spec.entitlements);
+    for i in 0..spec.entitlements.max(1) {
+        let id = entitlement_id(&spec.prefix, i);
+        let path = format!("/v1/entitlements/{id}");
+        let (status, body) = conn
+            .call("GET", &path, token.as_deref(), Bytes::new())
+            .await?;
+        anyhow::ensure!(status == 200, "GET {id}: {status}");
+        views.push(serde_json::from_slice(&body)?);
+    }
+    Ok(views)
+}
+
 /// Reads each entitlement's usage counter, so that the ledger compares what
 /// a run added, whatever earlier runs left.
 pub async fn read_used(spec: &Spec) -> anyhow::Result<Vec<u64>> {
-    let token = auth(&spec.admin_token);
-    let mut conn = Conn::open(spec.addr).await?;
-    let mut used = Vec::with_capacity(spec.entitlements);
-    for i in 0..spec.entitlements.max(1) {
-        let id = entitlement_id(&spec.prefix, i);
-        let (status, body) = conn
-            .call(
-                "GET",
-                &format!("/v1/entitlements/{id}"),
-                token.as_deref(),
-                Bytes::new(),
-            )
-            .await?;
-        anyhow::ensure!(status == 200, "GET {id}: {status}");
-        let view: serde_json::Value = serde_json::from_slice(&body)?;
-        used.push(view["features"]["api"]["used"].as_u64().unwrap_or(0));
-    }
-    Ok(used)
+    Ok(read_views(spec)
+        .await?
+        .iter()
+        .map(|v| v["features"]["api"]["used"].as_u64().unwrap_or(0))
+        .collect())
 }
 
 /// Reads every entitlement back and compares it with what the client saw:
@@ -558,8 +562,7 @@ pub async fn check_ledger(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let (acked, unknown) = (&tally.acked, &tally.unknown);
-    let token = auth(&spec.admin_token);
-    let mut conn = Conn::open(spec.addr).await?;
+    let views = read_views(spec).await?;
     let ledger = report.ledger.get_or_insert_with(Ledger::default);
     if tally.cap_violations > 0 {
         ledger.cap_violations.push(format!(
@@ -567,18 +570,8 @@ pub async fn check_ledger(
             tally.cap_violations
         ));
     }
-    for i in 0..spec.entitlements.max(1) {
+    for (i, view) in views.iter().enumerate() {
         let id = entitlement_id(&spec.prefix, i);
-        let (status, body) = conn
-            .call(
-                "GET",
-                &format!("/v1/entitlements/{id}"),
-                token.as_deref(),
-                Bytes::new(),
-            )
-            .await?;
-        anyhow::ensure!(status == 200, "GET {id}: {status}");
-        let view: serde_json::Value = serde_json::from_slice(&body)?;
         ledger.entitlements_checked += 1;
         let used = view["features"]["api"]["used"].as_u64().unwrap_or(0);
         let in_use = view["seats"]["in_use"].as_u64().unwrap_or(0);
