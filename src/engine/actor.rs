@@ -248,8 +248,9 @@ pub(crate) struct EntitlementActor {
     /// timer, so a million idle entitlements cost no wake-ups.
     timer: Option<(SpawnHandle, Instant)>,
     drains: Vec<oneshot::Sender<()>>,
-    /// State handed over by a dormant slot, taken in `started`.
-    preloaded: Option<(Box<Entitlement>, u64)>,
+    /// State handed over by a dormant slot (state, epoch, counted in the
+    /// overdraft gauge), taken in `started`.
+    preloaded: Option<(Box<Entitlement>, u64, bool)>,
 }
 
 impl Actor for EntitlementActor {
@@ -259,10 +260,11 @@ impl Actor for EntitlementActor {
         ctx.set_mailbox_capacity(0);
         metrics::gauge!("headroom_resident_entitlements").increment(1.0);
         match self.preloaded.take() {
-            Some((state, epoch)) => {
+            Some((state, epoch, counted)) => {
                 self.state = Some(*state);
                 self.epoch = epoch;
                 self.claimed = true;
+                self.counted_overdraft = counted;
                 self.update_gauges();
                 self.schedule(ctx);
             }
@@ -291,7 +293,7 @@ impl EntitlementActor {
         id: EntitlementId,
         generation: u64,
         shared: Arc<Shared>,
-        preloaded: Option<(Box<Entitlement>, u64)>,
+        preloaded: Option<(Box<Entitlement>, u64, bool)>,
     ) -> Addr<Self> {
         EntitlementActor::create(|ctx| {
             ctx.set_mailbox_capacity(0);
@@ -705,7 +707,10 @@ impl EntitlementActor {
                 epoch: self.epoch,
                 since: self.last_used,
                 due,
+                in_overdraft: self.counted_overdraft,
             });
+            // The dormant slot keeps the entitlement in the overdraft gauge.
+            self.counted_overdraft = false;
         }
         ctx.stop();
     }

@@ -116,6 +116,8 @@ pub(crate) struct Dormant {
     pub(crate) since: std::time::Instant,
     /// When housekeeping (a lease expiry, a period end) falls due.
     pub(crate) due: Option<chrono::DateTime<chrono::Utc>>,
+    /// Counted in the overdraft gauge: a dormant entitlement still is.
+    pub(crate) in_overdraft: bool,
 }
 
 impl Slot {
@@ -190,7 +192,7 @@ impl Engine {
             Entry::Occupied(mut o) => match o.get_mut() {
                 Slot::Live { generation, addr } => (*generation, addr.clone()),
                 Slot::Dormant(d) => {
-                    let preloaded = d.state.take().map(|s| (s, d.epoch));
+                    let preloaded = d.state.take().map(|s| (s, d.epoch, d.in_overdraft));
                     let (generation, addr) = spawn(preloaded);
                     *o.get_mut() = Slot::Live {
                         generation,
@@ -262,7 +264,12 @@ impl Engine {
         let now = self.shared.clock.now();
         let mut due = Vec::new();
         self.shared.registry.retain(|id, slot| match slot {
-            Slot::Dormant(d) if d.since.elapsed() >= idle => false,
+            Slot::Dormant(d) if d.since.elapsed() >= idle => {
+                if d.in_overdraft {
+                    metrics::gauge!("headroom_entitlements_in_overdraft").decrement(1.0);
+                }
+                false
+            }
             Slot::Dormant(d) => {
                 if d.due.is_some_and(|t| t <= now) {
                     due.push(id.clone());
