@@ -144,7 +144,8 @@ impl Drop for RedisServer {
 pub fn redis_store(redis: &RedisServer, prefix: &str) -> Arc<dyn Store> {
     let mut s = RedisSettings::new(redis.url());
     s.prefix = prefix.to_string();
-    s.timeout = Duration::from_millis(500);
+    // Generous: tests run in parallel on two cores, and Redis fsyncs every write.
+    s.timeout = Duration::from_secs(2);
     Arc::new(RedisStore::start(s).expect("redis store"))
 }
 
@@ -312,7 +313,7 @@ impl TrackerProcess {
             .env("HEADROOM_REDIS_PREFIX", prefix)
             .env("HEADROOM_ADMIN_TOKENS", ADMIN)
             .env("HEADROOM_CLIENT_TOKENS", CLIENT)
-            .env("HEADROOM_REDIS_TIMEOUT", "500ms")
+            .env("HEADROOM_REDIS_TIMEOUT", "2s")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
