@@ -497,11 +497,11 @@ async fn committer(
             break;
         };
         let mut jobs = vec![first];
-        while jobs.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
+        // Whatever else is queued (an empty queue ends the batch).
+        while jobs.len() < max_batch
+            && let Ok(job) = rx.try_recv()
+        {
+            jobs.push(job);
         }
         if broken.swap(false, Ordering::Relaxed) {
             held = None;
