@@ -58,6 +58,19 @@ fn decisions(c: &mut Criterion) {
             }
         })
     });
+    // The live state written with every commit.
+    let mut e = entitlement(now);
+    let mut fx = Effects::default();
+    e.consume(&api, Amount::new(10).expect("amount"), now, &mut fx)
+        .expect("feature");
+    e.activate(&seats[0], now, &mut fx);
+    g.bench_function("state encode (written with each commit)", |b| {
+        b.iter(|| black_box(serde_json::to_vec(black_box(&e)).expect("encodes")))
+    });
+    eprintln!(
+        "state: {} bytes",
+        serde_json::to_vec(&e).map_or(0, |v| v.len())
+    );
     g.finish();
 }
 

@@ -89,11 +89,28 @@ pub struct SeatPool {
     /// Leases by expiry, so that expiring is O(expired).
     #[serde(skip)]
     expiry: BTreeSet<(DateTime<Utc>, SeatId)>,
-    #[serde(with = "chrono::serde::ts_milliseconds_option")]
+    #[serde(
+        default,
+        with = "chrono::serde::ts_milliseconds_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub overdraft_since: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "is_false")]
     pub at_hard_cap: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub peak: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub denied_total: u64,
+}
+
+// The state is written with every commit: fields at their default are left
+// out of it (and read back as the default).
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 impl SeatPool {
@@ -137,14 +154,25 @@ impl SeatPool {
 /// One metered feature's counters in its current period.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Meter {
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub used: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub period: Option<Bounds>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thresholds_crossed: Vec<Percent>,
-    #[serde(with = "chrono::serde::ts_milliseconds_option")]
+    #[serde(
+        default,
+        with = "chrono::serde::ts_milliseconds_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub overdraft_since: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "is_false")]
     pub at_hard_cap: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub denied_period: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub denied_total: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub used_total: u64,
 }
 
