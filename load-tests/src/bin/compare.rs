@@ -182,6 +182,8 @@ struct Row {
     redis_commands_per_decision: Option<f64>,
     server_cpu_s_per_1k: f64,
     redis_cpu_s_per_1k: Option<f64>,
+    /// The load client's own CPU (this process).
+    client_cpu_s_per_1k: f64,
 }
 
 struct Bench<'a> {
@@ -275,9 +277,10 @@ impl Bench<'_> {
             Vec::new()
         };
         self.redis.cli(&["CONFIG", "RESETSTAT"])?;
-        let (cpu0, rcpu0) = (cpu_seconds(proc.pid()), cpu_seconds(self.redis.proc.pid()));
+        let me = std::process::id();
+        let (cpu0, rcpu0, ccpu0) = (cpu_seconds(proc.pid()), cpu_seconds(self.redis.proc.pid()), cpu_seconds(me));
         let (mut report, tally) = run(spec.clone()).await?;
-        let (cpu1, rcpu1) = (cpu_seconds(proc.pid()), cpu_seconds(self.redis.proc.pid()));
+        let (cpu1, rcpu1, ccpu1) = (cpu_seconds(proc.pid()), cpu_seconds(self.redis.proc.pid()), cpu_seconds(me));
         let commands = self.redis.commands()?;
         if headroom {
             check_ledger(&spec, &before, &tally, &mut report).await?;
@@ -290,6 +293,7 @@ impl Bench<'_> {
                 .then(|| commands as f64 / report.decisions.max(1) as f64),
             server_cpu_s_per_1k: (cpu1 - cpu0) / k,
             redis_cpu_s_per_1k: uses_redis.then(|| (rcpu1 - rcpu0) / k),
+            client_cpu_s_per_1k: (ccpu1 - ccpu0) / k,
             report,
         };
         eprintln!(
@@ -422,13 +426,13 @@ fn main() -> anyhow::Result<()> {
             "{} connections, {} entitlements (Zipf {}), {} s per run, {} HTTP workers per server, client and servers on this machine\n\n",
             args.connections, args.entitlements, args.zipf, args.duration.as_secs(), args.workers
         );
-        out += "| run | decisions/s | p50 ms | p99 ms | p99.9 ms | Redis cmds/decision | server CPU-s/1k | Redis CPU-s/1k | ledger |\n";
-        out += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n";
+        out += "| run | decisions/s | p50 ms | p99 ms | p99.9 ms | Redis cmds/decision | server CPU-s/1k | Redis CPU-s/1k | client CPU-s/1k | ledger |\n";
+        out += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n";
         let rows: Vec<&Row> = [&b0, &b1, &t, &tmem].into_iter().chain(fixed.iter()).chain([&batch, &seats]).collect();
         for r in &rows {
             let l = &r.report.latency;
             out += &format!(
-                "| {} | {:.0} | {} | {} | {} | {} | {:.4} | {} | {} |\n",
+                "| {} | {:.0} | {} | {} | {} | {} | {:.4} | {} | {:.4} | {} |\n",
                 r.name,
                 r.report.decisions_per_s,
                 ms(l.p50_us),
@@ -437,6 +441,7 @@ fn main() -> anyhow::Result<()> {
                 opt(r.redis_commands_per_decision, 3),
                 r.server_cpu_s_per_1k,
                 opt(r.redis_cpu_s_per_1k, 4),
+                r.client_cpu_s_per_1k,
                 r.report.ledger.as_ref().map_or("–", |l| if l.ok { "OK" } else { "FAILED" }),
             );
         }
