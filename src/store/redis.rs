@@ -87,7 +87,7 @@ impl Job {
         }
     }
 
-    fn answer(self, value: Result<Value, StoreError>, shared: &Shared) {
+    fn answer(self, value: Result<Value, StoreError>) {
         match self {
             Job::Commit { commit, reply } => {
                 let outcome = value.and_then(|v| parse_commit_reply(&commit, v));
@@ -104,7 +104,6 @@ impl Job {
                 let _ = reply.send(loaded);
             }
             Job::Ping { reply } => {
-                let _ = shared;
                 let _ = reply.send(value.map(|_| ()));
             }
         }
@@ -394,7 +393,7 @@ impl Shared {
         match results {
             Ok(results) if results.len() == jobs.len() => {
                 for (job, result) in jobs.into_iter().zip(results) {
-                    job.answer(result.map_err(unavailable), self);
+                    job.answer(result.map_err(unavailable));
                 }
             }
             Ok(results) => {

@@ -278,9 +278,17 @@ impl Bench<'_> {
         };
         self.redis.cli(&["CONFIG", "RESETSTAT"])?;
         let me = std::process::id();
-        let (cpu0, rcpu0, ccpu0) = (cpu_seconds(proc.pid()), cpu_seconds(self.redis.proc.pid()), cpu_seconds(me));
+        let (cpu0, rcpu0, ccpu0) = (
+            cpu_seconds(proc.pid()),
+            cpu_seconds(self.redis.proc.pid()),
+            cpu_seconds(me),
+        );
         let (mut report, tally) = run(spec.clone()).await?;
-        let (cpu1, rcpu1, ccpu1) = (cpu_seconds(proc.pid()), cpu_seconds(self.redis.proc.pid()), cpu_seconds(me));
+        let (cpu1, rcpu1, ccpu1) = (
+            cpu_seconds(proc.pid()),
+            cpu_seconds(self.redis.proc.pid()),
+            cpu_seconds(me),
+        );
         let commands = self.redis.commands()?;
         if headroom {
             check_ledger(&spec, &before, &tally, &mut report).await?;
