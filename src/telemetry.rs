@@ -37,50 +37,225 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
-fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        "headroom_decisions_total",
-        "Seat and usage decisions, by operation and outcome."
-    );
-    describe_counter!(
-        "headroom_events_published_total",
-        "Events written to the stream, by type."
-    );
-    describe_histogram!(
-        "headroom_http_request_duration_seconds",
-        Unit::Seconds,
-        "HTTP request duration by route pattern, method and status."
-    );
-    describe_histogram!(
-        "headroom_store_write_duration_seconds",
-        Unit::Seconds,
-        "Duration of one group-commit pipeline to the store."
-    );
-    describe_histogram!(
-        "headroom_store_load_duration_seconds",
-        Unit::Seconds,
-        "Duration of loading one entitlement from the store."
-    );
-    describe_histogram!(
-        "headroom_store_batch_size",
-        "Calls carried by one store pipeline."
-    );
-    describe_counter!(
-        "headroom_store_errors_total",
-        "Failed store operations, by operation."
-    );
-    describe_gauge!(
-        "headroom_resident_entitlements",
-        "Entitlement actors in memory."
-    );
-    describe_gauge!(
-        "headroom_entitlements_in_overdraft",
-        "Resident entitlements with seats or a feature in overdraft."
-    );
-    for kind in EVENT_KINDS {
-        metrics::counter!("headroom_events_published_total", "type" => kind).absolute(0);
+/// What a metric is, in the one place every metric is described.
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub help: &'static str,
+    /// Labels and their bounded value sets.
+    pub labels: &'static [LabelDef],
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl MetricKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        }
     }
+}
+
+pub struct LabelDef {
+    pub name: &'static str,
+    /// Every value the label takes.
+    pub values: &'static [&'static str],
+}
+
+pub const OPERATIONS: &[&str] = &["activate", "usage"];
+pub const OUTCOMES: &[&str] = &["granted", "overdraft", "denied"];
+pub const STORE_OPS: &[&str] = &["commit", "load", "pipeline", "connect"];
+/// The routes of the API (the `route` label: patterns, never raw paths).
+pub const ROUTES: &[&str] = &[
+    "/v1/entitlements/{id}",
+    "/v1/entitlements/{id}/seats",
+    "/v1/entitlements/{id}/seats/{seat_id}",
+    "/v1/entitlements/{id}/usage",
+    "/v1/usage/batch",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+/// The `method` label; any other method is counted as `other`.
+pub const METHODS: &[&str] = &[
+    "GET", "PUT", "POST", "DELETE", "HEAD", "PATCH", "OPTIONS", "other",
+];
+/// The `status` label: the codes the API answers.
+pub const STATUSES: &[&str] = &[
+    "200", "201", "204", "400", "401", "403", "404", "405", "409", "413", "429", "500", "503",
+];
+
+/// Every metric headroom exports.
+pub const METRICS: &[MetricDef] = &[
+    MetricDef {
+        name: "headroom_decisions_total",
+        kind: MetricKind::Counter,
+        help: "Seat activations and usage decisions, by operation and outcome (replays of idempotent calls are not counted).",
+        labels: &[
+            LabelDef {
+                name: "operation",
+                values: OPERATIONS,
+            },
+            LabelDef {
+                name: "outcome",
+                values: OUTCOMES,
+            },
+        ],
+    },
+    MetricDef {
+        name: "headroom_events_published_total",
+        kind: MetricKind::Counter,
+        help: "Events written to the stream, by type.",
+        labels: &[LabelDef {
+            name: "type",
+            values: &EVENT_KINDS,
+        }],
+    },
+    MetricDef {
+        name: "headroom_http_request_duration_seconds",
+        kind: MetricKind::Histogram,
+        help: "HTTP request duration by route pattern, method and status.",
+        labels: &[
+            LabelDef {
+                name: "route",
+                values: ROUTES,
+            },
+            LabelDef {
+                name: "method",
+                values: METHODS,
+            },
+            LabelDef {
+                name: "status",
+                values: STATUSES,
+            },
+        ],
+    },
+    MetricDef {
+        name: "headroom_store_write_duration_seconds",
+        kind: MetricKind::Histogram,
+        help: "Duration of one group-commit pipeline to the store.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_store_load_duration_seconds",
+        kind: MetricKind::Histogram,
+        help: "Duration of loading one entitlement from the store.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_store_batch_size",
+        kind: MetricKind::Histogram,
+        help: "Calls (commits, loads, pings) carried by one store pipeline.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_store_errors_total",
+        kind: MetricKind::Counter,
+        help: "Failed store operations, by operation.",
+        labels: &[LabelDef {
+            name: "op",
+            values: STORE_OPS,
+        }],
+    },
+    MetricDef {
+        name: "headroom_entitlement_actors",
+        kind: MetricKind::Gauge,
+        help: "Entitlements served by an actor now.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_entitlements_in_memory",
+        kind: MetricKind::Gauge,
+        help: "Entitlements in memory: with an actor, or dormant (idle, state kept).",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_entitlements_in_overdraft",
+        kind: MetricKind::Gauge,
+        help: "Entitlements in memory with seats or a feature in overdraft.",
+        labels: &[],
+    },
+];
+
+/// Describes every metric to the recorder and creates the counters of every
+/// label combination at zero, so that a series exists before its first event.
+fn describe() {
+    for m in METRICS {
+        match m.kind {
+            MetricKind::Counter => metrics::describe_counter!(m.name, m.help),
+            MetricKind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            MetricKind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+        if m.kind == MetricKind::Counter {
+            for labels in combinations(m.labels) {
+                metrics::counter!(m.name, labels).absolute(0);
+            }
+        }
+        if m.kind == MetricKind::Gauge && m.labels.is_empty() {
+            metrics::gauge!(m.name).increment(0.0);
+        }
+    }
+}
+
+fn combinations(labels: &[LabelDef]) -> Vec<Vec<metrics::Label>> {
+    labels.iter().fold(vec![Vec::new()], |acc, l| {
+        acc.iter()
+            .flat_map(|prefix| {
+                l.values.iter().map(move |v| {
+                    let mut next = prefix.clone();
+                    next.push(metrics::Label::new(l.name, *v));
+                    next
+                })
+            })
+            .collect()
+    })
+}
+
+/// METRICS.md, generated from [`METRICS`]
+/// (`cargo run --example metrics_md > METRICS.md`; a test checks it).
+pub fn metrics_markdown() -> String {
+    let mut out = String::from(
+        "# Metrics\n\nGenerated from `src/telemetry.rs` by `cargo run --example metrics_md > METRICS.md`;\n\
+         a test fails when this file and the catalogue differ. Every label has a\n\
+         bounded set of values; none carries an entitlement, seat or feature id.\n\n\
+         | metric | type | help | labels |\n| --- | --- | --- | --- |\n",
+    );
+    for m in METRICS {
+        let labels = if m.labels.is_empty() {
+            "–".to_string()
+        } else {
+            m.labels
+                .iter()
+                .map(|l| {
+                    format!(
+                        "`{}`: {}",
+                        l.name,
+                        l.values
+                            .iter()
+                            .map(|v| format!("`{v}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("<br>")
+        };
+        out += &format!(
+            "| `{}` | {} | {} | {} |\n",
+            m.name,
+            m.kind.as_str(),
+            m.help,
+            labels
+        );
+    }
+    out
 }
 
 /// Logs to stderr, as text or JSON, filtered by `RUST_LOG` (default `info`).

@@ -258,7 +258,7 @@ impl Actor for EntitlementActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(0);
-        metrics::gauge!("headroom_resident_entitlements").increment(1.0);
+        metrics::gauge!("headroom_entitlement_actors").increment(1.0);
         match self.preloaded.take() {
             Some((state, epoch, counted)) => {
                 self.state = Some(*state);
@@ -273,7 +273,7 @@ impl Actor for EntitlementActor {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        metrics::gauge!("headroom_resident_entitlements").decrement(1.0);
+        metrics::gauge!("headroom_entitlement_actors").decrement(1.0);
         if self.counted_overdraft {
             metrics::gauge!("headroom_entitlements_in_overdraft").decrement(1.0);
         }

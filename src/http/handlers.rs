@@ -294,7 +294,7 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    metrics::gauge!("headroom_resident_entitlements_registry").set(state.engine.resident() as f64);
+    metrics::gauge!("headroom_entitlements_in_memory").set(state.engine.resident() as f64);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

@@ -82,10 +82,16 @@ fn timed(
                     d.borrow_mut()
                         .entry((pattern, method.clone(), status))
                         .or_insert_with(|| {
+                            // Bounded: a client may send any method name.
+                            let method_label = crate::telemetry::METHODS
+                                .iter()
+                                .find(|m| **m == method.as_str())
+                                .copied()
+                                .unwrap_or("other");
                             metrics::histogram!(
                                 "headroom_http_request_duration_seconds",
                                 "route" => pattern,
-                                "method" => method.to_string(),
+                                "method" => method_label,
                                 "status" => status.to_string(),
                             )
                         })

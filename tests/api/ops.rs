@@ -115,7 +115,8 @@ async fn metrics_export_the_core_series_with_bounded_labels() {
         r#"route="/v1/entitlements/{id}/seats/{seat_id}""#,
         "headroom_store_write_duration_seconds_bucket",
         "headroom_store_batch_size_bucket",
-        "headroom_resident_entitlements",
+        "headroom_entitlement_actors",
+        "headroom_entitlements_in_memory",
         "headroom_entitlements_in_overdraft",
     ] {
         assert!(text.contains(series), "missing {series} in\n{text}");
@@ -124,6 +125,107 @@ async fn metrics_export_the_core_series_with_bounded_labels() {
         assert!(
             !text.contains(forbidden),
             "unbounded label value {forbidden} in /metrics"
+        );
+    }
+    app.stop().await;
+}
+
+/// `name{k="v",...} value` → (name, labels).
+fn parse_series(line: &str) -> Option<(String, Vec<(String, String)>)> {
+    let (series, _value) = line.rsplit_once(' ')?;
+    let Some(open) = series.find('{') else {
+        return Some((series.to_string(), Vec::new()));
+    };
+    let name = series[..open].to_string();
+    let body = series[open + 1..].strip_suffix('}')?;
+    let mut labels = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let end = after.find('"')?;
+        labels.push((
+            key.trim_start_matches(',').to_string(),
+            after[..end].to_string(),
+        ));
+        rest = &after[end + 1..];
+    }
+    Some((name, labels))
+}
+
+#[actix_rt::test]
+async fn metrics_md_and_the_exported_series_match_the_catalogue() {
+    use headroom::telemetry::{METRICS, MetricKind, metrics_markdown};
+
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/METRICS.md"))
+        .unwrap_or_default();
+    assert_eq!(
+        committed,
+        metrics_markdown(),
+        "run `cargo run --example metrics_md > METRICS.md`"
+    );
+
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(redis_store(&redis, "catalogue")).await;
+    app.put(
+        "acme",
+        r#"{"seats": {"purchased": 1, "hard_cap": 2}, "features": {"f": {"included": 1}}}"#,
+    )
+    .await;
+    for s in ["a", "b", "c"] {
+        app.activate("acme", s).await;
+    }
+    app.usage("acme", r#"{"feature": "f", "amount": 2}"#).await;
+    app.send(
+        reqwest::Method::from_bytes(b"FROBNICATE").unwrap_or(reqwest::Method::GET),
+        "/v1/usage/batch",
+        None,
+        None,
+    )
+    .await;
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+
+    let mut exported = std::collections::HashSet::new();
+    for line in text.lines().filter(|l| l.starts_with("headroom_")) {
+        let (name, labels) = parse_series(line).unwrap_or_else(|| panic!("unparsable: {line}"));
+        let family = METRICS
+            .iter()
+            .find(|m| {
+                name == m.name
+                    || (m.kind == MetricKind::Histogram
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| name == format!("{}{s}", m.name)))
+            })
+            .unwrap_or_else(|| panic!("{name} is exported but not in the catalogue"));
+        exported.insert(family.name);
+        for (key, value) in labels {
+            if key == "le" {
+                continue;
+            }
+            let label = family
+                .labels
+                .iter()
+                .find(|l| l.name == key)
+                .unwrap_or_else(|| panic!("{name}: label {key} is not in the catalogue"));
+            assert!(
+                label.values.contains(&value.as_str()),
+                "{name}: {key}=\"{value}\" is not in its bounded set"
+            );
+        }
+    }
+    for m in METRICS {
+        assert!(
+            exported.contains(m.name),
+            "{} is in the catalogue but not exported",
+            m.name
         );
     }
     app.stop().await;
