@@ -72,6 +72,8 @@ pub struct LabelDef {
 pub const OPERATIONS: &[&str] = &["activate", "usage"];
 pub const OUTCOMES: &[&str] = &["granted", "overdraft", "denied"];
 pub const STORE_OPS: &[&str] = &["commit", "load", "pipeline", "connect"];
+pub const DENY_REASONS: &[&str] = &["hard_cap", "disabled", "expired"];
+pub const VERSIONS: &[&str] = &[env!("CARGO_PKG_VERSION")];
 /// The routes of the API (the `route` label: patterns, never raw paths).
 pub const ROUTES: &[&str] = &[
     "/v1/entitlements/{id}",
@@ -106,6 +108,21 @@ pub const METRICS: &[MetricDef] = &[
             LabelDef {
                 name: "outcome",
                 values: OUTCOMES,
+            },
+        ],
+    },
+    MetricDef {
+        name: "headroom_denials_total",
+        kind: MetricKind::Counter,
+        help: "Denied seat activations and usage calls, by operation and reason.",
+        labels: &[
+            LabelDef {
+                name: "operation",
+                values: OPERATIONS,
+            },
+            LabelDef {
+                name: "reason",
+                values: DENY_REASONS,
             },
         ],
     },
@@ -182,6 +199,15 @@ pub const METRICS: &[MetricDef] = &[
         help: "Entitlements in memory with seats or a feature in overdraft.",
         labels: &[],
     },
+    MetricDef {
+        name: "headroom_build_info",
+        kind: MetricKind::Gauge,
+        help: "Always 1; the version of the running tracker is its label.",
+        labels: &[LabelDef {
+            name: "version",
+            values: VERSIONS,
+        }],
+    },
 ];
 
 /// Describes every metric to the recorder and creates the counters of every
@@ -201,6 +227,9 @@ fn describe() {
         if m.kind == MetricKind::Gauge && m.labels.is_empty() {
             metrics::gauge!(m.name).increment(0.0);
         }
+    }
+    for version in VERSIONS {
+        metrics::gauge!("headroom_build_info", "version" => *version).set(1.0);
     }
 }
 

@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 
 use super::{Dormant, EngineError, Shared, Slot, UsageReply, UsageRequest};
 use crate::domain::{
-    Effects, Entitlement, EntitlementConfig, EntitlementId, EntitlementView, IdempotencyKey,
-    ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
+    DenyReason, Effects, Entitlement, EntitlementConfig, EntitlementId, EntitlementView,
+    IdempotencyKey, Outcome, ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
 };
 use crate::store::{Commit, CommitOutcome, KeyRecord, Loaded, StoreError, Write};
 
@@ -68,11 +68,13 @@ impl Reply {
 
     fn record_metrics(&self, op: &'static str) {
         match self {
-            Reply::Seat(d) => record_decision(op, d.outcome.as_str()),
-            Reply::Usage(r) if !r.replayed => record_decision(op, r.decision.outcome.as_str()),
+            Reply::Seat(d) => record_decision(op, d.outcome, d.reason),
+            Reply::Usage(r) if !r.replayed => {
+                record_decision(op, r.decision.outcome, r.decision.reason)
+            }
             Reply::Batch(rs) => {
                 for r in rs.iter().flatten().filter(|r| !r.replayed) {
-                    record_decision(op, r.decision.outcome.as_str());
+                    record_decision(op, r.decision.outcome, r.decision.reason);
                 }
             }
             _ => {}
@@ -81,19 +83,27 @@ impl Reply {
 }
 
 thread_local! {
-    /// Counter handles by (operation, outcome): looking a labelled metric up
-    /// in the registry on every decision costs more than the decision.
-    static DECISIONS: std::cell::RefCell<HashMap<(&'static str, &'static str), metrics::Counter>> =
+    /// Counter handles by (metric, operation, label value): looking a
+    /// labelled metric up in the registry on every decision costs more than
+    /// the decision.
+    static COUNTERS: std::cell::RefCell<HashMap<(&'static str, &'static str, &'static str), metrics::Counter>> =
         std::cell::RefCell::new(HashMap::new());
 }
 
-fn record_decision(op: &'static str, outcome: &'static str) {
-    DECISIONS.with(|d| {
-        d.borrow_mut()
-            .entry((op, outcome))
-            .or_insert_with(|| metrics::counter!("headroom_decisions_total", "operation" => op, "outcome" => outcome))
+fn count(name: &'static str, op: &'static str, label: &'static str, value: &'static str) {
+    COUNTERS.with(|c| {
+        c.borrow_mut()
+            .entry((name, op, value))
+            .or_insert_with(|| metrics::counter!(name, "operation" => op, label => value))
             .increment(1)
     });
+}
+
+fn record_decision(op: &'static str, outcome: Outcome, reason: Option<DenyReason>) {
+    count("headroom_decisions_total", op, "outcome", outcome.as_str());
+    if let Some(reason) = reason {
+        count("headroom_denials_total", op, "reason", reason.as_str());
+    }
 }
 
 type ReplyTx = oneshot::Sender<Result<Reply, EngineError>>;

@@ -121,6 +121,15 @@ async fn metrics_export_the_core_series_with_bounded_labels() {
     ] {
         assert!(text.contains(series), "missing {series} in\n{text}");
     }
+    let denials = text
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"headroom_denials_total{operation="activate",reason="hard_cap"}"#)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(denials >= 1.0, "the denial is counted by reason");
     for forbidden in ["acme", "seat_id=\"", "entitlement=\""] {
         assert!(
             !text.contains(forbidden),
