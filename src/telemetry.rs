@@ -200,6 +200,54 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[],
     },
     MetricDef {
+        name: "headroom_process_cpu_seconds_total",
+        kind: MetricKind::Counter,
+        help: "CPU time (user and system) the process used, in whole seconds.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_process_resident_memory_bytes",
+        kind: MetricKind::Gauge,
+        help: "Resident memory of the process.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_process_virtual_memory_bytes",
+        kind: MetricKind::Gauge,
+        help: "Virtual memory of the process.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_process_virtual_memory_max_bytes",
+        kind: MetricKind::Gauge,
+        help: "Most virtual memory the process may use.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_process_open_fds",
+        kind: MetricKind::Gauge,
+        help: "Open file descriptors (connections included).",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_process_max_fds",
+        kind: MetricKind::Gauge,
+        help: "Most file descriptors the process may open.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_process_start_time_seconds",
+        kind: MetricKind::Gauge,
+        help: "When the process started, in seconds since the Unix epoch.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_process_threads",
+        kind: MetricKind::Gauge,
+        help: "Threads of the process.",
+        labels: &[],
+    },
+    MetricDef {
         name: "headroom_build_info",
         kind: MetricKind::Gauge,
         help: "Always 1; the version of the running tracker is its label.",
@@ -245,6 +293,14 @@ fn combinations(labels: &[LabelDef]) -> Vec<Vec<metrics::Label>> {
             })
             .collect()
     })
+}
+
+/// Reads the process figures (CPU, memory, descriptors, threads) into their
+/// metrics; `/metrics` calls it before rendering. metrics-process reads them
+/// from /proc, so a scrape costs a few file reads.
+pub fn collect_process_metrics() {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(|| metrics_process::Collector::new("headroom_")).collect();
 }
 
 /// METRICS.md, generated from [`METRICS`]
