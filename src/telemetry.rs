@@ -300,7 +300,9 @@ fn combinations(labels: &[LabelDef]) -> Vec<Vec<metrics::Label>> {
 /// from /proc, so a scrape costs a few file reads.
 pub fn collect_process_metrics() {
     static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
-    COLLECTOR.get_or_init(|| metrics_process::Collector::new("headroom_")).collect();
+    COLLECTOR
+        .get_or_init(|| metrics_process::Collector::new("headroom_"))
+        .collect();
 }
 
 /// METRICS.md, generated from [`METRICS`]

@@ -239,3 +239,39 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
     }
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn promtool_check_metrics_is_clean() {
+    let app = TestApp::spawn(memory_store()).await;
+    app.put("acme", r#"{"seats": {"purchased": 1}}"#).await;
+    app.activate("acme", "a").await;
+    app.activate("acme", "b").await;
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool must be on the PATH (apt-get install prometheus)");
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(text.as_bytes()).expect("write to promtool");
+    }
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.stop().await;
+}
