@@ -275,3 +275,47 @@ async fn promtool_check_metrics_is_clean() {
     );
     app.stop().await;
 }
+
+fn promtool(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/prometheus"))
+        .output()
+        .expect("promtool must be on the PATH (apt-get install prometheus)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn prometheus_config_and_alert_rules_pass_promtool_and_name_only_catalogued_metrics() {
+    let (ok, out) = promtool(&["check", "config", "prometheus.yml"]);
+    assert!(ok, "{out}");
+    let (ok, out) = promtool(&["check", "rules", "alerts.yml"]);
+    assert!(ok, "{out}");
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/grafana/prometheus/alerts.yml"
+    ))
+    .expect("alerts.yml");
+    let names: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("headroom_"))
+        .collect();
+    assert!(!names.is_empty());
+    for name in names {
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            headroom::telemetry::METRICS
+                .iter()
+                .any(|m| m.name == base || m.name == name),
+            "alerts.yml uses {name}, which headroom does not export"
+        );
+    }
+}
