@@ -4,6 +4,7 @@
 mod bad_input;
 mod engine;
 mod faults;
+mod grafana;
 mod helpers;
 mod ops;
 mod readme;
