@@ -9,9 +9,13 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser};
 use rand::RngCore;
 
+use std::collections::HashSet;
+
+use crate::domain::EntitlementId;
 use crate::engine::{Engine, EngineSettings, SystemClock};
 use crate::http::{self, AppState, Auth, Limits};
 use crate::store::{MemoryStore, RedisSettings, RedisStore, Store};
+use crate::telemetry::MAX_WATCHED;
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 24h, 35days)"))
@@ -82,6 +86,10 @@ pub struct Settings {
     /// How long a graceful shutdown waits for calls in flight.
     #[arg(long, env = "HEADROOM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub shutdown_timeout: Duration,
+    /// Comma-separated entitlement ids that get series of their own in
+    /// `/metrics` (at most 50: labels stay bounded).
+    #[arg(long, env = "HEADROOM_WATCH_ENTITLEMENTS")]
+    pub watch_entitlements: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "HEADROOM_LOG_JSON", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub log_json: bool,
@@ -142,6 +150,25 @@ impl Settings {
         })
     }
 
+    /// The watched entitlements, checked.
+    pub fn watched(&self) -> anyhow::Result<HashSet<EntitlementId>> {
+        let ids = self
+            .watch_entitlements
+            .as_deref()
+            .map(tokens)
+            .unwrap_or_default();
+        anyhow::ensure!(
+            ids.len() <= MAX_WATCHED,
+            "--watch-entitlements names {} entitlements; at most {MAX_WATCHED}",
+            ids.len()
+        );
+        ids.iter()
+            .map(|id| {
+                EntitlementId::parse(id).map_err(|e| anyhow::anyhow!("--watch-entitlements: {e}"))
+            })
+            .collect()
+    }
+
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {
             idle_timeout: self.idle_timeout,
@@ -155,7 +182,11 @@ impl Settings {
     /// Runs the tracker until SIGINT/SIGTERM, then drains and exits.
     pub async fn run(self) -> anyhow::Result<()> {
         let store = self.store()?;
-        let engine = Engine::new(store, Arc::new(SystemClock), self.engine_settings());
+        let settings = EngineSettings {
+            watched: Arc::new(self.watched()?),
+            ..self.engine_settings()
+        };
+        let engine = Engine::new(store, Arc::new(SystemClock), settings);
         let state = web::Data::new(AppState {
             engine: engine.clone(),
             auth: self.auth(),

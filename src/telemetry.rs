@@ -65,9 +65,25 @@ impl MetricKind {
 
 pub struct LabelDef {
     pub name: &'static str,
-    /// Every value the label takes.
+    /// Every value the label takes; empty when the configuration bounds them
+    /// (see `bound`).
     pub values: &'static [&'static str],
+    pub bound: &'static str,
 }
+
+/// Most entitlements `--watch-entitlements` may name.
+pub const MAX_WATCHED: usize = 50;
+
+const WATCHED_ENTITLEMENT: LabelDef = LabelDef {
+    name: "entitlement",
+    values: &[],
+    bound: "an id of `--watch-entitlements` (at most 50)",
+};
+const WATCHED_FEATURE: LabelDef = LabelDef {
+    name: "feature",
+    values: &[],
+    bound: "a feature of a watched entitlement (at most 256 each)",
+};
 
 pub const OPERATIONS: &[&str] = &["activate", "usage"];
 pub const OUTCOMES: &[&str] = &["granted", "overdraft", "denied"];
@@ -104,10 +120,12 @@ pub const METRICS: &[MetricDef] = &[
             LabelDef {
                 name: "operation",
                 values: OPERATIONS,
+                bound: "",
             },
             LabelDef {
                 name: "outcome",
                 values: OUTCOMES,
+                bound: "",
             },
         ],
     },
@@ -119,10 +137,12 @@ pub const METRICS: &[MetricDef] = &[
             LabelDef {
                 name: "operation",
                 values: OPERATIONS,
+                bound: "",
             },
             LabelDef {
                 name: "reason",
                 values: DENY_REASONS,
+                bound: "",
             },
         ],
     },
@@ -133,6 +153,7 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[LabelDef {
             name: "type",
             values: &EVENT_KINDS,
+            bound: "",
         }],
     },
     MetricDef {
@@ -143,14 +164,17 @@ pub const METRICS: &[MetricDef] = &[
             LabelDef {
                 name: "route",
                 values: ROUTES,
+                bound: "",
             },
             LabelDef {
                 name: "method",
                 values: METHODS,
+                bound: "",
             },
             LabelDef {
                 name: "status",
                 values: STATUSES,
+                bound: "",
             },
         ],
     },
@@ -179,6 +203,7 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[LabelDef {
             name: "op",
             values: STORE_OPS,
+            bound: "",
         }],
     },
     MetricDef {
@@ -248,12 +273,43 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[],
     },
     MetricDef {
+        name: "headroom_watched_seats_in_use",
+        kind: MetricKind::Gauge,
+        help: "Seats in use of a watched entitlement.",
+        labels: &[WATCHED_ENTITLEMENT],
+    },
+    MetricDef {
+        name: "headroom_watched_seats_purchased",
+        kind: MetricKind::Gauge,
+        help: "Seats purchased by a watched entitlement.",
+        labels: &[WATCHED_ENTITLEMENT],
+    },
+    MetricDef {
+        name: "headroom_watched_seats_hard_cap",
+        kind: MetricKind::Gauge,
+        help: "Effective seat cap of a watched entitlement (absent when unlimited).",
+        labels: &[WATCHED_ENTITLEMENT],
+    },
+    MetricDef {
+        name: "headroom_watched_usage",
+        kind: MetricKind::Gauge,
+        help: "Usage in the current period of a watched entitlement's feature.",
+        labels: &[WATCHED_ENTITLEMENT, WATCHED_FEATURE],
+    },
+    MetricDef {
+        name: "headroom_watched_usage_included",
+        kind: MetricKind::Gauge,
+        help: "Usage included per period for a watched entitlement's feature.",
+        labels: &[WATCHED_ENTITLEMENT, WATCHED_FEATURE],
+    },
+    MetricDef {
         name: "headroom_build_info",
         kind: MetricKind::Gauge,
         help: "Always 1; the version of the running tracker is its label.",
         labels: &[LabelDef {
             name: "version",
             values: VERSIONS,
+            bound: "",
         }],
     },
 ];

@@ -106,6 +106,29 @@ fn record_decision(op: &'static str, outcome: Outcome, reason: Option<DenyReason
     }
 }
 
+/// The series of a watched entitlement: seats and each feature's usage
+/// against what was purchased and the cap.
+fn publish_watched(e: &Entitlement) {
+    let id = e.id.to_string();
+    let view = e.view();
+    metrics::gauge!("headroom_watched_seats_in_use", "entitlement" => id.clone())
+        .set(view.seats.in_use as f64);
+    metrics::gauge!("headroom_watched_seats_purchased", "entitlement" => id.clone())
+        .set(view.seats.purchased as f64);
+    if let Some(cap) = view.seats.hard_cap.finite() {
+        metrics::gauge!("headroom_watched_seats_hard_cap", "entitlement" => id.clone())
+            .set(cap as f64);
+    }
+    for (feature, f) in &view.features {
+        let labels = [
+            ("entitlement", id.clone()),
+            ("feature", feature.to_string()),
+        ];
+        metrics::gauge!("headroom_watched_usage", &labels).set(f.used as f64);
+        metrics::gauge!("headroom_watched_usage_included", &labels).set(f.included as f64);
+    }
+}
+
 type ReplyTx = oneshot::Sender<Result<Reply, EngineError>>;
 
 pub(crate) struct Call {
@@ -651,6 +674,11 @@ impl EntitlementActor {
             } else {
                 -1.0
             });
+        }
+        if let Some(e) = self.state.as_ref()
+            && self.shared.settings.watched.contains(&self.id)
+        {
+            publish_watched(e);
         }
     }
 

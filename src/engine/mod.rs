@@ -66,6 +66,9 @@ pub struct EngineSettings {
     pub idempotency_window: Duration,
     /// CloudEvents `source`.
     pub source: String,
+    /// Entitlements that get series of their own in `/metrics` (a short,
+    /// configured list: labels stay bounded).
+    pub watched: Arc<std::collections::HashSet<EntitlementId>>,
 }
 
 impl Default for EngineSettings {
@@ -77,6 +80,7 @@ impl Default for EngineSettings {
             cached_keys: 1024,
             idempotency_window: Duration::from_secs(24 * 3600),
             source: "headroom".into(),
+            watched: Arc::default(),
         }
     }
 }

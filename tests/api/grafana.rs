@@ -230,7 +230,9 @@ async fn every_panel_and_alert_expression_returns_data_from_a_real_prometheus() 
     // Panels: as Grafana would send them, with $__rate_interval for a 1 s scrape.
     let mut failures = Vec::new();
     for (panel, expr) in panel_queries() {
-        let q = expr.replace("$__rate_interval", "10s");
+        let q = expr
+            .replace("$__rate_interval", "10s")
+            .replace("$entitlement", "acme");
         let mut answer = prometheus.query(&http, &q).await;
         let until = Instant::now() + Duration::from_secs(10);
         while answer["status"] == "success" && series(&answer) == 0 && Instant::now() < until {
@@ -240,6 +242,26 @@ async fn every_panel_and_alert_expression_returns_data_from_a_real_prometheus() 
         if answer["status"] != "success" || series(&answer) == 0 {
             failures.push(format!("{panel}: {q} -> {answer}"));
         }
+    }
+
+    // The per-entitlement dashboard's variable lists the watched entitlement.
+    let values: Value = http
+        .get(format!(
+            "{}/api/v1/label/entitlement/values",
+            prometheus.base
+        ))
+        .query(&[("match[]", "headroom_watched_seats_in_use")])
+        .send()
+        .await
+        .expect("label values")
+        .json()
+        .await
+        .unwrap_or(Value::Null);
+    if !values["data"]
+        .as_array()
+        .is_some_and(|v| v.iter().any(|x| x == "acme"))
+    {
+        failures.push(format!("entitlement variable: {values}"));
     }
 
     // Alerts: Prometheus evaluated each rule without error, and what each

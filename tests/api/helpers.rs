@@ -314,6 +314,7 @@ impl TrackerProcess {
             .env("HEADROOM_ADMIN_TOKENS", ADMIN)
             .env("HEADROOM_CLIENT_TOKENS", CLIENT)
             .env("HEADROOM_REDIS_TIMEOUT", "2s")
+            .env("HEADROOM_WATCH_ENTITLEMENTS", "acme")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -130,10 +130,18 @@ async fn metrics_export_the_core_series_with_bounded_labels() {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(denials >= 1.0, "the denial is counted by reason");
-    for forbidden in ["acme", "seat_id=\"", "entitlement=\""] {
+    for forbidden in ["acme", "seat_id=\""] {
         assert!(
             !text.contains(forbidden),
             "unbounded label value {forbidden} in /metrics"
+        );
+    }
+    // Only watched entitlements (none in this app; another test's) carry an id.
+    for (i, _) in text.match_indices("entitlement=\"") {
+        let value = text[i + 13..].split('"').next().unwrap_or_default();
+        assert_eq!(
+            value, "watched-1",
+            "an unwatched entitlement id in /metrics"
         );
     }
     app.stop().await;
@@ -174,16 +182,25 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
     );
 
     let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "catalogue")).await;
+    let watched = headroom::domain::EntitlementId::parse("watched-1").unwrap();
+    let opts = AppOptions {
+        engine: headroom::engine::EngineSettings {
+            watched: std::sync::Arc::new([watched].into_iter().collect()),
+            ..headroom::engine::EngineSettings::default()
+        },
+        ..AppOptions::default()
+    };
+    let app = TestApp::spawn_with(redis_store(&redis, "catalogue"), opts).await;
     app.put(
-        "acme",
+        "watched-1",
         r#"{"seats": {"purchased": 1, "hard_cap": 2}, "features": {"f": {"included": 1}}}"#,
     )
     .await;
     for s in ["a", "b", "c"] {
-        app.activate("acme", s).await;
+        app.activate("watched-1", s).await;
     }
-    app.usage("acme", r#"{"feature": "f", "amount": 2}"#).await;
+    app.usage("watched-1", r#"{"feature": "f", "amount": 2}"#)
+        .await;
     app.send(
         reqwest::Method::from_bytes(b"FROBNICATE").unwrap_or(reqwest::Method::GET),
         "/v1/usage/batch",
@@ -224,10 +241,19 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
                 .iter()
                 .find(|l| l.name == key)
                 .unwrap_or_else(|| panic!("{name}: label {key} is not in the catalogue"));
-            assert!(
-                label.values.contains(&value.as_str()),
-                "{name}: {key}=\"{value}\" is not in its bounded set"
-            );
+            if label.values.is_empty() {
+                // Bounded by configuration: the watched entitlements of the
+                // apps in this test binary, and their features.
+                assert!(
+                    ["watched-1", "f"].contains(&value.as_str()),
+                    "{name}: {key}=\"{value}\" is not configured"
+                );
+            } else {
+                assert!(
+                    label.values.contains(&value.as_str()),
+                    "{name}: {key}=\"{value}\" is not in its bounded set"
+                );
+            }
         }
     }
     for m in METRICS {
