@@ -303,6 +303,30 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[WATCHED_ENTITLEMENT, WATCHED_FEATURE],
     },
     MetricDef {
+        name: "headroom_stream_length",
+        kind: MetricKind::Gauge,
+        help: "Entries in the event stream (read when /metrics is scraped).",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_actor_mailbox_wait_seconds",
+        kind: MetricKind::Histogram,
+        help: "Time a call waits in its entitlement's mailbox before the actor takes it.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_entitlements_hibernated_total",
+        kind: MetricKind::Counter,
+        help: "Idle entitlements that gave up their actor and stayed in memory, dormant.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_entitlements_passivated_total",
+        kind: MetricKind::Counter,
+        help: "Entitlements that left memory after the idle timeout.",
+        labels: &[],
+    },
+    MetricDef {
         name: "headroom_build_info",
         kind: MetricKind::Gauge,
         help: "Always 1; the version of the running tracker is its label.",

@@ -90,6 +90,10 @@ thread_local! {
         std::cell::RefCell::new(HashMap::new());
 }
 
+thread_local! {
+    static MAILBOX_WAIT: metrics::Histogram = metrics::histogram!("headroom_actor_mailbox_wait_seconds");
+}
+
 fn count(name: &'static str, op: &'static str, label: &'static str, value: &'static str) {
     COUNTERS.with(|c| {
         c.borrow_mut()
@@ -134,6 +138,8 @@ type ReplyTx = oneshot::Sender<Result<Reply, EngineError>>;
 pub(crate) struct Call {
     pub op: Op,
     pub reply: ReplyTx,
+    /// When the call was sent, for the mailbox wait.
+    pub sent: Instant,
 }
 
 impl Message for Call {
@@ -281,6 +287,8 @@ pub(crate) struct EntitlementActor {
     /// timer, so a million idle entitlements cost no wake-ups.
     timer: Option<(SpawnHandle, Instant)>,
     drains: Vec<oneshot::Sender<()>>,
+    /// Stopped into a dormant slot rather than out of memory.
+    hibernated: bool,
     /// State handed over by a dormant slot (state, epoch, counted in the
     /// overdraft gauge), taken in `started`.
     preloaded: Option<(Box<Entitlement>, u64, bool)>,
@@ -306,6 +314,9 @@ impl Actor for EntitlementActor {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
+        if !self.hibernated && self.state.is_some() {
+            metrics::counter!("headroom_entitlements_passivated_total").increment(1);
+        }
         metrics::gauge!("headroom_entitlement_actors").decrement(1.0);
         if self.counted_overdraft {
             metrics::gauge!("headroom_entitlements_in_overdraft").decrement(1.0);
@@ -346,6 +357,7 @@ impl EntitlementActor {
                 timer: None,
                 drains: Vec::new(),
                 preloaded,
+                hibernated: false,
             }
         })
     }
@@ -749,6 +761,8 @@ impl EntitlementActor {
             });
             // The dormant slot keeps the entitlement in the overdraft gauge.
             self.counted_overdraft = false;
+            self.hibernated = true;
+            metrics::counter!("headroom_entitlements_hibernated_total").increment(1);
         }
         ctx.stop();
     }
@@ -786,6 +800,7 @@ impl Handler<Call> for EntitlementActor {
 
     fn handle(&mut self, call: Call, ctx: &mut Context<Self>) {
         self.last_used = Instant::now();
+        MAILBOX_WAIT.with(|h| h.record(self.last_used.duration_since(call.sent).as_secs_f64()));
         if self.phase == Phase::Broken {
             let w = Waiting {
                 op: call.op,

@@ -269,6 +269,7 @@ impl Engine {
         let mut due = Vec::new();
         self.shared.registry.retain(|id, slot| match slot {
             Slot::Dormant(d) if d.since.elapsed() >= idle => {
+                metrics::counter!("headroom_entitlements_passivated_total").increment(1);
                 if d.in_overdraft {
                     metrics::gauge!("headroom_entitlements_in_overdraft").decrement(1.0);
                 }
@@ -293,6 +294,7 @@ impl Engine {
             let _ = addr.try_send(Call {
                 op: Op::Sweep,
                 reply,
+                sent: std::time::Instant::now(),
             });
         }
     }
@@ -310,6 +312,7 @@ impl Engine {
             let sent = addr.try_send(Call {
                 op: op.clone(),
                 reply: tx,
+                sent: std::time::Instant::now(),
             });
             if sent.is_ok()
                 && let Ok(reply) = rx.await

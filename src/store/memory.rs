@@ -180,6 +180,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn stream_length(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().events.len() as u64)
+    }
+
     fn durable(&self) -> bool {
         false
     }

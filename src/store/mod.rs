@@ -94,6 +94,8 @@ pub trait Store: Send + Sync + 'static {
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError>;
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Entries in the event stream now.
+    async fn stream_length(&self) -> Result<u64, StoreError>;
     /// Whether state survives a restart.
     fn durable(&self) -> bool;
     /// Writes what is queued and stops background work.

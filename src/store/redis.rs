@@ -76,6 +76,9 @@ enum Job {
     Ping {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    StreamLength {
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
 }
 
 impl Job {
@@ -84,6 +87,7 @@ impl Job {
             Job::Commit { reply, .. } => drop(reply.send(Err(e))),
             Job::Load { reply, .. } => drop(reply.send(Err(e))),
             Job::Ping { reply } => drop(reply.send(Err(e))),
+            Job::StreamLength { reply } => drop(reply.send(Err(e))),
         }
     }
 
@@ -105,6 +109,13 @@ impl Job {
             }
             Job::Ping { reply } => {
                 let _ = reply.send(value.map(|_| ()));
+            }
+            Job::StreamLength { reply } => {
+                let length = value.and_then(|v| match v {
+                    Value::Int(n) => Ok(n.max(0) as u64),
+                    other => Err(unavailable(format!("XLEN answered {other:?}"))),
+                });
+                let _ = reply.send(length);
             }
         }
     }
@@ -346,6 +357,9 @@ impl Shared {
                 Job::Load { id, .. } => self.add_load(&mut pipe, id),
                 Job::Ping { .. } => {
                     pipe.cmd("PING");
+                }
+                Job::StreamLength { .. } => {
+                    pipe.cmd("XLEN").arg(self.stream());
                 }
             }
         }
@@ -621,6 +635,11 @@ impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Ping { reply }, rx).await
+    }
+
+    async fn stream_length(&self) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::StreamLength { reply }, rx).await
     }
 
     fn durable(&self) -> bool {

@@ -215,6 +215,9 @@ impl headroom::store::Store for CountingStore {
     async fn ping(&self) -> Result<(), headroom::store::StoreError> {
         self.inner.ping().await
     }
+    async fn stream_length(&self) -> Result<u64, headroom::store::StoreError> {
+        self.inner.stream_length().await
+    }
     fn durable(&self) -> bool {
         self.inner.durable()
     }
