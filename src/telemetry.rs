@@ -221,7 +221,13 @@ pub const METRICS: &[MetricDef] = &[
     MetricDef {
         name: "headroom_entitlements_in_overdraft",
         kind: MetricKind::Gauge,
-        help: "Entitlements in memory with seats or a feature in overdraft.",
+        help: "Entitlements with seats or a feature in overdraft now, over all entitlements (kept by the store with each write).",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_seats_in_overdraft",
+        kind: MetricKind::Gauge,
+        help: "Seats in use above what was purchased now, over all entitlements (kept by the store with each write).",
         labels: &[],
     },
     MetricDef {

@@ -15,7 +15,7 @@ use crate::domain::{
     DenyReason, Effects, Entitlement, EntitlementConfig, EntitlementId, EntitlementView,
     IdempotencyKey, Outcome, ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
 };
-use crate::store::{Commit, CommitOutcome, KeyRecord, Loaded, StoreError, Write};
+use crate::store::{Commit, CommitOutcome, KeyRecord, Loaded, OverdraftDelta, StoreError, Write};
 
 #[derive(Clone, Debug)]
 pub(crate) enum Op {
@@ -153,6 +153,31 @@ impl Message for Drain {
     type Result = ();
 }
 
+/// Whether an entitlement is in overdraft (seats or any feature), and by
+/// how many seats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Standing {
+    in_overdraft: bool,
+    seats_over: u64,
+}
+
+impl Standing {
+    fn of(state: Option<&Entitlement>) -> Self {
+        state.map_or_else(Standing::default, |e| Standing {
+            in_overdraft: e.in_overdraft(),
+            seats_over: e.seats.in_use().saturating_sub(e.config.seats.purchased),
+        })
+    }
+
+    /// The change from `before` to this, for the store's totals.
+    fn since(self, before: Standing) -> OverdraftDelta {
+        OverdraftDelta {
+            entitlements: i64::from(self.in_overdraft) - i64::from(before.in_overdraft),
+            seats: self.seats_over as i64 - before.seats_over as i64,
+        }
+    }
+}
+
 /// A decided call waiting for its batch to be written.
 struct Waiting {
     op: Op,
@@ -256,6 +281,8 @@ enum Phase {
 /// reached the store if its outcome is unknown.
 struct Inflight {
     batch: Batch,
+    /// Where the state of this write stands on overdraft.
+    standing: Standing,
     incarnation: Option<i64>,
     commits: u64,
     event_kinds: Vec<&'static str>,
@@ -278,8 +305,9 @@ pub(crate) struct EntitlementActor {
     state: Option<Entitlement>,
     pending: Batch,
     inflight: Option<Box<Inflight>>,
-    /// Whether this entitlement is counted in the overdraft gauge.
-    counted_overdraft: bool,
+    /// Where the stored state stands on overdraft: the baseline of the
+    /// change each commit makes to the store's overdraft totals.
+    committed_standing: Standing,
     keys: KeyCache,
     last_used: Instant,
     /// The one timer this actor may have pending, and when it fires: the
@@ -289,9 +317,8 @@ pub(crate) struct EntitlementActor {
     drains: Vec<oneshot::Sender<()>>,
     /// Stopped into a dormant slot rather than out of memory.
     hibernated: bool,
-    /// State handed over by a dormant slot (state, epoch, counted in the
-    /// overdraft gauge), taken in `started`.
-    preloaded: Option<(Box<Entitlement>, u64, bool)>,
+    /// State and epoch handed over by a dormant slot, taken in `started`.
+    preloaded: Option<(Box<Entitlement>, u64)>,
 }
 
 impl Actor for EntitlementActor {
@@ -301,12 +328,12 @@ impl Actor for EntitlementActor {
         ctx.set_mailbox_capacity(0);
         metrics::gauge!("headroom_entitlement_actors").increment(1.0);
         match self.preloaded.take() {
-            Some((state, epoch, counted)) => {
+            Some((state, epoch)) => {
                 self.state = Some(*state);
                 self.epoch = epoch;
                 self.claimed = true;
-                self.counted_overdraft = counted;
-                self.update_gauges();
+                self.committed_standing = Standing::of(self.state.as_ref());
+                self.publish_watched();
                 self.schedule(ctx);
             }
             None => self.reload(ctx, None, Vec::new()),
@@ -318,9 +345,6 @@ impl Actor for EntitlementActor {
             metrics::counter!("headroom_entitlements_passivated_total").increment(1);
         }
         metrics::gauge!("headroom_entitlement_actors").decrement(1.0);
-        if self.counted_overdraft {
-            metrics::gauge!("headroom_entitlements_in_overdraft").decrement(1.0);
-        }
         self.shared
             .registry
             .remove_if(&self.id, |_, slot| slot.is_generation(self.generation));
@@ -337,7 +361,7 @@ impl EntitlementActor {
         id: EntitlementId,
         generation: u64,
         shared: Arc<Shared>,
-        preloaded: Option<(Box<Entitlement>, u64, bool)>,
+        preloaded: Option<(Box<Entitlement>, u64)>,
     ) -> Addr<Self> {
         EntitlementActor::create(|ctx| {
             ctx.set_mailbox_capacity(0);
@@ -351,7 +375,7 @@ impl EntitlementActor {
                 state: None,
                 pending: Batch::default(),
                 inflight: None,
-                counted_overdraft: false,
+                committed_standing: Standing::default(),
                 keys: KeyCache::default(),
                 last_used: Instant::now(),
                 timer: None,
@@ -394,7 +418,8 @@ impl EntitlementActor {
                     act.epoch = loaded.epoch;
                     act.claimed = loaded.claimed;
                     act.state = loaded.state;
-                    act.update_gauges();
+                    act.committed_standing = Standing::of(act.state.as_ref());
+                    act.publish_watched();
                     act.phase = Phase::Ready;
                     for w in replay {
                         act.decide(w.op, w.reply);
@@ -588,6 +613,7 @@ impl EntitlementActor {
                 }
             }
         };
+        let standing = Standing::of(self.state.as_ref());
         let commit = Commit {
             id: self.id.clone(),
             epoch: self.epoch,
@@ -595,8 +621,10 @@ impl EntitlementActor {
             write,
             events: std::mem::take(&mut batch.events),
             idempotency: std::mem::take(&mut batch.keys),
+            overdraft: standing.since(self.committed_standing),
         };
         let inflight = Inflight {
+            standing,
             event_kinds: commit.events.iter().map(|(k, _)| *k).collect(),
             incarnation: self.state.as_ref().map(Entitlement::incarnation),
             commits: self.state.as_ref().map_or(0, |e| e.commits),
@@ -620,6 +648,7 @@ impl EntitlementActor {
             incarnation,
             commits,
             event_kinds,
+            standing,
         } = *inflight;
         let replay_all = |act: &mut Self, batch: Batch| {
             let pending = std::mem::take(&mut act.pending);
@@ -637,7 +666,8 @@ impl EntitlementActor {
                     metrics::counter!("headroom_events_published_total", "type" => kind)
                         .increment(1);
                 }
-                self.update_gauges();
+                self.committed_standing = standing;
+                self.publish_watched();
                 for w in batch.calls {
                     w.answer();
                 }
@@ -675,18 +705,7 @@ impl EntitlementActor {
         }
     }
 
-    /// Keeps the overdraft gauge exact for resident entitlements: counted
-    /// once while in overdraft on seats or any feature.
-    fn update_gauges(&mut self) {
-        let over = self.state.as_ref().is_some_and(Entitlement::in_overdraft);
-        if over != self.counted_overdraft {
-            self.counted_overdraft = over;
-            metrics::gauge!("headroom_entitlements_in_overdraft").increment(if over {
-                1.0
-            } else {
-                -1.0
-            });
-        }
+    fn publish_watched(&self) {
         if let Some(e) = self.state.as_ref()
             && self.shared.settings.watched.contains(&self.id)
         {
@@ -757,10 +776,7 @@ impl EntitlementActor {
                 epoch: self.epoch,
                 since: self.last_used,
                 due,
-                in_overdraft: self.counted_overdraft,
             });
-            // The dormant slot keeps the entitlement in the overdraft gauge.
-            self.counted_overdraft = false;
             self.hibernated = true;
             metrics::counter!("headroom_entitlements_hibernated_total").increment(1);
         }

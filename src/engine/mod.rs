@@ -120,8 +120,6 @@ pub(crate) struct Dormant {
     pub(crate) since: std::time::Instant,
     /// When housekeeping (a lease expiry, a period end) falls due.
     pub(crate) due: Option<chrono::DateTime<chrono::Utc>>,
-    /// Counted in the overdraft gauge: a dormant entitlement still is.
-    pub(crate) in_overdraft: bool,
 }
 
 impl Slot {
@@ -196,7 +194,7 @@ impl Engine {
             Entry::Occupied(mut o) => match o.get_mut() {
                 Slot::Live { generation, addr } => (*generation, addr.clone()),
                 Slot::Dormant(d) => {
-                    let preloaded = d.state.take().map(|s| (s, d.epoch, d.in_overdraft));
+                    let preloaded = d.state.take().map(|s| (s, d.epoch));
                     let (generation, addr) = spawn(preloaded);
                     *o.get_mut() = Slot::Live {
                         generation,
@@ -270,9 +268,6 @@ impl Engine {
         self.shared.registry.retain(|id, slot| match slot {
             Slot::Dormant(d) if d.since.elapsed() >= idle => {
                 metrics::counter!("headroom_entitlements_passivated_total").increment(1);
-                if d.in_overdraft {
-                    metrics::gauge!("headroom_entitlements_in_overdraft").decrement(1.0);
-                }
                 false
             }
             Slot::Dormant(d) => {

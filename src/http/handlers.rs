@@ -296,9 +296,17 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     metrics::gauge!("headroom_entitlements_in_memory").set(state.engine.resident() as f64);
     crate::telemetry::collect_process_metrics();
-    match state.engine.store().stream_length().await {
+    let store = state.engine.store();
+    match store.stream_length().await {
         Ok(n) => metrics::gauge!("headroom_stream_length").set(n as f64),
         Err(e) => tracing::debug!(error = %e, "stream length unknown"),
+    }
+    match store.overdraft_totals().await {
+        Ok(t) => {
+            metrics::gauge!("headroom_entitlements_in_overdraft").set(t.entitlements as f64);
+            metrics::gauge!("headroom_seats_in_overdraft").set(t.seats as f64);
+        }
+        Err(e) => tracing::debug!(error = %e, "overdraft totals unknown"),
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

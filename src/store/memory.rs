@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Commit, CommitOutcome, Loaded, Store, StoreError, Write, decode_state};
+use super::{
+    Commit, CommitOutcome, Loaded, OverdraftTotals, Store, StoreError, Write, decode_state,
+};
 use crate::domain::{EntitlementId, IdempotencyKey, Lease, SeatId};
 
 #[derive(Default)]
@@ -24,6 +26,7 @@ struct Inner {
     keys: HashMap<(EntitlementId, i64, IdempotencyKey), (String, Instant)>,
     events: VecDeque<StoredEvent>,
     next_purge: Instant,
+    totals: OverdraftTotals,
 }
 
 /// One entry of the in-memory event stream.
@@ -48,6 +51,7 @@ impl MemoryStore {
                 keys: HashMap::new(),
                 events: VecDeque::new(),
                 next_purge: Instant::now(),
+                totals: OverdraftTotals::default(),
             }),
             stream_maxlen,
             idempotency_window,
@@ -162,6 +166,8 @@ impl Store for MemoryStore {
         while inner.events.len() > self.stream_maxlen {
             inner.events.pop_front();
         }
+        inner.totals.entitlements += commit.overdraft.entitlements;
+        inner.totals.seats += commit.overdraft.seats;
         let expires = now + self.idempotency_window;
         for r in commit.idempotency {
             inner.keys.insert(
@@ -182,6 +188,10 @@ impl Store for MemoryStore {
 
     async fn stream_length(&self) -> Result<u64, StoreError> {
         Ok(self.lock().events.len() as u64)
+    }
+
+    async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError> {
+        Ok(self.lock().totals)
     }
 
     fn durable(&self) -> bool {

@@ -49,6 +49,25 @@ pub struct Commit {
     pub events: Vec<(&'static str, String)>,
     /// Idempotency keys first used by this commit, with the record to keep.
     pub idempotency: Vec<KeyRecord>,
+    /// How this commit changes the overdraft totals, written with it.
+    pub overdraft: OverdraftDelta,
+}
+
+/// Changes to the totals of all entitlements: how many are in overdraft
+/// (seats or any feature) and how many seats are above what was purchased.
+/// The store keeps the totals, updated atomically with each commit, so
+/// they stay exact whichever process holds which entitlement.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OverdraftDelta {
+    pub entitlements: i64,
+    pub seats: i64,
+}
+
+/// The totals themselves.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OverdraftTotals {
+    pub entitlements: i64,
+    pub seats: i64,
 }
 
 /// An idempotency key and the first decision made with it.
@@ -96,6 +115,8 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Entries in the event stream now.
     async fn stream_length(&self) -> Result<u64, StoreError>;
+    /// Entitlements and seats in overdraft now, over all entitlements.
+    async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError>;
     /// Whether state survives a restart.
     fn durable(&self) -> bool;
     /// Writes what is queued and stops background work.

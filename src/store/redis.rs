@@ -25,7 +25,9 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use super::{Commit, CommitOutcome, Loaded, Store, StoreError, Write, decode_state};
+use super::{
+    Commit, CommitOutcome, Loaded, OverdraftTotals, Store, StoreError, Write, decode_state,
+};
 use crate::domain::{EntitlementId, IdempotencyKey};
 
 const COMMIT_LUA: &str = include_str!("lua/commit.lua");
@@ -79,6 +81,9 @@ enum Job {
     StreamLength {
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    Totals {
+        reply: oneshot::Sender<Result<OverdraftTotals, StoreError>>,
+    },
 }
 
 impl Job {
@@ -88,6 +93,7 @@ impl Job {
             Job::Load { reply, .. } => drop(reply.send(Err(e))),
             Job::Ping { reply } => drop(reply.send(Err(e))),
             Job::StreamLength { reply } => drop(reply.send(Err(e))),
+            Job::Totals { reply } => drop(reply.send(Err(e))),
         }
     }
 
@@ -116,6 +122,25 @@ impl Job {
                     other => Err(unavailable(format!("XLEN answered {other:?}"))),
                 });
                 let _ = reply.send(length);
+            }
+            Job::Totals { reply } => {
+                let totals = value.and_then(|v| match v {
+                    Value::Array(items) => {
+                        let n = |i: usize| {
+                            items
+                                .get(i)
+                                .and_then(text)
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(0)
+                        };
+                        Ok(OverdraftTotals {
+                            entitlements: n(0),
+                            seats: n(1),
+                        })
+                    }
+                    other => Err(unavailable(format!("HMGET answered {other:?}"))),
+                });
+                let _ = reply.send(totals);
             }
         }
     }
@@ -226,6 +251,10 @@ impl Shared {
         format!("{}:events", self.settings.prefix)
     }
 
+    fn totals_key(&self) -> String {
+        format!("{}:overdraft", self.settings.prefix)
+    }
+
     async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
         self.pool.get().await.map_err(|e| match e {
             deadpool_redis::PoolError::Timeout(_) => StoreError::Timeout(self.settings.timeout),
@@ -273,12 +302,12 @@ impl Shared {
 
     /// One script call for all the commits of a pipeline.
     fn add_commits(&self, pipe: &mut redis::Pipeline, commits: &[&Commit]) {
-        let nkeys: usize = 1 + commits
+        let nkeys: usize = 2 + commits
             .iter()
             .map(|c| 3 + c.idempotency.len())
             .sum::<usize>();
         let cmd = pipe.cmd("EVALSHA").arg(&self.commit_sha).arg(nkeys);
-        cmd.arg(self.stream());
+        cmd.arg(self.stream()).arg(self.totals_key());
         for c in commits {
             cmd.arg(self.key(&c.id, "epoch"))
                 .arg(self.key(&c.id, "state"))
@@ -310,6 +339,8 @@ impl Shared {
                 .arg(mode)
                 .arg(core)
                 .arg(config)
+                .arg(c.overdraft.entitlements)
+                .arg(c.overdraft.seats)
                 .arg(seats.len())
                 .arg(c.events.len())
                 .arg(c.idempotency.len())
@@ -360,6 +391,12 @@ impl Shared {
                 }
                 Job::StreamLength { .. } => {
                     pipe.cmd("XLEN").arg(self.stream());
+                }
+                Job::Totals { .. } => {
+                    pipe.cmd("HMGET")
+                        .arg(self.totals_key())
+                        .arg("entitlements")
+                        .arg("seats");
                 }
             }
         }
@@ -640,6 +677,11 @@ impl Store for RedisStore {
     async fn stream_length(&self) -> Result<u64, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::StreamLength { reply }, rx).await
+    }
+
+    async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Totals { reply }, rx).await
     }
 
     fn durable(&self) -> bool {

@@ -218,6 +218,11 @@ impl headroom::store::Store for CountingStore {
     async fn stream_length(&self) -> Result<u64, headroom::store::StoreError> {
         self.inner.stream_length().await
     }
+    async fn overdraft_totals(
+        &self,
+    ) -> Result<headroom::store::OverdraftTotals, headroom::store::StoreError> {
+        self.inner.overdraft_totals().await
+    }
     fn durable(&self) -> bool {
         self.inner.durable()
     }
@@ -331,5 +336,73 @@ async fn idle_entitlements_hibernate_wake_without_the_store_and_still_expire_lea
     }
     let view = engine.get(&eid("e42")).await.unwrap();
     assert_eq!(view.seats.in_use, 0);
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn overdraft_totals_are_exact_across_restarts_and_processes() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, "totals");
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        EngineSettings::default(),
+    );
+    let cfg = config(
+        r#"{"seats": {"purchased": 1, "hard_cap": 5}, "features": {"f": {"included": 10, "hard_cap": 100}}}"#,
+    );
+    for id in ["a", "b", "c"] {
+        engine.put(&eid(id), cfg.clone()).await.unwrap();
+    }
+    for seat in ["s1", "s2", "s3"] {
+        engine
+            .activate(&eid("a"), SeatId::parse(seat).unwrap())
+            .await
+            .unwrap();
+    }
+    engine
+        .activate(&eid("b"), SeatId::parse("s1").unwrap())
+        .await
+        .unwrap();
+    engine
+        .activate(&eid("b"), SeatId::parse("s2").unwrap())
+        .await
+        .unwrap();
+    let usage = UsageRequest {
+        feature: FeatureKey::parse("f").unwrap(),
+        amount: Amount::new(20).unwrap(),
+        idempotency_key: None,
+    };
+    engine.consume(&eid("c"), usage).await.unwrap();
+    let totals = store.overdraft_totals().await.unwrap();
+    assert_eq!(
+        (totals.entitlements, totals.seats),
+        (3, 3),
+        "a: 2 seats over, b: 1, c: usage"
+    );
+    engine.shutdown().await;
+
+    // Another process on the same Redis: the totals carry over and stay exact.
+    let store = redis_store(&redis, "totals");
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        EngineSettings::default(),
+    );
+    engine
+        .release(&eid("a"), SeatId::parse("s3").unwrap())
+        .await
+        .unwrap();
+    engine
+        .release(&eid("b"), SeatId::parse("s2").unwrap())
+        .await
+        .unwrap();
+    engine.delete(&eid("c")).await.unwrap();
+    let totals = store.overdraft_totals().await.unwrap();
+    assert_eq!(
+        (totals.entitlements, totals.seats),
+        (1, 1),
+        "only a is left, one seat over"
+    );
     engine.shutdown().await;
 }

@@ -55,6 +55,7 @@ fn put(
             seats,
         },
         events: vec![("entitlement.updated", "{}".into())],
+        overdraft: Default::default(),
         idempotency: keys
             .iter()
             .map(|k| KeyRecord {
@@ -159,6 +160,7 @@ async fn contract(store: Arc<dyn Store>) {
         write: Write::Delete,
         events: vec![("entitlement.deleted", "{}".into())],
         idempotency: vec![],
+        overdraft: Default::default(),
     };
     assert!(matches!(
         store.commit(del).await.unwrap(),

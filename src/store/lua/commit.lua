@@ -3,24 +3,26 @@
 -- others' writes alone. One call carries a whole pipeline of commits, so
 -- Redis pays the script-call overhead once per round trip.
 --
--- KEYS: 1 event stream, then per commit: epoch, state hash, seats hash and
---       its idempotency keys.
+-- KEYS: 1 event stream, 2 overdraft totals hash, then per commit: epoch,
+--       state hash, seats hash and its idempotency keys.
 -- ARGV: 1 commit count, 2 stream MAXLEN, 3 idempotency TTL (ms), then per
 --       commit: expected epoch, claim (0|1), mode (put|replace|delete), state
---       JSON, configuration JSON ('' when unchanged), seat count, event count, key count, entitlement id, then per
+--       JSON, configuration JSON ('' when unchanged), change of entitlements
+--       in overdraft, change of seats in overdraft, seat count, event count, key count, entitlement id, then per
 --       seat (id, lease or ''), per event (type, CloudEvents JSON), per
 --       idempotency key its record.
 -- Returns one reply per commit: {'ok', epoch}, {'fenced', epoch} or
 -- {'keys', index, record, ...}.
-local stream, maxlen, ttl = KEYS[1], ARGV[2], ARGV[3]
-local k, a = 2, 4
+local stream, totals, maxlen, ttl = KEYS[1], KEYS[2], ARGV[2], ARGV[3]
+local k, a = 3, 4
 local out = {}
 for c = 1, tonumber(ARGV[1]) do
   local epoch_key, state_key, seats_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local expected, claim, mode, core, config = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local nseats, nevents, nkeys = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
-  local id = ARGV[a + 8]
-  local seat_a = a + 9
+  local d_entitlements, d_seats = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  local nseats, nevents, nkeys = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
+  local id = ARGV[a + 10]
+  local seat_a = a + 11
   local event_a = seat_a + 2 * nseats
   local record_a = event_a + 2 * nevents
   local key_k = k + 3
@@ -68,6 +70,12 @@ for c = 1, tonumber(ARGV[1]) do
       end
       for i = 0, nkeys - 1 do
         redis.call('SET', KEYS[key_k + i], ARGV[record_a + i], 'PX', ttl)
+      end
+      if d_entitlements ~= 0 then
+        redis.call('HINCRBY', totals, 'entitlements', d_entitlements)
+      end
+      if d_seats ~= 0 then
+        redis.call('HINCRBY', totals, 'seats', d_seats)
       end
       out[c] = {'ok', epoch}
     end
