@@ -207,3 +207,22 @@ impl Settings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_watch(list: &str) -> anyhow::Result<HashSet<EntitlementId>> {
+        Settings::parse_from(["headroom", "--watch-entitlements", list]).watched()
+    }
+
+    #[test]
+    fn watched_entitlements_are_checked_and_bounded() {
+        assert_eq!(with_watch("acme, globex").map(|w| w.len()).ok(), Some(2));
+        let fifty: Vec<String> = (0..50).map(|i| format!("e{i}")).collect();
+        assert!(with_watch(&fifty.join(",")).is_ok());
+        let fifty_one: Vec<String> = (0..51).map(|i| format!("e{i}")).collect();
+        assert!(with_watch(&fifty_one.join(",")).is_err(), "at most 50");
+        assert!(with_watch("not an id").is_err());
+    }
+}
