@@ -247,6 +247,17 @@ impl TestApp {
         )
     }
 
+    /// The text of `/metrics`.
+    pub async fn scrape(&self) -> String {
+        let res = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        res.text().await.unwrap_or_default()
+    }
+
     pub async fn put(&self, id: &str, config: &str) -> (u16, Value) {
         self.send(
             reqwest::Method::PUT,

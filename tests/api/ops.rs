@@ -97,15 +97,7 @@ async fn metrics_export_the_core_series_with_bounded_labels() {
     for s in ["a", "b", "c"] {
         app.activate("acme", s).await;
     }
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
+    let text = app.scrape().await;
     for series in [
         r#"headroom_decisions_total{operation="activate",outcome="granted"}"#,
         r#"headroom_decisions_total{operation="activate",outcome="overdraft"}"#,
@@ -208,15 +200,7 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
         None,
     )
     .await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
+    let text = app.scrape().await;
 
     let mut exported = std::collections::HashSet::new();
     for line in text.lines().filter(|l| l.starts_with("headroom_")) {
@@ -272,15 +256,7 @@ async fn promtool_check_metrics_is_clean() {
     app.put("acme", r#"{"seats": {"purchased": 1}}"#).await;
     app.activate("acme", "a").await;
     app.activate("acme", "b").await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
+    let text = app.scrape().await;
     let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
