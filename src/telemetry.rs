@@ -71,6 +71,17 @@ pub struct LabelDef {
     pub bound: &'static str,
 }
 
+impl LabelDef {
+    /// A label whose every value is listed.
+    const fn fixed(name: &'static str, values: &'static [&'static str]) -> Self {
+        LabelDef {
+            name,
+            values,
+            bound: "",
+        }
+    }
+}
+
 /// Most entitlements `--watch-entitlements` may name.
 pub const MAX_WATCHED: usize = 50;
 
@@ -88,6 +99,7 @@ const WATCHED_FEATURE: LabelDef = LabelDef {
 pub const OPERATIONS: &[&str] = &["activate", "usage"];
 pub const OUTCOMES: &[&str] = &["granted", "overdraft", "denied"];
 pub const STORE_OPS: &[&str] = &["commit", "load", "pipeline", "connect"];
+const OPERATION: LabelDef = LabelDef::fixed("operation", OPERATIONS);
 pub const DENY_REASONS: &[&str] = &["hard_cap", "disabled", "expired"];
 pub const VERSIONS: &[&str] = &[env!("CARGO_PKG_VERSION")];
 /// The routes of the API (the `route` label: patterns, never raw paths).
@@ -116,66 +128,28 @@ pub const METRICS: &[MetricDef] = &[
         name: "headroom_decisions_total",
         kind: MetricKind::Counter,
         help: "Seat activations and usage decisions, by operation and outcome (replays of idempotent calls are not counted).",
-        labels: &[
-            LabelDef {
-                name: "operation",
-                values: OPERATIONS,
-                bound: "",
-            },
-            LabelDef {
-                name: "outcome",
-                values: OUTCOMES,
-                bound: "",
-            },
-        ],
+        labels: &[OPERATION, LabelDef::fixed("outcome", OUTCOMES)],
     },
     MetricDef {
         name: "headroom_denials_total",
         kind: MetricKind::Counter,
         help: "Denied seat activations and usage calls, by operation and reason.",
-        labels: &[
-            LabelDef {
-                name: "operation",
-                values: OPERATIONS,
-                bound: "",
-            },
-            LabelDef {
-                name: "reason",
-                values: DENY_REASONS,
-                bound: "",
-            },
-        ],
+        labels: &[OPERATION, LabelDef::fixed("reason", DENY_REASONS)],
     },
     MetricDef {
         name: "headroom_events_published_total",
         kind: MetricKind::Counter,
         help: "Events written to the stream, by type.",
-        labels: &[LabelDef {
-            name: "type",
-            values: &EVENT_KINDS,
-            bound: "",
-        }],
+        labels: &[LabelDef::fixed("type", &EVENT_KINDS)],
     },
     MetricDef {
         name: "headroom_http_request_duration_seconds",
         kind: MetricKind::Histogram,
         help: "HTTP request duration by route pattern, method and status.",
         labels: &[
-            LabelDef {
-                name: "route",
-                values: ROUTES,
-                bound: "",
-            },
-            LabelDef {
-                name: "method",
-                values: METHODS,
-                bound: "",
-            },
-            LabelDef {
-                name: "status",
-                values: STATUSES,
-                bound: "",
-            },
+            LabelDef::fixed("route", ROUTES),
+            LabelDef::fixed("method", METHODS),
+            LabelDef::fixed("status", STATUSES),
         ],
     },
     MetricDef {
@@ -200,11 +174,7 @@ pub const METRICS: &[MetricDef] = &[
         name: "headroom_store_errors_total",
         kind: MetricKind::Counter,
         help: "Failed store operations, by operation.",
-        labels: &[LabelDef {
-            name: "op",
-            values: STORE_OPS,
-            bound: "",
-        }],
+        labels: &[LabelDef::fixed("op", STORE_OPS)],
     },
     MetricDef {
         name: "headroom_entitlement_actors",
@@ -336,11 +306,7 @@ pub const METRICS: &[MetricDef] = &[
         name: "headroom_build_info",
         kind: MetricKind::Gauge,
         help: "Always 1; the version of the running tracker is its label.",
-        labels: &[LabelDef {
-            name: "version",
-            values: VERSIONS,
-            bound: "",
-        }],
+        labels: &[LabelDef::fixed("version", VERSIONS)],
     },
 ];
 

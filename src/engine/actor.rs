@@ -288,13 +288,6 @@ struct Inflight {
     event_kinds: Vec<&'static str>,
 }
 
-/// A write whose outcome is unknown (timeout, dropped connection).
-struct Unknown {
-    batch: Batch,
-    incarnation: Option<i64>,
-    commits: u64,
-}
-
 pub(crate) struct EntitlementActor {
     id: EntitlementId,
     generation: u64,
@@ -394,7 +387,12 @@ impl EntitlementActor {
     /// `unknown` is a write whose outcome must be settled by what is read;
     /// `replay` are calls decided on state that was never written: they are
     /// decided again on what was read.
-    fn reload(&mut self, ctx: &mut Context<Self>, unknown: Option<Unknown>, replay: Vec<Waiting>) {
+    fn reload(
+        &mut self,
+        ctx: &mut Context<Self>,
+        unknown: Option<Box<Inflight>>,
+        replay: Vec<Waiting>,
+    ) {
         let store = self.shared.store.clone();
         let id = self.id.clone();
         self.state = None;
@@ -643,13 +641,6 @@ impl EntitlementActor {
         let Some(inflight) = self.inflight.take() else {
             return;
         };
-        let Inflight {
-            batch,
-            incarnation,
-            commits,
-            event_kinds,
-            standing,
-        } = *inflight;
         let replay_all = |act: &mut Self, batch: Batch| {
             let pending = std::mem::take(&mut act.pending);
             batch
@@ -662,13 +653,13 @@ impl EntitlementActor {
             Ok(CommitOutcome::Applied { epoch }) => {
                 self.epoch = epoch;
                 self.claimed = true;
-                for kind in event_kinds {
-                    metrics::counter!("headroom_events_published_total", "type" => kind)
+                for kind in &inflight.event_kinds {
+                    metrics::counter!("headroom_events_published_total", "type" => *kind)
                         .increment(1);
                 }
-                self.committed_standing = standing;
+                self.committed_standing = inflight.standing;
                 self.publish_watched();
-                for w in batch.calls {
+                for w in inflight.batch.calls {
                     w.answer();
                 }
                 self.flush(ctx);
@@ -677,11 +668,11 @@ impl EntitlementActor {
             }
             Ok(CommitOutcome::Fenced) => {
                 tracing::warn!(entitlement = %self.id, "another owner took this entitlement; reloading");
-                let replay = replay_all(self, batch);
+                let replay = replay_all(self, inflight.batch);
                 self.reload(ctx, None, replay);
             }
             Ok(CommitOutcome::KeysExist(found)) => {
-                let replay = replay_all(self, batch);
+                let replay = replay_all(self, inflight.batch);
                 self.reload(ctx, None, replay);
                 // The reload cleared the cache; these records are what the
                 // replayed calls must find.
@@ -695,12 +686,9 @@ impl EntitlementActor {
             Err(e) => {
                 tracing::warn!(entitlement = %self.id, error = %e, "write failed; reloading");
                 let pending = std::mem::take(&mut self.pending);
-                let unknown = Unknown {
-                    batch,
-                    incarnation,
-                    commits,
-                };
-                self.reload(ctx, Some(unknown), pending.calls);
+                // Its outcome is unknown (a timeout, a dropped connection):
+                // the reload tells.
+                self.reload(ctx, Some(inflight), pending.calls);
             }
         }
     }

@@ -95,7 +95,8 @@ fn usage_retry_after(d: &UsageDecision, now: DateTime<Utc>) -> Option<u64> {
         .map(|end| (end - now).num_seconds().max(1) as u64)
 }
 
-fn usage_answer(r: UsageReply, now: DateTime<Utc>) -> Result<HttpResponse> {
+/// `now` is read only for a denial's `Retry-After`, off the granted path.
+fn usage_answer(r: UsageReply, now: impl FnOnce() -> DateTime<Utc>) -> Result<HttpResponse> {
     let d = r.decision;
     if d.outcome == Outcome::Denied {
         let detail = match d.reason {
@@ -106,7 +107,7 @@ fn usage_answer(r: UsageReply, now: DateTime<Utc>) -> Result<HttpResponse> {
                 d.amount, d.feature, d.hard_cap, d.used
             ),
         };
-        let retry = usage_retry_after(&d, now);
+        let retry = usage_retry_after(&d, now());
         return Err(denied(d.reason, detail, &d, retry));
     }
     let mut res = HttpResponse::Ok();
@@ -258,10 +259,9 @@ pub async fn record_usage(
     let id = entitlement_id(&path)?;
     let body = read_body(&req, payload, 64 * 1024).await?;
     let usage: UsageBody = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
-    usage_answer(
-        state.engine.consume(&id, usage.into()).await?,
-        state.engine.now(),
-    )
+    usage_answer(state.engine.consume(&id, usage.into()).await?, || {
+        state.engine.now()
+    })
 }
 
 pub async fn record_batch(

@@ -232,10 +232,6 @@ impl RedisStore {
         })
     }
 
-    pub fn settings(&self) -> &RedisSettings {
-        &self.shared.settings
-    }
-
     /// Pipelines sent to Redis so far: each is one round trip.
     pub fn round_trips(&self) -> u64 {
         self.shared.round_trips.load(Ordering::Relaxed)
