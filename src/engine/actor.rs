@@ -288,6 +288,15 @@ struct Inflight {
     event_kinds: Vec<&'static str>,
 }
 
+impl Inflight {
+    /// Counts the events of this write, once it is known to be written.
+    fn count_published(&self) {
+        for kind in &self.event_kinds {
+            metrics::counter!("headroom_events_published_total", "type" => *kind).increment(1);
+        }
+    }
+}
+
 pub(crate) struct EntitlementActor {
     id: EntitlementId,
     generation: u64,
@@ -408,6 +417,9 @@ impl EntitlementActor {
                             (None, None) => true,
                             _ => false,
                         };
+                        if written {
+                            u.count_published();
+                        }
                         let e = EngineError::Unavailable("store write failed".into());
                         for w in u.batch.calls {
                             if written { w.answer() } else { w.fail(&e) }
@@ -653,10 +665,7 @@ impl EntitlementActor {
             Ok(CommitOutcome::Applied { epoch }) => {
                 self.epoch = epoch;
                 self.claimed = true;
-                for kind in &inflight.event_kinds {
-                    metrics::counter!("headroom_events_published_total", "type" => *kind)
-                        .increment(1);
-                }
+                inflight.count_published();
                 self.committed_standing = inflight.standing;
                 self.publish_watched();
                 for w in inflight.batch.calls {
