@@ -60,7 +60,9 @@ pub struct Settings {
     /// How long idempotency keys are remembered (at least up to 35 days).
     #[arg(long, env = "HEADROOM_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = duration)]
     pub idempotency_window: Duration,
-    /// Longest wait for Redis on one operation; calls answer 503 after it.
+    /// Longest wait for Redis on behalf of one call (a write gets 3/4 of it,
+    /// the read-back of a write whose outcome is unknown the rest); the call
+    /// answers 503 after it.
     #[arg(long, env = "HEADROOM_REDIS_TIMEOUT", default_value = "2s", value_parser = duration)]
     pub redis_timeout: Duration,
     /// Redis connections in the pool.

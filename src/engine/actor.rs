@@ -404,9 +404,20 @@ impl EntitlementActor {
     ) {
         let store = self.shared.store.clone();
         let id = self.id.clone();
+        // After a write whose outcome is unknown (now, or before the state
+        // broke), the read-back fences it so that it cannot land later.
+        let settle = unknown.is_some() || self.phase == Phase::Broken;
         self.state = None;
         self.keys.clear();
-        ctx.wait(async move { store.load(&id).await }.into_actor(self).map(
+        let read = async move {
+            if settle {
+                store.settle(&id).await
+            } else {
+                store.load(&id).await
+            }
+        };
+        ctx
+            .wait(read.into_actor(self).map(
             move |res: Result<Loaded, StoreError>, act, ctx| match res {
                 Ok(loaded) => {
                     if let Some(u) = unknown {

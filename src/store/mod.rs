@@ -22,6 +22,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// A write reached Redis after its caller stopped waiting and was
+    /// refused: it left no trace.
+    #[error("store write arrived after its deadline and was refused")]
+    Late,
     #[error("stored state of {id} is unreadable: {cause}")]
     Corrupt { id: String, cause: String },
 }
@@ -109,6 +113,13 @@ pub enum CommitOutcome {
 pub trait Store: Send + Sync + 'static {
     /// Reads an entitlement and claims ownership of it.
     async fn load(&self, id: &EntitlementId) -> Result<Loaded, StoreError>;
+    /// Reads an entitlement back after a write whose outcome is unknown (it
+    /// timed out, or the connection broke), and fences that write: should it
+    /// still arrive, it is refused, so what this returns is final. A store
+    /// whose writes always answer needs nothing more than [`Store::load`].
+    async fn settle(&self, id: &EntitlementId) -> Result<Loaded, StoreError> {
+        self.load(id).await
+    }
     /// Applies one entitlement's change atomically.
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError>;
     /// Whether the store answers (for `/readyz`).

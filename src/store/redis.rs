@@ -15,9 +15,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
@@ -39,7 +39,9 @@ pub struct RedisSettings {
     pub prefix: String,
     pub stream_maxlen: u64,
     pub idempotency_window: Duration,
-    /// Longest wait for Redis on any one operation.
+    /// Longest wait for Redis on behalf of one call: a write gets three
+    /// quarters of it and, when its outcome is unknown, the read-back that
+    /// settles it the rest; loads and pings get all of it.
     pub timeout: Duration,
     pub pool_size: usize,
     /// Most entitlement commits in one pipeline.
@@ -73,6 +75,8 @@ enum Job {
     },
     Load {
         id: EntitlementId,
+        /// Bump the epoch even when nothing is stored (see [`Store::settle`]).
+        fence: bool,
         reply: oneshot::Sender<Result<Loaded, StoreError>>,
     },
     Ping {
@@ -106,7 +110,7 @@ impl Job {
                 }
                 let _ = reply.send(outcome);
             }
-            Job::Load { id, reply } => {
+            Job::Load { id, reply, .. } => {
                 let loaded = value.and_then(|v| parse_load_reply(&id, v));
                 if loaded.is_err() {
                     metrics::counter!("headroom_store_errors_total", "op" => "load").increment(1);
@@ -146,6 +150,16 @@ impl Job {
     }
 }
 
+/// A job and the instant its caller stops waiting for it: a job still queued
+/// then is dropped unsent, and a commit carries it to Redis as its deadline.
+struct Queued {
+    job: Job,
+    deadline: Instant,
+}
+
+/// How long a caller waits past its deadline for a reply Redis sent in time.
+const GRACE: Duration = Duration::from_millis(25);
+
 struct Shared {
     /// Tells this store's committers apart in the thread-local registry.
     id: u64,
@@ -155,6 +169,9 @@ struct Shared {
     load_sha: String,
     /// Pipelines sent: Redis round trips.
     round_trips: AtomicU64,
+    /// Redis's clock minus ours, in ms, measured on each new connection, so
+    /// that commit deadlines are checked in Redis's clock.
+    clock_offset_ms: AtomicI64,
 }
 
 pub struct RedisStore {
@@ -168,7 +185,7 @@ static STORE_IDS: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
     /// This thread's committer queue of each Redis store.
-    static QUEUES: RefCell<HashMap<u64, mpsc::UnboundedSender<Job>>> = RefCell::new(HashMap::new());
+    static QUEUES: RefCell<HashMap<u64, mpsc::UnboundedSender<Queued>>> = RefCell::new(HashMap::new());
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -198,6 +215,7 @@ impl RedisStore {
             commit_sha: redis::Script::new(COMMIT_LUA).get_hash().to_string(),
             load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
             round_trips: AtomicU64::new(0),
+            clock_offset_ms: AtomicI64::new(0),
             settings,
         });
         let (stop, _) = watch::channel(false);
@@ -209,7 +227,7 @@ impl RedisStore {
     }
 
     /// This thread's committer queue, started on first use.
-    fn queue(&self) -> mpsc::UnboundedSender<Job> {
+    fn queue(&self) -> mpsc::UnboundedSender<Queued> {
         QUEUES.with(|queues| {
             let mut queues = queues.borrow_mut();
             if let Some(q) = queues.get(&self.shared.id).filter(|q| !q.is_closed()) {
@@ -251,11 +269,35 @@ impl Shared {
         format!("{}:overdraft", self.settings.prefix)
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_redis::PoolError::Timeout(_) => StoreError::Timeout(self.settings.timeout),
-            other => unavailable(other),
-        })
+    /// A connection from the pool, and Redis's clock read through it.
+    async fn conn(&self, deadline: Instant) -> Result<deadpool_redis::Connection, StoreError> {
+        let timeout = StoreError::Timeout(self.settings.timeout);
+        let mut conn = tokio::time::timeout_at(deadline.into(), self.pool.get())
+            .await
+            .map_err(|_| StoreError::Timeout(self.settings.timeout))?
+            .map_err(|e| match e {
+                deadpool_redis::PoolError::Timeout(_) => timeout,
+                other => unavailable(other),
+            })?;
+        let before = unix_ms();
+        let time: (i64, i64) =
+            tokio::time::timeout_at(deadline.into(), redis::cmd("TIME").query_async(&mut *conn))
+                .await
+                .map_err(|_| StoreError::Timeout(self.settings.timeout))?
+                .map_err(unavailable)?;
+        let after = unix_ms();
+        let redis_ms = time.0 * 1000 + time.1 / 1000;
+        self.clock_offset_ms
+            .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
+        Ok(conn)
+    }
+
+    /// An instant of ours as ms in Redis's clock.
+    fn redis_ms(&self, at: Instant) -> i64 {
+        let now = Instant::now();
+        let ahead = at.saturating_duration_since(now).as_millis() as i64
+            - now.saturating_duration_since(at).as_millis() as i64;
+        unix_ms() + ahead + self.clock_offset_ms.load(Ordering::Relaxed)
     }
 
     /// Runs a pipeline of script calls, loading the scripts once when Redis
@@ -264,11 +306,12 @@ impl Shared {
         &self,
         mut conn: MultiplexedConnection,
         pipe: &redis::Pipeline,
+        until: Instant,
     ) -> Result<Vec<Result<Value, redis::RedisError>>, StoreError> {
         for attempt in 0..2 {
             self.round_trips.fetch_add(1, Ordering::Relaxed);
             let results: Vec<redis::RedisResult<Value>> =
-                tokio::time::timeout(self.settings.timeout, pipe.query_async(&mut conn))
+                tokio::time::timeout_at(until.into(), pipe.query_async(&mut conn))
                     .await
                     .map_err(|_| StoreError::Timeout(self.settings.timeout))?
                     .map_err(unavailable)?;
@@ -278,18 +321,22 @@ impl Shared {
             if !missing || attempt == 1 {
                 return Ok(results);
             }
-            self.load_scripts(&mut conn).await?;
+            self.load_scripts(&mut conn, until).await?;
             // Only calls that failed with NOSCRIPT did not run; but all in this
             // pipeline failed the same way since the script cache is global.
         }
         Err(unavailable("scripts could not be loaded"))
     }
 
-    async fn load_scripts(&self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+    async fn load_scripts(
+        &self,
+        conn: &mut MultiplexedConnection,
+        until: Instant,
+    ) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SCRIPT").arg("LOAD").arg(COMMIT_LUA);
         pipe.cmd("SCRIPT").arg("LOAD").arg(LOAD_LUA);
-        let _: Vec<String> = tokio::time::timeout(self.settings.timeout, pipe.query_async(conn))
+        let _: Vec<String> = tokio::time::timeout_at(until.into(), pipe.query_async(conn))
             .await
             .map_err(|_| StoreError::Timeout(self.settings.timeout))?
             .map_err(unavailable)?;
@@ -297,14 +344,14 @@ impl Shared {
     }
 
     /// One script call for all the commits of a pipeline.
-    fn add_commits(&self, pipe: &mut redis::Pipeline, commits: &[&Commit]) {
+    fn add_commits(&self, pipe: &mut redis::Pipeline, commits: &[(&Commit, Instant)]) {
         let nkeys: usize = 2 + commits
             .iter()
-            .map(|c| 3 + c.idempotency.len())
+            .map(|(c, _)| 3 + c.idempotency.len())
             .sum::<usize>();
         let cmd = pipe.cmd("EVALSHA").arg(&self.commit_sha).arg(nkeys);
         cmd.arg(self.stream()).arg(self.totals_key());
-        for c in commits {
+        for (c, _) in commits {
             cmd.arg(self.key(&c.id, "epoch"))
                 .arg(self.key(&c.id, "state"))
                 .arg(self.key(&c.id, "seats"));
@@ -315,7 +362,7 @@ impl Shared {
         cmd.arg(commits.len())
             .arg(self.settings.stream_maxlen)
             .arg(self.settings.idempotency_window.as_millis() as u64);
-        for c in commits {
+        for (c, deadline) in commits {
             let (mode, core, config, seats): (&str, &str, &str, &[_]) = match &c.write {
                 Write::Put {
                     replace,
@@ -330,7 +377,8 @@ impl Shared {
                 ),
                 Write::Delete => ("delete", "", "", &[]),
             };
-            cmd.arg(c.epoch)
+            cmd.arg(self.redis_ms(*deadline))
+                .arg(c.epoch)
                 .arg(if c.claim { "1" } else { "0" })
                 .arg(mode)
                 .arg(core)
@@ -354,34 +402,36 @@ impl Shared {
         }
     }
 
-    fn add_load(&self, pipe: &mut redis::Pipeline, id: &EntitlementId) {
+    fn add_load(&self, pipe: &mut redis::Pipeline, id: &EntitlementId, fence: bool) {
         pipe.cmd("EVALSHA")
             .arg(&self.load_sha)
             .arg(3)
             .arg(self.key(id, "epoch"))
             .arg(self.key(id, "state"))
-            .arg(self.key(id, "seats"));
+            .arg(self.key(id, "seats"))
+            .arg(if fence { "1" } else { "0" });
     }
 
     /// Sends one pipeline; answers whether the connection still works.
-    async fn flush(&self, conn: MultiplexedConnection, jobs: Vec<Job>) -> bool {
+    async fn flush(&self, conn: MultiplexedConnection, queued: Vec<Queued>) -> bool {
         let started = Instant::now();
+        let until = queued.iter().map(|q| q.deadline).max().unwrap_or(started) + GRACE;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let commits: Vec<&Commit> = jobs
+        let commits: Vec<(&Commit, Instant)> = queued
             .iter()
-            .filter_map(|j| match j {
-                Job::Commit { commit, .. } => Some(commit),
+            .filter_map(|q| match &q.job {
+                Job::Commit { commit, .. } => Some((commit, q.deadline)),
                 _ => None,
             })
             .collect();
         if !commits.is_empty() {
             self.add_commits(&mut pipe, &commits);
         }
-        for job in &jobs {
-            match job {
+        for q in &queued {
+            match &q.job {
                 Job::Commit { .. } => {}
-                Job::Load { id, .. } => self.add_load(&mut pipe, id),
+                Job::Load { id, fence, .. } => self.add_load(&mut pipe, id, *fence),
                 Job::Ping { .. } => {
                     pipe.cmd("PING");
                 }
@@ -396,43 +446,49 @@ impl Shared {
                 }
             }
         }
-        let expected = jobs.len() - commits.len() + usize::from(!commits.is_empty());
-        let results = self.run_scripts(conn, &pipe).await.map(|mut results| {
-            // Spread the one reply of the commit script over its commits.
-            if commits.is_empty() || results.len() != expected {
-                return results;
-            }
-            let per_commit: Vec<Result<Value, redis::RedisError>> = match results.remove(0) {
-                Ok(Value::Array(items)) if items.len() == commits.len() => {
-                    items.into_iter().map(Ok).collect()
+        let ncommits = commits.len();
+        drop(commits);
+        let jobs: Vec<Job> = queued.into_iter().map(|q| q.job).collect();
+        let expected = jobs.len() - ncommits + usize::from(ncommits > 0);
+        let results = self
+            .run_scripts(conn, &pipe, until)
+            .await
+            .map(|mut results| {
+                // Spread the one reply of the commit script over its commits.
+                if ncommits == 0 || results.len() != expected {
+                    return results;
                 }
-                Ok(other) => {
-                    let e = redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "unexpected commit reply",
-                        format!("{other:?}"),
-                    ));
-                    (0..commits.len()).map(|_| Err(e.clone())).collect()
-                }
-                Err(e) => (0..commits.len()).map(|_| Err(e.clone())).collect(),
-            };
-            let mut per_commit = per_commit.into_iter();
-            let mut rest = results.into_iter();
-            jobs.iter()
-                .map(|j| match j {
-                    Job::Commit { .. } => per_commit.next(),
-                    _ => rest.next(),
-                })
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(redis::RedisError::from((
+                let per_commit: Vec<Result<Value, redis::RedisError>> = match results.remove(0) {
+                    Ok(Value::Array(items)) if items.len() == ncommits => {
+                        items.into_iter().map(Ok).collect()
+                    }
+                    Ok(other) => {
+                        let e = redis::RedisError::from((
                             redis::ErrorKind::Client,
-                            "missing reply",
-                        )))
+                            "unexpected commit reply",
+                            format!("{other:?}"),
+                        ));
+                        (0..ncommits).map(|_| Err(e.clone())).collect()
+                    }
+                    Err(e) => (0..ncommits).map(|_| Err(e.clone())).collect(),
+                };
+                let mut per_commit = per_commit.into_iter();
+                let mut rest = results.into_iter();
+                jobs.iter()
+                    .map(|j| match j {
+                        Job::Commit { .. } => per_commit.next(),
+                        _ => rest.next(),
                     })
-                })
-                .collect()
-        });
+                    .map(|r| {
+                        r.unwrap_or_else(|| {
+                            Err(redis::RedisError::from((
+                                redis::ErrorKind::Client,
+                                "missing reply",
+                            )))
+                        })
+                    })
+                    .collect()
+            });
         let healthy = results.is_ok();
         metrics::histogram!("headroom_store_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -494,6 +550,8 @@ fn parse_commit_reply(c: &Commit, v: Value) -> Result<CommitOutcome, StoreError>
             Ok(CommitOutcome::Applied { epoch })
         }
         "fenced" => Ok(CommitOutcome::Fenced),
+        // Refused for running past its deadline: nothing was written.
+        "expired" => Err(StoreError::Late),
         "keys" => {
             let mut found = Vec::new();
             for pair in items[1..].chunks(2) {
@@ -513,7 +571,7 @@ fn parse_commit_reply(c: &Commit, v: Value) -> Result<CommitOutcome, StoreError>
 
 async fn committer(
     shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
     mut stop: watch::Receiver<bool>,
     done: oneshot::Sender<()>,
 ) {
@@ -549,18 +607,29 @@ async fn committer(
         {
             jobs.push(job);
         }
+        // Jobs whose callers stopped waiting are never sent: a write that
+        // was answered 503 must not land.
+        let now = Instant::now();
+        let (late, jobs): (Vec<Queued>, Vec<Queued>) =
+            jobs.into_iter().partition(|q| q.deadline <= now);
+        for q in late {
+            q.job.fail(StoreError::Timeout(shared.settings.timeout));
+        }
+        let Some(until) = jobs.iter().map(|q| q.deadline).max() else {
+            continue;
+        };
         if broken.swap(false, Ordering::Relaxed) {
             held = None;
         }
         if held.is_none() {
-            match shared.conn().await {
+            match shared.conn(until).await {
                 Ok(c) => held = Some(c),
                 Err(e) => {
                     metrics::counter!("headroom_store_errors_total", "op" => "connect")
                         .increment(1);
                     let msg = e.to_string();
-                    for job in jobs {
-                        job.fail(match &e {
+                    for q in jobs {
+                        q.job.fail(match &e {
                             StoreError::Timeout(d) => StoreError::Timeout(*d),
                             _ => unavailable(&msg),
                         });
@@ -630,54 +699,85 @@ fn parse_load_reply(id: &EntitlementId, value: Value) -> Result<Loaded, StoreErr
 }
 
 impl RedisStore {
+    /// Queues a job and waits for its answer, at most `budget` (and the
+    /// grace for a reply Redis sent in time).
     async fn submit<T>(
         &self,
         job: Job,
         rx: oneshot::Receiver<Result<T, StoreError>>,
+        budget: Duration,
     ) -> Result<T, StoreError> {
         let closed = || unavailable("store is shutting down");
-        self.queue().send(job).map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        let deadline = Instant::now() + budget;
+        self.queue()
+            .send(Queued { job, deadline })
+            .map_err(|_| closed())?;
+        tokio::time::timeout_at((deadline + GRACE).into(), rx)
+            .await
+            .map_err(|_| StoreError::Timeout(self.shared.settings.timeout))?
+            .map_err(|_| closed())?
     }
+
+    async fn load_with(
+        &self,
+        id: &EntitlementId,
+        fence: bool,
+        budget: Duration,
+    ) -> Result<Loaded, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let started = Instant::now();
+        let job = Job::Load {
+            id: id.clone(),
+            fence,
+            reply,
+        };
+        let loaded = self.submit(job, rx, budget).await;
+        metrics::histogram!("headroom_store_load_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        loaded
+    }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[async_trait]
 impl Store for RedisStore {
     async fn load(&self, id: &EntitlementId) -> Result<Loaded, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let started = Instant::now();
-        let loaded = self
-            .submit(
-                Job::Load {
-                    id: id.clone(),
-                    reply,
-                },
-                rx,
-            )
-            .await;
-        metrics::histogram!("headroom_store_load_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        loaded
+        self.load_with(id, false, self.shared.settings.timeout)
+            .await
+    }
+
+    async fn settle(&self, id: &EntitlementId) -> Result<Loaded, StoreError> {
+        self.load_with(id, true, self.shared.settings.timeout / 4)
+            .await
     }
 
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Commit { commit, reply }, rx).await
+        let budget = self.shared.settings.timeout * 3 / 4;
+        self.submit(Job::Commit { commit, reply }, rx, budget).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Ping { reply }, rx).await
+        let budget = self.shared.settings.timeout;
+        self.submit(Job::Ping { reply }, rx, budget).await
     }
 
     async fn stream_length(&self) -> Result<u64, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::StreamLength { reply }, rx).await
+        let budget = self.shared.settings.timeout;
+        self.submit(Job::StreamLength { reply }, rx, budget).await
     }
 
     async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Totals { reply }, rx).await
+        let budget = self.shared.settings.timeout;
+        self.submit(Job::Totals { reply }, rx, budget).await
     }
 
     fn durable(&self) -> bool {

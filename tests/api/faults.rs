@@ -9,6 +9,8 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde_json::Value;
 
+use headroom::store::{RedisSettings, RedisStore, Store};
+
 use crate::helpers::*;
 
 #[derive(Debug, Clone)]
@@ -239,4 +241,68 @@ async fn sigterm_finishes_calls_in_flight_and_exits_cleanly() {
 
     let tracker = TrackerProcess::start(&redis.url(), "term").await;
     check_ledger(&http, &tracker.base, &ledger).await;
+}
+
+/// Redis blocked (`DEBUG SLEEP`, `CLIENT PAUSE`) past the store timeout: the
+/// call is answered 503 within that timeout, and the write Redis runs when
+/// it wakes is refused, so the 503 left no trace.
+async fn blocked_redis_answers_503_in_time_and_the_write_never_lands(block: &[&str]) {
+    let redis = RedisServer::start();
+    let mut settings = RedisSettings::new(redis.url());
+    settings.prefix = "blocked".into();
+    settings.timeout = Duration::from_millis(400);
+    let store: std::sync::Arc<dyn Store> =
+        std::sync::Arc::new(RedisStore::start(settings).expect("store"));
+    let app = TestApp::spawn(store).await;
+    app.put("acme", r#"{"features": {"api": {"included": 100}}}"#)
+        .await;
+    let (status, _) = app
+        .usage("acme", r#"{"feature": "api", "amount": 1}"#)
+        .await;
+    assert_eq!(status, 200);
+
+    // DEBUG SLEEP blocks the connection that sends it too: its own thread.
+    let mut conn = redis.conn();
+    let block: Vec<String> = block.iter().map(|s| s.to_string()).collect();
+    let blocker = std::thread::spawn(move || {
+        let _: redis::RedisResult<()> = redis::cmd(&block[0]).arg(&block[1..]).query(&mut conn);
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let (status, body) = app
+        .usage("acme", r#"{"feature": "api", "amount": 5}"#)
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        waited < Duration::from_millis(1300),
+        "answered while Redis was still blocked, not after it: {waited:?}"
+    );
+
+    // Redis wakes and runs the queued write: it must be refused.
+    let _ = blocker.join();
+    let mut used = None;
+    for _ in 0..50 {
+        let (status, view) = app.get("acme").await;
+        if status == 200 {
+            used = view["features"]["api"]["used"].as_u64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(used, Some(1), "the call answered 503 was not applied");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn debug_sleep_past_the_timeout_answers_503_in_time_and_leaves_no_trace() {
+    blocked_redis_answers_503_in_time_and_the_write_never_lands(&["DEBUG", "SLEEP", "1.5"]).await;
+}
+
+#[actix_rt::test]
+async fn client_pause_past_the_timeout_answers_503_in_time_and_leaves_no_trace() {
+    blocked_redis_answers_503_in_time_and_the_write_never_lands(&[
+        "CLIENT", "PAUSE", "1500", "ALL",
+    ])
+    .await;
 }

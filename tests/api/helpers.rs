@@ -53,6 +53,8 @@ impl RedisServer {
                 "",
             ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            // DEBUG SLEEP, for the fault tests.
+            .args(["--enable-debug-command", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
