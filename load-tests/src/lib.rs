@@ -23,6 +23,9 @@ use rand_distr::{Distribution, Zipf};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
+pub mod faults;
+pub mod procs;
+
 /// What each virtual user does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -174,6 +177,19 @@ impl Conn {
         token: Option<&str>,
         body: Bytes,
     ) -> anyhow::Result<(u16, Bytes)> {
+        let (status, _, body) = self.call_replayed(method, path, token, body).await?;
+        Ok((status, body))
+    }
+
+    /// As [`Conn::call`], and whether the answer is a replay of an earlier
+    /// decision (the `Idempotency-Replayed` header).
+    pub async fn call_replayed(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Bytes,
+    ) -> anyhow::Result<(u16, bool, Bytes)> {
         self.sender.ready().await?;
         let mut req = Request::builder()
             .method(method)
@@ -185,8 +201,9 @@ impl Conn {
         }
         let res = self.sender.send_request(req.body(Full::new(body))?).await?;
         let status = res.status().as_u16();
+        let replayed = res.headers().contains_key("idempotency-replayed");
         let body = res.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+        Ok((status, replayed, body))
     }
 }
 

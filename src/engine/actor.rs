@@ -263,11 +263,25 @@ impl KeyCache {
     fn clear(&mut self) {
         self.inner = None;
     }
+
+    /// Forgets decisions that were never written (their write failed).
+    fn forget<'a>(&mut self, keys: impl IntoIterator<Item = &'a IdempotencyKey>) {
+        if let Some(inner) = self.inner.as_mut() {
+            for key in keys {
+                inner.0.remove(key);
+            }
+        }
+    }
 }
 
 fn fingerprint(req: &UsageRequest) -> String {
     format!("{}:{}", req.feature, req.amount.get())
 }
+
+/// How long a broken entitlement answers 503 at once before it tries to
+/// read the store again: calls during an outage answer promptly, and Redis
+/// is not stormed with reads when it comes back.
+const RELOAD_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(PartialEq)]
 enum Phase {
@@ -286,6 +300,9 @@ struct Inflight {
     incarnation: Option<i64>,
     commits: u64,
     event_kinds: Vec<&'static str>,
+    /// The idempotency keys first used by this write: cached decisions
+    /// that are not written until it is.
+    keys: Vec<IdempotencyKey>,
 }
 
 impl Inflight {
@@ -302,6 +319,9 @@ pub(crate) struct EntitlementActor {
     generation: u64,
     shared: Arc<Shared>,
     phase: Phase,
+    /// While broken, calls before this instant answer 503 at once instead of
+    /// each waiting for a read of its own.
+    retry_at: Instant,
     epoch: u64,
     claimed: bool,
     state: Option<Entitlement>,
@@ -372,6 +392,7 @@ impl EntitlementActor {
                 generation,
                 shared,
                 phase: Phase::Ready,
+                retry_at: Instant::now(),
                 epoch: 0,
                 claimed: false,
                 state: None,
@@ -407,8 +428,10 @@ impl EntitlementActor {
         // After a write whose outcome is unknown (now, or before the state
         // broke), the read-back fences it so that it cannot land later.
         let settle = unknown.is_some() || self.phase == Phase::Broken;
-        self.state = None;
-        self.keys.clear();
+        // The cache keeps the decisions known to be written (the callers
+        // forgot the others): still true after the read, unless the
+        // entitlement was deleted and created again meanwhile.
+        let incarnation = self.state.take().map(|e| e.incarnation());
         let read = async move {
             if settle {
                 store.settle(&id).await
@@ -439,6 +462,9 @@ impl EntitlementActor {
                     act.epoch = loaded.epoch;
                     act.claimed = loaded.claimed;
                     act.state = loaded.state;
+                    if act.state.as_ref().map(Entitlement::incarnation) != incarnation {
+                        act.keys.clear();
+                    }
                     act.committed_standing = Standing::of(act.state.as_ref());
                     act.publish_watched();
                     act.phase = Phase::Ready;
@@ -451,13 +477,18 @@ impl EntitlementActor {
                 Err(e) => {
                     tracing::warn!(entitlement = %act.id, error = %e, "loading entitlement failed");
                     act.phase = Phase::Broken;
+                    act.retry_at = Instant::now() + RELOAD_BACKOFF;
                     act.schedule(ctx);
+                    // Calls never sent: 503. A write that was sent and could
+                    // not be settled may have landed: 504, retry with the key.
+                    if let Some(u) = unknown {
+                        let unknown = EngineError::OutcomeUnknown(e.to_string());
+                        for w in u.batch.calls {
+                            w.fail(&unknown);
+                        }
+                    }
                     let e = EngineError::from(e);
-                    for w in unknown
-                        .into_iter()
-                        .flat_map(|u| u.batch.calls)
-                        .chain(replay)
-                    {
+                    for w in replay {
                         w.fail(&e);
                     }
                     act.notify_drains(ctx);
@@ -649,6 +680,7 @@ impl EntitlementActor {
             event_kinds: commit.events.iter().map(|(k, _)| *k).collect(),
             incarnation: self.state.as_ref().map(Entitlement::incarnation),
             commits: self.state.as_ref().map_or(0, |e| e.commits),
+            keys: commit.idempotency.iter().map(|r| r.key.clone()).collect(),
             batch,
         };
         let store = self.shared.store.clone();
@@ -664,8 +696,14 @@ impl EntitlementActor {
         let Some(inflight) = self.inflight.take() else {
             return;
         };
+        if !matches!(res, Ok(CommitOutcome::Applied { .. })) {
+            // Not written, or not known to be: calls with these keys must be
+            // decided again (or found in the store), not replayed from here.
+            self.keys.forget(&inflight.keys);
+        }
         let replay_all = |act: &mut Self, batch: Batch| {
             let pending = std::mem::take(&mut act.pending);
+            act.keys.forget(pending.keys.iter().map(|r| &r.key));
             batch
                 .calls
                 .into_iter()
@@ -694,8 +732,7 @@ impl EntitlementActor {
             Ok(CommitOutcome::KeysExist(found)) => {
                 let replay = replay_all(self, inflight.batch);
                 self.reload(ctx, None, replay);
-                // The reload cleared the cache; these records are what the
-                // replayed calls must find.
+                // These records are what the replayed calls must find.
                 let limit = self.shared.settings.cached_keys;
                 for (key, record) in found {
                     if let Ok(entry) = serde_json::from_str::<KeyEntry>(&record) {
@@ -706,9 +743,22 @@ impl EntitlementActor {
             Err(e) => {
                 tracing::warn!(entitlement = %self.id, error = %e, "write failed; reloading");
                 let pending = std::mem::take(&mut self.pending);
-                // Its outcome is unknown (a timeout, a dropped connection):
-                // the reload tells.
-                self.reload(ctx, Some(inflight), pending.calls);
+                self.keys.forget(pending.keys.iter().map(|r| &r.key));
+                if let StoreError::Refused(_) = e {
+                    // Known not written: its calls answer 503 and the
+                    // state is read again (it was ahead of the store).
+                    let e = EngineError::from(e);
+                    for w in inflight.batch.calls {
+                        w.fail(&e);
+                    }
+                    // Read back on the short budget, like any write failure.
+                    self.phase = Phase::Broken;
+                    self.reload(ctx, None, pending.calls);
+                } else {
+                    // Its outcome is unknown (a timeout, a dropped
+                    // connection): the read-back tells.
+                    self.reload(ctx, Some(inflight), pending.calls);
+                }
             }
         }
     }
@@ -825,6 +875,12 @@ impl Handler<Call> for EntitlementActor {
     fn handle(&mut self, call: Call, ctx: &mut Context<Self>) {
         self.last_used = Instant::now();
         MAILBOX_WAIT.with(|h| h.record(self.last_used.duration_since(call.sent).as_secs_f64()));
+        if self.phase == Phase::Broken && Instant::now() < self.retry_at {
+            let _ = call.reply.send(Err(EngineError::Unavailable(
+                "the store could not be read just now".into(),
+            )));
+            return;
+        }
         if self.phase == Phase::Broken {
             let w = Waiting {
                 op: call.op,

@@ -38,8 +38,14 @@ pub enum EngineError {
     UnknownFeature(FeatureKey),
     #[error("idempotency key {0} was already used with another payload")]
     Conflict(IdempotencyKey),
+    /// Nothing was applied; the call may be sent again.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The write was sent but neither confirmed nor, with Redis unreachable,
+    /// read back: it may have been applied. A retry with the same
+    /// idempotency key answers the first decision if it was.
+    #[error("store did not confirm the write and could not be read back: {0}")]
+    OutcomeUnknown(String),
     #[error("the tracker is shutting down")]
     ShuttingDown,
 }

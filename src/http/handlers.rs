@@ -108,7 +108,9 @@ fn usage_answer(r: UsageReply, now: impl FnOnce() -> DateTime<Utc>) -> Result<Ht
             ),
         };
         let retry = usage_retry_after(&d, now());
-        return Err(denied(d.reason, detail, &d, retry));
+        let mut e = denied(d.reason, detail, &d, retry);
+        e.replayed = r.replayed;
+        return Err(e);
     }
     let mut res = HttpResponse::Ok();
     if r.replayed {

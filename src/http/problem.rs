@@ -24,6 +24,7 @@ pub enum Kind {
     BatchTooLarge,
     Denied,
     StoreUnavailable,
+    OutcomeUnknown,
     ShuttingDown,
 }
 
@@ -71,6 +72,11 @@ impl Kind {
                 "store_unavailable",
                 "Store unavailable",
             ),
+            Kind::OutcomeUnknown => (
+                S::GATEWAY_TIMEOUT,
+                "outcome_unknown",
+                "Store did not confirm the write; retry with the same idempotency key",
+            ),
             Kind::ShuttingDown => (
                 S::SERVICE_UNAVAILABLE,
                 "shutting_down",
@@ -88,6 +94,8 @@ pub struct ApiError {
     /// Extra members (the decision of a denial, the field that was invalid).
     pub extra: Option<serde_json::Value>,
     pub retry_after: Option<u64>,
+    /// A denial answered again for a retried idempotency key.
+    pub replayed: bool,
 }
 
 #[derive(Serialize)]
@@ -109,6 +117,7 @@ impl ApiError {
             detail: detail.into(),
             extra: None,
             retry_after: None,
+            replayed: false,
         }
     }
 
@@ -154,10 +163,14 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownFeature(_) => Kind::FeatureNotFound,
             EngineError::Conflict(_) => Kind::IdempotencyConflict,
             EngineError::Unavailable(_) => Kind::StoreUnavailable,
+            EngineError::OutcomeUnknown(_) => Kind::OutcomeUnknown,
             EngineError::ShuttingDown => Kind::ShuttingDown,
         };
         let mut err = ApiError::new(kind, e.to_string());
-        if matches!(kind, Kind::StoreUnavailable | Kind::ShuttingDown) {
+        if matches!(
+            kind,
+            Kind::StoreUnavailable | Kind::OutcomeUnknown | Kind::ShuttingDown
+        ) {
             err.retry_after = Some(1);
         }
         err
@@ -183,6 +196,9 @@ impl ResponseError for ApiError {
         ));
         if let Some(s) = self.retry_after {
             res.insert_header((header::RETRY_AFTER, s.to_string()));
+        }
+        if self.replayed {
+            res.insert_header(("Idempotency-Replayed", "true"));
         }
         if self.kind == Kind::Unauthorized {
             res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));

@@ -22,10 +22,11 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store timed out after {0:?}")]
     Timeout(std::time::Duration),
-    /// A write reached Redis after its caller stopped waiting and was
-    /// refused: it left no trace.
-    #[error("store write arrived after its deadline and was refused")]
-    Late,
+    /// Known not to have been applied: never sent (no connection, or its
+    /// deadline passed in the queue), refused by Redis before it ran (out of
+    /// memory), or run after its deadline and refused by the script.
+    #[error("store refused the operation: {0}")]
+    Refused(String),
     #[error("stored state of {id} is unreadable: {cause}")]
     Corrupt { id: String, cause: String },
 }

@@ -496,7 +496,15 @@ impl Shared {
         match results {
             Ok(results) if results.len() == jobs.len() => {
                 for (job, result) in jobs.into_iter().zip(results) {
-                    job.answer(result.map_err(unavailable));
+                    job.answer(result.map_err(|e| {
+                        // Redis refuses a script declared with `#!lua` whole,
+                        // before it runs, when it is out of memory.
+                        if e.code() == Some("OOM") {
+                            StoreError::Refused(e.to_string())
+                        } else {
+                            unavailable(e)
+                        }
+                    }));
                 }
             }
             Ok(results) => {
@@ -551,7 +559,9 @@ fn parse_commit_reply(c: &Commit, v: Value) -> Result<CommitOutcome, StoreError>
         }
         "fenced" => Ok(CommitOutcome::Fenced),
         // Refused for running past its deadline: nothing was written.
-        "expired" => Err(StoreError::Late),
+        "expired" => Err(StoreError::Refused(
+            "the write arrived after its deadline".into(),
+        )),
         "keys" => {
             let mut found = Vec::new();
             for pair in items[1..].chunks(2) {
@@ -613,7 +623,8 @@ async fn committer(
         let (late, jobs): (Vec<Queued>, Vec<Queued>) =
             jobs.into_iter().partition(|q| q.deadline <= now);
         for q in late {
-            q.job.fail(StoreError::Timeout(shared.settings.timeout));
+            q.job
+                .fail(StoreError::Refused("waited past its deadline".into()));
         }
         let Some(until) = jobs.iter().map(|q| q.deadline).max() else {
             continue;
@@ -627,12 +638,10 @@ async fn committer(
                 Err(e) => {
                     metrics::counter!("headroom_store_errors_total", "op" => "connect")
                         .increment(1);
+                    // Nothing was sent.
                     let msg = e.to_string();
                     for q in jobs {
-                        q.job.fail(match &e {
-                            StoreError::Timeout(d) => StoreError::Timeout(*d),
-                            _ => unavailable(&msg),
-                        });
+                        q.job.fail(StoreError::Refused(msg.clone()));
                     }
                     continue;
                 }

@@ -2,9 +2,8 @@
 //! the tracker binary as a child process for crash tests.
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::web;
 use headroom::engine::{Clock, Engine, EngineSettings, ManualClock, SystemClock};
@@ -15,133 +14,7 @@ use serde_json::Value;
 pub const ADMIN: &str = "test-admin-token";
 pub const CLIENT: &str = "test-client-token";
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
-
-/// A redis-server of this test's own, on a free port, with its data in a
-/// temporary folder. `appendfsync always`, so that killing it loses nothing
-/// that it acknowledged.
-pub struct RedisServer {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    pub fn start() -> Self {
-        let mut server = RedisServer {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
-            child: None,
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            // DEBUG SLEEP, for the fault tests.
-            .args(["--enable-debug-command", "yes"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be on the PATH (apt-get install redis-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.ping() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start on port {}", self.port);
-    }
-
-    fn ping(&self) -> bool {
-        redis::Client::open(self.url())
-            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-            .is_ok()
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .and_then(|c| c.get_connection())
-            .expect("connect to the test redis")
-    }
-
-    /// SIGKILL: Redis gets no chance to do anything more.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    /// Entries of the event stream: `(type, entitlement, CloudEvents JSON)`.
-    pub fn events(&self, prefix: &str) -> Vec<(String, String, Value)> {
-        let mut c = self.conn();
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(format!("{prefix}:events"))
-            .arg("-")
-            .arg("+")
-            .query::<Vec<(String, Vec<String>)>>(&mut c)
-            .expect("XRANGE")
-            .into_iter()
-            .map(|(id, fields)| {
-                let pairs = fields
-                    .chunks(2)
-                    .map(|p| (p[0].clone(), p[1].clone()))
-                    .collect();
-                (id, pairs)
-            })
-            .collect();
-        entries
-            .into_iter()
-            .map(|(_, fields)| {
-                let get = |k: &str| {
-                    fields
-                        .iter()
-                        .find(|(f, _)| f == k)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
-                };
-                let event = serde_json::from_str(&get("event")).unwrap_or(Value::Null);
-                (get("type"), get("entitlement"), event)
-            })
-            .collect()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+pub use headroom_load::procs::{RedisServer, free_port};
 
 pub fn redis_store(redis: &RedisServer, prefix: &str) -> Arc<dyn Store> {
     let mut s = RedisSettings::new(redis.url());
@@ -314,61 +187,38 @@ impl TestApp {
 /// The tracker binary as a child process, for tests that kill it.
 pub struct TrackerProcess {
     pub base: String,
-    child: Child,
+    inner: headroom_load::procs::Tracker,
 }
 
 impl TrackerProcess {
     pub async fn start(redis_url: &str, prefix: &str) -> Self {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_headroom"))
-            .env("HEADROOM_LISTEN", format!("127.0.0.1:{port}"))
-            .env("HEADROOM_REDIS_URL", redis_url)
-            .env("HEADROOM_REDIS_PREFIX", prefix)
-            .env("HEADROOM_ADMIN_TOKENS", ADMIN)
-            .env("HEADROOM_CLIENT_TOKENS", CLIENT)
-            .env("HEADROOM_REDIS_TIMEOUT", "2s")
-            .env("HEADROOM_WATCH_ENTITLEMENTS", "acme")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start headroom");
-        // Owned before anything can fail, so that Drop kills and reaps it.
-        let tracker = TrackerProcess {
-            base: format!("http://127.0.0.1:{port}"),
-            child,
-        };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            let ready = http.get(format!("{}/readyz", tracker.base)).send().await;
-            if ready.is_ok_and(|r| r.status().is_success()) {
-                return tracker;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let inner = headroom_load::procs::Tracker::start(
+            env!("CARGO_BIN_EXE_headroom").as_ref(),
+            &[
+                ("HEADROOM_REDIS_URL", redis_url),
+                ("HEADROOM_REDIS_PREFIX", prefix),
+                ("HEADROOM_ADMIN_TOKENS", ADMIN),
+                ("HEADROOM_CLIENT_TOKENS", CLIENT),
+                ("HEADROOM_REDIS_TIMEOUT", "2s"),
+                ("HEADROOM_WATCH_ENTITLEMENTS", "acme"),
+            ],
+        )
+        .expect("start headroom");
+        TrackerProcess {
+            base: format!("http://{}", inner.addr()),
+            inner,
         }
-        panic!("headroom did not become ready");
     }
 
     /// SIGTERM, then waits for the process to exit; returns whether it
     /// exited cleanly.
     pub fn terminate(&mut self) -> bool {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().is_ok_and(|s| s.success())
+        self.inner.terminate()
     }
 
     /// SIGKILL: no shutdown hook runs.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for TrackerProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.inner.kill();
     }
 }
 

@@ -358,3 +358,65 @@ async fn delete_removes_the_entitlement_and_its_state() {
     assert_eq!(d["used"], 2);
     app.stop().await;
 }
+
+/// Keys this process never saw, retried many at once (after a restart, a
+/// client re-sends what it was not sure of): each is found in the store and
+/// replayed, none is applied twice.
+#[actix_rt::test]
+async fn concurrent_retries_of_keys_used_before_a_restart_all_replay() {
+    let redis = RedisServer::start();
+    let app = TestApp::spawn(redis_store(&redis, "storm")).await;
+    app.put("acme", r#"{"features": {"api": {"included": 1000000}}}"#)
+        .await;
+    let body =
+        |i: usize| format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "k{i}"}}"#);
+    for i in 0..200 {
+        assert_eq!(app.usage("acme", &body(i)).await.0, 200);
+    }
+    app.stop().await;
+
+    let app = TestApp::spawn(redis_store(&redis, "storm")).await;
+    let retries = (0..200).map(|i| {
+        let (app, body) = (&app, body(i));
+        async move { app.usage("acme", &body).await.0 }
+    });
+    let statuses = tokio::time::timeout(std::time::Duration::from_secs(20), join_all(retries))
+        .await
+        .expect("the retries settle");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let (_, view) = app.get("acme").await;
+    assert_eq!(
+        view["features"]["api"]["used"], 200,
+        "nothing applied twice"
+    );
+    app.stop().await;
+}
+
+/// A replayed denial is marked like a replayed grant.
+#[actix_rt::test]
+async fn a_replayed_denial_carries_the_replay_header() {
+    let app = TestApp::spawn(memory_store()).await;
+    app.put("acme", r#"{"features": {"api": {"included": 1}}}"#)
+        .await;
+    let body = r#"{"feature": "api", "amount": 2, "idempotency_key": "too-much"}"#;
+    let send = || {
+        app.http
+            .post(app.url("/v1/entitlements/acme/usage"))
+            .bearer_auth(CLIENT)
+            .body(body)
+            .send()
+    };
+    let first = send().await.expect("first");
+    assert_eq!(first.status().as_u16(), 429);
+    assert!(!first.headers().contains_key("idempotency-replayed"));
+    let again = send().await.expect("again");
+    assert_eq!(again.status().as_u16(), 429);
+    assert_eq!(
+        again
+            .headers()
+            .get("idempotency-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    app.stop().await;
+}

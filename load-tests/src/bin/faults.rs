@@ -1,0 +1,77 @@
+//! The fault-injection suite against the release build: load on a private
+//! Redis while every fault in turn is injected, then the ledger. Prints the
+//! fault matrix (the table in RELIABILITY.md) and writes a JSON report.
+//!
+//! ```sh
+//! cargo run --release -p headroom-load --bin faults
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Parser;
+use headroom_load::faults::{self, Fault, Plan};
+
+#[derive(Parser, Debug)]
+#[command(about = "Inject every fault under load and check the ledger")]
+struct Args {
+    #[arg(long, default_value_t = 40)]
+    entitlements: usize,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// The tracker's --redis-timeout.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    redis_timeout: Duration,
+    /// Load before each fault and after the last.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    steady: Duration,
+    /// How long each fault lasts.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    outage: Duration,
+    /// Faults to inject, in order (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<Fault>,
+    /// Skip `cargo build --release` (when the binaries are fresh).
+    #[arg(long)]
+    no_build: bool,
+    #[arg(long, default_value = "faults-report.json")]
+    report: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if !args.no_build {
+        eprintln!("building the release tracker…");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "-p", "headroom", "--bin", "headroom"])
+            .status()?;
+        anyhow::ensure!(status.success(), "cargo build failed");
+    }
+    let plan = Plan {
+        bin: dir.join("headroom"),
+        entitlements: args.entitlements,
+        connections: args.connections,
+        redis_timeout: args.redis_timeout,
+        steady: args.steady,
+        outage: args.outage,
+        faults: if args.faults.is_empty() {
+            Fault::ALL.to_vec()
+        } else {
+            args.faults.clone()
+        },
+        progress: true,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(faults::run(plan))?;
+    print!("{}", faults::markdown(&report));
+    std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)?;
+    eprintln!("report written to {}", args.report.display());
+    anyhow::ensure!(report.ok, "the ledger does not hold");
+    Ok(())
+}

@@ -1,0 +1,832 @@
+//! The fault-injection suite: real load against the tracker binary on a
+//! private Redis while a driver kills and restarts the tracker, kills, stops
+//! and restarts Redis, blocks it (`CLIENT PAUSE`, `DEBUG SLEEP`) past the
+//! store timeout and fills it to `maxmemory`.
+//!
+//! Every call carries an idempotency key and the client keeps a ledger of
+//! what it was answered. An invariant checker reads the stored state and the
+//! event stream throughout and flags any value above a hard cap. Afterwards
+//! every call is sent again with its key:
+//! - an acknowledged call must come back as a replay of the same decision
+//!   (nothing acknowledged was lost);
+//! - a call answered `503` must not come back as a replay (a `503` left no
+//!   trace); calls that got no answer at all may have landed or not;
+//! - each entitlement's counter must equal the units of the calls whose
+//!   decision, first or on retry, was a grant.
+//!
+//! Shared by the `faults` command (longer, prints the fault matrix) and the
+//! test suite (short, in CI).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::Conn;
+use crate::procs::{RedisServer, Tracker};
+
+const ADMIN: &str = "Bearer faults-admin";
+const CLIENT: &str = "Bearer faults-client";
+const PREFIX: &str = "faults";
+/// Capped entitlements (every other one) reach their cap during the run.
+const CAP_INCLUDED: u64 = 150;
+const CAP_HARD: u64 = 200;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// SIGKILL the tracker, start it again.
+    KillTracker,
+    /// SIGKILL Redis, start it again (its AOF replays).
+    KillRedis,
+    /// Stop Redis cleanly (SIGTERM), start it again.
+    StopRedis,
+    /// `CLIENT PAUSE … ALL` past the store timeout.
+    PauseRedis,
+    /// `DEBUG SLEEP` past the store timeout.
+    SleepRedis,
+    /// Fill Redis to `maxmemory` (noeviction), then free it.
+    MaxMemory,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 6] = [
+        Fault::KillTracker,
+        Fault::KillRedis,
+        Fault::StopRedis,
+        Fault::PauseRedis,
+        Fault::SleepRedis,
+        Fault::MaxMemory,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillTracker => "tracker SIGKILL + restart",
+            Fault::KillRedis => "Redis SIGKILL + restart",
+            Fault::StopRedis => "Redis stop (SIGTERM) + restart",
+            Fault::PauseRedis => "Redis CLIENT PAUSE",
+            Fault::SleepRedis => "Redis DEBUG SLEEP",
+            Fault::MaxMemory => "Redis at maxmemory",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The tracker binary.
+    pub bin: PathBuf,
+    pub entitlements: usize,
+    pub connections: usize,
+    /// `--redis-timeout` of the tracker.
+    pub redis_timeout: Duration,
+    /// Load before each fault, and after the last.
+    pub steady: Duration,
+    /// How long each fault lasts.
+    pub outage: Duration,
+    pub faults: Vec<Fault>,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Answer {
+    /// A decision (200 or 429), with its body.
+    Decided {
+        status: u16,
+        body: Bytes,
+    },
+    Unavailable,
+    /// 504: the write was sent and not confirmed; it may have landed.
+    Unknown,
+    Other(u16),
+    /// No answer at all (the tracker was killed, the connection broke).
+    Silent,
+}
+
+struct Call {
+    entitlement: usize,
+    amount: u64,
+    key: String,
+    answer: Answer,
+    started: Instant,
+    latency: Duration,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct FaultResult {
+    pub fault: String,
+    /// From the fault's start until it was healed.
+    pub window_ms: u64,
+    /// Calls in flight from the fault's start until the first acknowledged
+    /// call after it was healed.
+    pub calls: u64,
+    pub acknowledged: u64,
+    pub unavailable: u64,
+    pub unknown: u64,
+    pub no_answer: u64,
+    pub other_errors: u64,
+    /// Slowest `503` and `504` in that span.
+    pub max_503_ms: f64,
+    pub max_504_ms: f64,
+    /// From healing until the first call started afterwards was acknowledged.
+    pub recovery_ms: Option<f64>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct SuiteReport {
+    pub elapsed_s: f64,
+    pub calls: u64,
+    pub acknowledged: u64,
+    pub unavailable: u64,
+    pub unknown: u64,
+    pub no_answer: u64,
+    pub other_errors: u64,
+    pub redis_timeout_ms: u64,
+    /// Slowest `503` and `504` of the whole run.
+    pub max_503_ms: f64,
+    pub max_504_ms: f64,
+    pub faults: Vec<FaultResult>,
+    /// Acknowledged calls whose retry was not a replay of the same decision.
+    pub lost: Vec<String>,
+    /// Calls answered `503` whose retry was a replay: applied after all.
+    pub applied_after_503: Vec<String>,
+    /// Calls answered `504` (outcome unknown) or not at all (the tracker
+    /// was killed) that had landed: allowed, their retry replays.
+    pub unknown_but_applied: u64,
+    /// Calls that could not be settled by retrying.
+    pub unsettled: Vec<String>,
+    /// Entitlements whose counter is not the sum of granted units.
+    pub mismatches: Vec<String>,
+    /// Values above a hard cap, seen by the client, the checker or at the end.
+    pub cap_violations: Vec<String>,
+    /// State reads and stream events the invariant checker looked at.
+    pub states_checked: u64,
+    pub events_checked: u64,
+    pub ok: bool,
+}
+
+fn entitlement(i: usize) -> String {
+    format!("f-{i}")
+}
+
+fn capped(i: usize) -> bool {
+    i.is_multiple_of(2)
+}
+
+fn config(i: usize) -> String {
+    if capped(i) {
+        format!(
+            r#"{{"seats": {{"purchased": 5, "hard_cap": 8}},
+                "features": {{"api": {{"included": {CAP_INCLUDED}, "hard_cap": {CAP_HARD}, "thresholds": [50, 100]}}}}}}"#
+        )
+    } else {
+        r#"{"features": {"api": {"included": 1000000000}}}"#.to_string()
+    }
+}
+
+fn usage_path(i: usize) -> String {
+    format!("/v1/entitlements/{}/usage", entitlement(i))
+}
+
+fn usage_body(amount: u64, key: &str) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"feature": "api", "amount": {amount}, "idempotency_key": "{key}"}}"#
+    ))
+}
+
+fn used_in(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("used")?
+        .as_u64()
+}
+
+/// One connection's calls until `stop`.
+async fn client(
+    worker: usize,
+    plan: Arc<Plan>,
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    cap_violations: Arc<Mutex<Vec<String>>>,
+) -> Vec<Call> {
+    let mut rng = SmallRng::seed_from_u64(worker as u64 + 1);
+    let mut conn: Option<Conn> = None;
+    let mut calls = Vec::new();
+    let patience = plan.redis_timeout * 4 + Duration::from_secs(2);
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = conn.as_mut() else {
+            match Conn::open(addr).await {
+                Ok(c) => conn = Some(c),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+            continue;
+        };
+        let i = rng.random_range(0..plan.entitlements);
+        let amount = rng.random_range(1..=3u64);
+        let key = format!("w{worker}-{}", calls.len());
+        let started = Instant::now();
+        let path = usage_path(i);
+        let sent = c.call("POST", &path, Some(CLIENT), usage_body(amount, &key));
+        let answer = match tokio::time::timeout(patience, sent).await {
+            Ok(Ok((status @ (200 | 429), body))) => Answer::Decided { status, body },
+            Ok(Ok((503, _))) => Answer::Unavailable,
+            Ok(Ok((504, _))) => Answer::Unknown,
+            Ok(Ok((status, _))) => Answer::Other(status),
+            _ => {
+                conn = None;
+                Answer::Silent
+            }
+        };
+        if let Answer::Decided { status: 200, body } = &answer
+            && capped(i)
+            && used_in(body).is_some_and(|u| u > CAP_HARD)
+        {
+            lock(&cap_violations).push(format!("{key}: granted with {:?}", used_in(body)));
+        }
+        let failed = !matches!(answer, Answer::Decided { .. });
+        calls.push(Call {
+            entitlement: i,
+            amount,
+            key,
+            answer,
+            started,
+            latency: started.elapsed(),
+        });
+        if failed {
+            // As a client would on 503 / no answer: back off a little.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    calls
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads the stored state and the stream every 50 ms until `stop`; flags
+/// any counter or event above a hard cap.
+fn checker(
+    url: String,
+    entitlements: usize,
+    stop: Arc<AtomicBool>,
+    violations: Arc<Mutex<Vec<String>>>,
+    states: Arc<AtomicU64>,
+    events: Arc<AtomicU64>,
+) {
+    let mut last_id = "0-0".to_string();
+    let mut conn: Option<redis::Connection> = None;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        if conn.is_none() {
+            conn = redis::Client::open(url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                .and_then(|c| {
+                    c.set_read_timeout(Some(Duration::from_millis(300)))?;
+                    Ok(c)
+                })
+                .ok();
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        if check_once(c, entitlements, &mut last_id, &violations, &states, &events).is_err() {
+            // Redis is down or blocked; a timed-out connection is not reused.
+            conn = None;
+        }
+    }
+}
+
+fn check_once(
+    c: &mut redis::Connection,
+    entitlements: usize,
+    last_id: &mut String,
+    violations: &Mutex<Vec<String>>,
+    states: &AtomicU64,
+    events: &AtomicU64,
+) -> redis::RedisResult<()> {
+    for i in (0..entitlements).filter(|i| capped(*i)) {
+        let id = entitlement(i);
+        let core: Option<String> = redis::cmd("HGET")
+            .arg(format!("{PREFIX}:{{{id}}}:state"))
+            .arg("core")
+            .query(c)?;
+        let seats: u64 = redis::cmd("HLEN")
+            .arg(format!("{PREFIX}:{{{id}}}:seats"))
+            .query(c)?;
+        states.fetch_add(1, Ordering::Relaxed);
+        let used = core
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["meters"]["api"]["used"].as_u64())
+            .unwrap_or(0);
+        if used > CAP_HARD || seats > 8 {
+            lock(violations).push(format!("{id}: stored used {used}, seats {seats}"));
+        }
+    }
+    type Entries = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
+    loop {
+        let read: Option<Entries> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(format!("{PREFIX}:events"))
+            .arg(last_id.as_str())
+            .query(c)?;
+        let entries: Vec<_> = read.into_iter().flatten().flat_map(|(_, e)| e).collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for (id, fields) in &entries {
+            events.fetch_add(1, Ordering::Relaxed);
+            let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+            let ent = get("entitlement").unwrap_or("");
+            let Some(i) = ent.strip_prefix("f-").and_then(|n| n.parse::<usize>().ok()) else {
+                continue;
+            };
+            let data = get("event")
+                .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+                .map(|v| v["data"].clone())
+                .unwrap_or_default();
+            let used = data["used"].as_u64().unwrap_or(0);
+            let in_use = data["in_use"].as_u64().unwrap_or(0);
+            if capped(i) && (used > CAP_HARD || in_use > 8) {
+                lock(violations).push(format!("{ent}: event {id} {data}"));
+            }
+            *last_id = id.clone();
+        }
+    }
+}
+
+/// Fills Redis to a `maxmemory` just above what it uses now.
+fn fill(redis: &RedisServer) -> redis::RedisResult<usize> {
+    let mut c = redis.conn();
+    redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory-policy", "noeviction"])
+        .query::<()>(&mut c)?;
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut c)?;
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used + 4 * 1024 * 1024)
+        .query::<()>(&mut c)?;
+    let filler = vec![b'x'; 64 * 1024];
+    for n in 0..10_000 {
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("filler:{n}"))
+            .arg(&filler)
+            .query(&mut c);
+        if set.is_err() {
+            return Ok(n);
+        }
+    }
+    Ok(10_000)
+}
+
+fn unfill(redis: &RedisServer, keys: usize) -> redis::RedisResult<()> {
+    let mut c = redis.conn();
+    for n in 0..keys {
+        redis::cmd("DEL")
+            .arg(format!("filler:{n}"))
+            .query::<()>(&mut c)?;
+    }
+    redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"])
+        .query::<()>(&mut c)
+}
+
+/// When each fault started and was healed.
+struct Window {
+    fault: Fault,
+    start: Instant,
+    healed: Instant,
+}
+
+fn inject(
+    fault: Fault,
+    plan: &Plan,
+    redis: &mut RedisServer,
+    tracker: &mut Tracker,
+) -> anyhow::Result<()> {
+    match fault {
+        Fault::KillTracker => {
+            tracker.kill();
+            std::thread::sleep(plan.outage);
+            tracker.restart()?;
+        }
+        Fault::KillRedis => {
+            redis.kill();
+            std::thread::sleep(plan.outage);
+            redis.restart();
+        }
+        Fault::StopRedis => {
+            redis.stop();
+            std::thread::sleep(plan.outage);
+            redis.restart();
+        }
+        Fault::PauseRedis => {
+            redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(plan.outage.as_millis() as u64)
+                .arg("ALL")
+                .query::<()>(&mut redis.conn())?;
+            std::thread::sleep(plan.outage);
+        }
+        Fault::SleepRedis => {
+            // Blocks this connection as well as every other.
+            let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(plan.outage.as_secs_f64())
+                .query(&mut redis.conn());
+        }
+        Fault::MaxMemory => {
+            let keys = fill(redis)?;
+            std::thread::sleep(plan.outage);
+            unfill(redis, keys)?;
+        }
+    }
+    Ok(())
+}
+
+async fn setup(addr: std::net::SocketAddr, entitlements: usize) -> anyhow::Result<()> {
+    let mut conn = Conn::open(addr).await?;
+    for i in 0..entitlements {
+        let path = format!("/v1/entitlements/{}", entitlement(i));
+        let (status, body) = conn
+            .call("PUT", &path, Some(ADMIN), Bytes::from(config(i)))
+            .await?;
+        anyhow::ensure!(status < 300, "PUT {path}: {status} {body:?}");
+    }
+    Ok(())
+}
+
+/// Sends `call` again with its key until it is decided: `(status, replayed, body)`.
+async fn retry(
+    conn: &mut Option<Conn>,
+    addr: std::net::SocketAddr,
+    call: &Call,
+) -> Option<(u16, bool, Bytes)> {
+    for _ in 0..100 {
+        if conn.is_none() {
+            *conn = Conn::open(addr).await.ok();
+        }
+        if let Some(c) = conn.as_mut() {
+            let body = usage_body(call.amount, &call.key);
+            match c
+                .call_replayed("POST", &usage_path(call.entitlement), Some(CLIENT), body)
+                .await
+            {
+                Ok((status @ (200 | 429), replayed, body)) => {
+                    return Some((status, replayed, body));
+                }
+                Ok(_) => {}
+                Err(_) => *conn = None,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// What settling the ledger found, per call.
+enum Settled {
+    Granted(u64),
+    Denied,
+    Unsettled,
+}
+
+async fn settle(
+    addr: std::net::SocketAddr,
+    calls: Vec<Call>,
+    report: Arc<Mutex<SuiteReport>>,
+) -> Vec<(usize, Settled)> {
+    let mut conn = None;
+    let mut out = Vec::with_capacity(calls.len());
+    for call in calls {
+        let again = retry(&mut conn, addr, &call).await;
+        let mut r = lock(&report);
+        let settled = match (&call.answer, again) {
+            (_, None) => {
+                r.unsettled.push(call.key.clone());
+                Settled::Unsettled
+            }
+            (Answer::Decided { status, body }, Some((s2, replayed, b2))) => {
+                if !replayed || s2 != *status || b2 != *body {
+                    r.lost.push(format!(
+                        "{}: answered {status} {}; retry {s2} (replayed: {replayed}) {}",
+                        call.key,
+                        String::from_utf8_lossy(body),
+                        String::from_utf8_lossy(&b2)
+                    ));
+                }
+                if *status == 200 {
+                    Settled::Granted(call.amount)
+                } else {
+                    Settled::Denied
+                }
+            }
+            (answer, Some((s2, replayed, _))) => {
+                if replayed && *answer == Answer::Unavailable {
+                    r.applied_after_503.push(call.key.clone());
+                }
+                if replayed && matches!(answer, Answer::Silent | Answer::Unknown) {
+                    r.unknown_but_applied += 1;
+                }
+                if s2 == 200 {
+                    Settled::Granted(call.amount)
+                } else {
+                    Settled::Denied
+                }
+            }
+        };
+        out.push((call.entitlement, settled));
+    }
+    out
+}
+
+/// Runs the plan: load, every fault in turn, then the ledger.
+pub async fn run(plan: Plan) -> anyhow::Result<SuiteReport> {
+    let mut redis = RedisServer::start();
+    let timeout = format!("{}ms", plan.redis_timeout.as_millis());
+    let url = redis.url();
+    let mut tracker = Tracker::start(
+        &plan.bin,
+        &[
+            ("HEADROOM_REDIS_URL", url.as_str()),
+            ("HEADROOM_REDIS_PREFIX", PREFIX),
+            ("HEADROOM_REDIS_TIMEOUT", timeout.as_str()),
+            ("HEADROOM_ADMIN_TOKENS", ADMIN.trim_start_matches("Bearer ")),
+            (
+                "HEADROOM_CLIENT_TOKENS",
+                CLIENT.trim_start_matches("Bearer "),
+            ),
+        ],
+    )?;
+    let addr = tracker.addr();
+    setup(addr, plan.entitlements).await?;
+
+    let plan = Arc::new(plan);
+    let stop = Arc::new(AtomicBool::new(false));
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let (states, events) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let checker = {
+        let (url, n, stop, v) = (
+            url.clone(),
+            plan.entitlements,
+            stop.clone(),
+            violations.clone(),
+        );
+        let (s, e) = (states.clone(), events.clone());
+        std::thread::spawn(move || checker(url, n, stop, v, s, e))
+    };
+    let started = Instant::now();
+    let clients: Vec<_> = (0..plan.connections)
+        .map(|w| {
+            tokio::spawn(client(
+                w,
+                plan.clone(),
+                addr,
+                stop.clone(),
+                violations.clone(),
+            ))
+        })
+        .collect();
+
+    // The driver blocks (kills, waits, sleeps): a thread of its own.
+    let driver = {
+        let plan = plan.clone();
+        let stop = stop.clone();
+        std::thread::spawn(
+            move || -> anyhow::Result<(Vec<Window>, RedisServer, Tracker)> {
+                let mut windows = Vec::new();
+                for &fault in &plan.faults {
+                    std::thread::sleep(plan.steady);
+                    if plan.progress {
+                        eprintln!("fault: {}", fault.name());
+                    }
+                    let start = Instant::now();
+                    let injected = inject(fault, &plan, &mut redis, &mut tracker);
+                    windows.push(Window {
+                        fault,
+                        start,
+                        healed: Instant::now(),
+                    });
+                    injected?;
+                }
+                std::thread::sleep(plan.steady);
+                stop.store(true, Ordering::Relaxed);
+                Ok((windows, redis, tracker))
+            },
+        )
+    };
+    let driven = tokio::task::spawn_blocking(move || driver.join()).await?;
+    stop.store(true, Ordering::Relaxed);
+    let mut calls = Vec::new();
+    for c in clients {
+        calls.extend(c.await?);
+    }
+    let _ = checker.join();
+    let (windows, redis, tracker) =
+        driven.map_err(|_| anyhow::anyhow!("the fault driver panicked"))??;
+    let elapsed = started.elapsed();
+    if plan.progress {
+        eprintln!(
+            "load stopped after {} calls; settling the ledger",
+            calls.len()
+        );
+    }
+
+    let mut report = SuiteReport {
+        elapsed_s: elapsed.as_secs_f64(),
+        redis_timeout_ms: plan.redis_timeout.as_millis() as u64,
+        states_checked: states.load(Ordering::Relaxed),
+        events_checked: events.load(Ordering::Relaxed),
+        ..SuiteReport::default()
+    };
+    count(&calls, &mut report, &windows);
+
+    // The ledger: every call again with its key, over a few connections.
+    let report = Arc::new(Mutex::new(report));
+    let mut shards: Vec<Vec<Call>> = (0..8).map(|_| Vec::new()).collect();
+    for (n, call) in calls.into_iter().enumerate() {
+        shards[n % 8].push(call);
+    }
+    let tasks: Vec<_> = shards
+        .into_iter()
+        .map(|s| tokio::spawn(settle(addr, s, report.clone())))
+        .collect();
+    let mut granted: HashMap<usize, u64> = HashMap::new();
+    for t in tasks {
+        for (i, s) in t.await? {
+            if let Settled::Granted(units) = s {
+                *granted.entry(i).or_default() += units;
+            }
+        }
+    }
+    let mut report = Arc::try_unwrap(report)
+        .map_err(|_| anyhow::anyhow!("settling still running"))?
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut conn = Conn::open(addr).await?;
+    for i in 0..plan.entitlements {
+        let id = entitlement(i);
+        let (status, body) = conn
+            .call(
+                "GET",
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                Bytes::new(),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "GET {id}: {status}");
+        let view: serde_json::Value = serde_json::from_slice(&body)?;
+        let used = view["features"]["api"]["used"].as_u64().unwrap_or(0);
+        let expected = granted.get(&i).copied().unwrap_or(0);
+        if used != expected {
+            report.mismatches.push(format!(
+                "{id}: used {used}, granted calls add up to {expected}"
+            ));
+        }
+        if capped(i) && used > CAP_HARD {
+            report
+                .cap_violations
+                .push(format!("{id}: used {used} at the end"));
+        }
+    }
+    report.cap_violations.extend(lock(&violations).drain(..));
+    report.ok = report.lost.is_empty()
+        && report.applied_after_503.is_empty()
+        && report.unsettled.is_empty()
+        && report.mismatches.is_empty()
+        && report.cap_violations.is_empty();
+    drop((redis, tracker));
+    Ok(report)
+}
+
+fn count(calls: &[Call], report: &mut SuiteReport, windows: &[Window]) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    for c in calls {
+        report.calls += 1;
+        match c.answer {
+            Answer::Decided { .. } => report.acknowledged += 1,
+            Answer::Unavailable => {
+                report.unavailable += 1;
+                report.max_503_ms = report.max_503_ms.max(ms(c.latency));
+            }
+            Answer::Unknown => {
+                report.unknown += 1;
+                report.max_504_ms = report.max_504_ms.max(ms(c.latency));
+            }
+            Answer::Silent => report.no_answer += 1,
+            Answer::Other(_) => report.other_errors += 1,
+        }
+    }
+    for w in windows {
+        let decided = |c: &&Call| matches!(c.answer, Answer::Decided { .. });
+        let recovered = calls
+            .iter()
+            .filter(|c| c.started >= w.healed)
+            .filter(decided)
+            .map(|c| c.started + c.latency)
+            .min();
+        let end = recovered.unwrap_or(w.healed);
+        let span: Vec<&Call> = calls
+            .iter()
+            .filter(|c| c.started + c.latency >= w.start && c.started <= end)
+            .collect();
+        let mut r = FaultResult {
+            fault: w.fault.name().to_string(),
+            window_ms: ms(w.healed - w.start) as u64,
+            calls: span.len() as u64,
+            recovery_ms: recovered.map(|t| ms(t - w.healed)),
+            ..FaultResult::default()
+        };
+        for c in span {
+            match c.answer {
+                Answer::Decided { .. } => r.acknowledged += 1,
+                Answer::Unavailable => {
+                    r.unavailable += 1;
+                    r.max_503_ms = r.max_503_ms.max(ms(c.latency));
+                }
+                Answer::Unknown => {
+                    r.unknown += 1;
+                    r.max_504_ms = r.max_504_ms.max(ms(c.latency));
+                }
+                Answer::Silent => r.no_answer += 1,
+                Answer::Other(_) => r.other_errors += 1,
+            }
+        }
+        report.faults.push(r);
+    }
+}
+
+/// The fault matrix and the ledger verdict, as Markdown.
+pub fn markdown(r: &SuiteReport) -> String {
+    let mut s = String::from(
+        "| fault | window ms | calls | acknowledged | 503 | 504 | no answer | other | slowest 503 ms | slowest 504 ms | recovery ms |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for f in &r.faults {
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} |\n",
+            f.fault,
+            f.window_ms,
+            f.calls,
+            f.acknowledged,
+            f.unavailable,
+            f.unknown,
+            f.no_answer,
+            f.other_errors,
+            f.max_503_ms,
+            f.max_504_ms,
+            f.recovery_ms.map_or("–".into(), |m| format!("{m:.0}"))
+        );
+    }
+    s += &format!(
+        "\nWhole run: {:.1} s, {} calls, {} acknowledged, {} answered 503 and {} 504 (slowest \
+         {:.0} and {:.0} ms, store timeout {} ms), {} without answer, {} other errors.\n",
+        r.elapsed_s,
+        r.calls,
+        r.acknowledged,
+        r.unavailable,
+        r.unknown,
+        r.max_503_ms,
+        r.max_504_ms,
+        r.redis_timeout_ms,
+        r.no_answer,
+        r.other_errors
+    );
+    s += &format!(
+        "Ledger: {} acknowledged calls lost, {} calls answered 503 but applied, {} calls \
+         answered 504 or not at all had landed (allowed: their retry replayed), {} unsettled, {} counter mismatches, {} cap violations \
+         ({} stored states and {} stream events checked during the run): {}.\n",
+        r.lost.len(),
+        r.applied_after_503.len(),
+        r.unknown_but_applied,
+        r.unsettled.len(),
+        r.mismatches.len(),
+        r.cap_violations.len(),
+        r.states_checked,
+        r.events_checked,
+        if r.ok { "OK" } else { "FAILED" }
+    );
+    for line in r
+        .lost
+        .iter()
+        .chain(&r.applied_after_503)
+        .chain(&r.unsettled)
+        .chain(&r.mismatches)
+        .chain(&r.cap_violations)
+        .take(20)
+    {
+        s += &format!("- {line}\n");
+    }
+    s
+}

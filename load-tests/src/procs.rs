@@ -1,0 +1,265 @@
+//! Processes the fault suite and the tests drive: a private `redis-server`
+//! and the tracker binary, each on a port of its own, killed with the
+//! suite (and on drop).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status();
+}
+
+/// A redis-server of the caller's own, on a free port, with its data in a
+/// temporary folder that outlives restarts. `appendfsync always`, so that
+/// killing it loses nothing it acknowledged; `DEBUG` enabled for the fault
+/// suite.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--enable-debug-command", "yes"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on the PATH (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Whether it answers now; `LOADING` (replaying the AOF) does not count.
+    pub fn ping(&self) -> bool {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| {
+                c.set_read_timeout(Some(Duration::from_millis(200)))?;
+                redis::cmd("PING").query::<String>(&mut c)
+            })
+            .is_ok()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .expect("connect to the private redis")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: Redis gets no chance to do anything more.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: Redis finishes what it is doing, syncs and exits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, "-TERM");
+            let _ = c.wait();
+        }
+    }
+
+    /// Entries of the event stream: `(type, entitlement, CloudEvents JSON)`.
+    pub fn events(&self, prefix: &str) -> Vec<(String, String, serde_json::Value)> {
+        let mut c = self.conn();
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(format!("{prefix}:events"))
+            .arg("-")
+            .arg("+")
+            .query::<Vec<(String, Vec<String>)>>(&mut c)
+            .expect("XRANGE")
+            .into_iter()
+            .map(|(id, fields)| {
+                let pairs = fields
+                    .chunks(2)
+                    .map(|p| (p[0].clone(), p[1].clone()))
+                    .collect();
+                (id, pairs)
+            })
+            .collect();
+        entries
+            .into_iter()
+            .map(|(_, fields)| {
+                let get = |k: &str| {
+                    fields
+                        .iter()
+                        .find(|(f, _)| f == k)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                let event = serde_json::from_str(&get("event")).unwrap_or(serde_json::Value::Null);
+                (get("type"), get("entitlement"), event)
+            })
+            .collect()
+    }
+
+    /// Starts it again on the same port and data (killing it first if it runs).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The tracker binary, on a port that stays the same across restarts.
+pub struct Tracker {
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Tracker {
+    /// Starts `bin` with `HEADROOM_*` settings `env` (the listen address is
+    /// added) and waits until `/readyz` answers 200.
+    pub fn start(bin: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut tracker = Tracker {
+            bin: bin.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            port: free_port(),
+            child: None,
+        };
+        tracker.spawn()?;
+        Ok(tracker)
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(&self.bin)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("HEADROOM_LISTEN", self.addr().to_string())
+            .env(
+                "RUST_LOG",
+                std::env::var("TRACKER_LOG").unwrap_or("error".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("TRACKER_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.ready() {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not become ready",
+                self.bin.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether `/readyz` answers 200 (a blocking probe, 500 ms at most).
+    pub fn ready(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) =
+            std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_millis(500))
+        else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let req = format!(
+            "GET /readyz HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+            self.addr()
+        );
+        let mut answer = String::new();
+        s.write_all(req.as_bytes()).is_ok()
+            && s.read_to_string(&mut answer).is_ok()
+            && answer.starts_with("HTTP/1.1 200")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: no shutdown hook runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits; answers whether it exited with status 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        signal(&c, "-TERM");
+        c.wait().is_ok_and(|s| s.success())
+    }
+
+    /// Starts it again with the same settings and port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
