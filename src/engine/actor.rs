@@ -339,6 +339,8 @@ pub(crate) struct EntitlementActor {
     drains: Vec<oneshot::Sender<()>>,
     /// Stopped into a dormant slot rather than out of memory.
     hibernated: bool,
+    /// The incarnation this actor deleted last.
+    retired: Option<i64>,
     /// State and epoch handed over by a dormant slot, taken in `started`.
     preloaded: Option<(Box<Entitlement>, u64)>,
 }
@@ -403,6 +405,7 @@ impl EntitlementActor {
                 last_used: Instant::now(),
                 timer: None,
                 drains: Vec::new(),
+                retired: None,
                 preloaded,
                 hibernated: false,
             }
@@ -532,7 +535,16 @@ impl EntitlementActor {
                 })
             }
             None => {
-                let e = Entitlement::create(self.id.clone(), config.clone(), now, fx);
+                // A new incarnation must differ from the one this actor just
+                // deleted, even within the same millisecond: idempotency keys
+                // and event ids are scoped by it.
+                let at = match self.retired {
+                    Some(old) if now.timestamp_millis() <= old => {
+                        DateTime::from_timestamp_millis(old + 1).unwrap_or(now)
+                    }
+                    _ => now,
+                };
+                let e = Entitlement::create(self.id.clone(), config.clone(), at, fx);
                 let view = Box::new(e.view());
                 self.state = Some(e);
                 Ok(Reply::Put {
@@ -554,6 +566,7 @@ impl EntitlementActor {
             Op::Delete => {
                 let e = self.state.as_mut().ok_or_else(not_found)?;
                 e.delete(now, fx);
+                self.retired = Some(e.incarnation());
                 self.state = None;
                 fx.seats.clear();
                 self.pending.reset = true;
@@ -732,10 +745,15 @@ impl EntitlementActor {
             Ok(CommitOutcome::KeysExist(found)) => {
                 let replay = replay_all(self, inflight.batch);
                 self.reload(ctx, None, replay);
-                // These records are what the replayed calls must find.
+                // These records are what the replayed calls must find. The
+                // store still holds them, so they are still remembered
+                // whatever this clock says of their age (else the replay
+                // would decide afresh and meet the same keys again).
                 let limit = self.shared.settings.cached_keys;
+                let now = self.shared.clock.now();
                 for (key, record) in found {
-                    if let Ok(entry) = serde_json::from_str::<KeyEntry>(&record) {
+                    if let Ok(mut entry) = serde_json::from_str::<KeyEntry>(&record) {
+                        entry.at = entry.at.max(now);
                         self.keys.insert(key, entry, limit);
                     }
                 }

@@ -1,14 +1,15 @@
-//! The engine without HTTP: passivation, and a model-based test with
-//! idempotent replays.
+//! The engine without HTTP: passivation, and a model-based test (seats,
+//! usage, idempotent replays, reconfigurations, deletes, restarts and clock
+//! steps across lease expiries and month ends) on memory and on Redis.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use headroom::domain::{
     Amount, EntitlementConfig, EntitlementId, FeatureKey, IdempotencyKey, Outcome, SeatId,
 };
-use headroom::engine::{Engine, EngineError, EngineSettings, SystemClock, UsageRequest};
+use headroom::engine::{Clock, Engine, EngineError, EngineSettings, SystemClock, UsageRequest};
 use proptest::prelude::*;
 
 use crate::helpers::*;
@@ -69,53 +70,102 @@ async fn idle_entitlements_leave_memory_and_come_back_from_the_store() {
 enum Op {
     Activate(u8),
     Release(u8),
-    Usage { amount: u64, key: Option<u8> },
+    Usage {
+        amount: u64,
+        key: Option<u8>,
+    },
+    /// Moves the clock by this many seconds (even, so that no step lands
+    /// exactly on a lease's end: leases last an odd 61 s).
+    Advance(i64),
+    /// New seat limits: purchased, hard cap.
+    Reconfigure(u64, u64),
+    /// Deletes the entitlement and creates it again: a fresh incarnation.
+    Reset,
+    /// A new engine on the same store: everything is read back.
+    Restart,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u8..12).prop_map(Op::Activate),
-        (0u8..12).prop_map(Op::Release),
-        (1u64..6, proptest::option::of(0u8..6)).prop_map(|(amount, key)| Op::Usage { amount, key }),
+        4 => (0u8..12).prop_map(Op::Activate),
+        2 => (0u8..12).prop_map(Op::Release),
+        4 => (1u64..6, proptest::option::of(0u8..6)).prop_map(|(amount, key)| Op::Usage { amount, key }),
+        2 => prop_oneof![1i64..60, 1i64..40 * 86_400].prop_map(|half| Op::Advance(2 * half)),
+        1 => (0u64..8, 0u64..4).prop_map(|(p, extra)| Op::Reconfigure(p, p + extra)),
+        1 => Just(Op::Reset),
+        1 => Just(Op::Restart),
     ]
 }
 
-/// Runs `ops` against the engine and compares each answer with a simple
-/// model: a set of seats, a counter, and the first decision of each key.
+const LEASE: i64 = 61;
+
+fn seats_config(purchased: u64, cap: u64) -> EntitlementConfig {
+    config(&format!(
+        r#"{{"seats": {{"purchased": {purchased}, "hard_cap": {cap}, "lease_seconds": {LEASE}}},
+            "features": {{"f": {{"included": 20, "hard_cap": 30, "period": "month"}}}}}}"#
+    ))
+}
+
+/// The reference: seats with their lease ends, a counter for the current
+/// calendar month, and the first decision of each key.
+#[derive(Default)]
+struct Model {
+    seats: HashMap<u8, chrono::DateTime<chrono::Utc>>,
+    cap: u64,
+    used: u64,
+    month: (i32, u32),
+    keys: HashMap<u8, (u64, u64, Outcome)>,
+}
+
+impl Model {
+    fn at(&mut self, now: chrono::DateTime<chrono::Utc>) {
+        use chrono::Datelike;
+        self.seats.retain(|_, ends| *ends > now);
+        if (now.year(), now.month()) != self.month {
+            self.month = (now.year(), now.month());
+            self.used = 0;
+        }
+    }
+}
+
+/// Runs `ops` against the engine and compares each answer with [`Model`].
 async fn run_model(
     ops: Vec<Op>,
     store: Arc<dyn headroom::store::Store>,
 ) -> Result<(), TestCaseError> {
-    let engine = Engine::new(store, Arc::new(SystemClock), EngineSettings::default());
+    let clock = manual_clock("2026-01-30T12:00:00Z");
+    let start = || Engine::new(store.clone(), clock.clone(), EngineSettings::default());
+    let mut engine = start();
     let id = eid("acme");
-    engine
-        .put(&id, config(r#"{"seats": {"purchased": 4, "hard_cap": 6}, "features": {"f": {"included": 20, "hard_cap": 30}}}"#))
-        .await
-        .unwrap();
+    engine.put(&id, seats_config(4, 6)).await.unwrap();
     let feature = FeatureKey::parse("f").unwrap();
-    let mut seats: HashSet<u8> = HashSet::new();
-    let mut used = 0u64;
-    let mut keys: HashMap<u8, (u64, u64, Outcome)> = HashMap::new();
+    let mut m = Model {
+        cap: 6,
+        ..Model::default()
+    };
+    m.at(clock.now());
     for op in ops {
+        let now = clock.now();
+        m.at(now);
         match op {
             Op::Activate(s) => {
                 let d = engine
                     .activate(&id, SeatId::parse(&format!("s{s}")).unwrap())
                     .await
                     .unwrap();
-                let fits = seats.contains(&s) || seats.len() < 6;
-                prop_assert_eq!(d.outcome != Outcome::Denied, fits);
+                let fits = m.seats.contains_key(&s) || (m.seats.len() as u64) < m.cap;
+                prop_assert_eq!(d.outcome != Outcome::Denied, fits, "activate s{}", s);
                 if fits {
-                    seats.insert(s);
+                    m.seats.insert(s, now + chrono::Duration::seconds(LEASE));
                 }
-                prop_assert_eq!(d.in_use, seats.len() as u64);
+                prop_assert_eq!(d.in_use, m.seats.len() as u64);
             }
             Op::Release(s) => {
                 let r = engine
                     .release(&id, SeatId::parse(&format!("s{s}")).unwrap())
                     .await
                     .unwrap();
-                prop_assert_eq!(r.released, seats.remove(&s));
+                prop_assert_eq!(r.released, m.seats.remove(&s).is_some());
             }
             Op::Usage { amount, key } => {
                 let req = UsageRequest {
@@ -124,8 +174,8 @@ async fn run_model(
                     idempotency_key: key.map(|k| IdempotencyKey::parse(&format!("k{k}")).unwrap()),
                 };
                 let res = engine.consume(&id, req).await;
-                match key.and_then(|k| keys.get(&k).map(|v| (k, *v))) {
-                    Some((_, (first_amount, first_used, first_outcome))) => {
+                match key.and_then(|k| m.keys.get(&k).copied()) {
+                    Some((first_amount, first_used, first_outcome)) => {
                         if first_amount == amount {
                             let r = res.unwrap();
                             prop_assert!(r.replayed);
@@ -139,27 +189,47 @@ async fn run_model(
                     }
                     None => {
                         let r = res.unwrap();
-                        let fits = used + amount <= 30;
+                        let fits = m.used + amount <= 30;
                         if fits {
-                            used += amount;
+                            m.used += amount;
                         }
                         prop_assert_eq!(r.decision.outcome != Outcome::Denied, fits);
-                        prop_assert_eq!(r.decision.used, used);
+                        prop_assert_eq!(r.decision.used, m.used);
                         if let Some(k) = key {
-                            keys.insert(k, (amount, r.decision.used, r.decision.outcome));
+                            m.keys
+                                .insert(k, (amount, r.decision.used, r.decision.outcome));
                         }
                     }
                 }
             }
+            Op::Advance(secs) => clock.advance(chrono::Duration::seconds(secs)),
+            Op::Reconfigure(purchased, cap) => {
+                engine.put(&id, seats_config(purchased, cap)).await.unwrap();
+                m.cap = cap;
+            }
+            Op::Reset => {
+                engine.delete(&id).await.unwrap();
+                engine.put(&id, seats_config(4, 6)).await.unwrap();
+                m = Model {
+                    cap: 6,
+                    ..Model::default()
+                };
+                m.at(now);
+            }
+            Op::Restart => {
+                engine.shutdown().await;
+                engine = start();
+            }
         }
     }
+    m.at(clock.now());
     let view = engine.get(&id).await.unwrap();
     prop_assert_eq!(
         view.features[&feature].used,
-        used,
+        m.used,
         "replays changed nothing"
     );
-    prop_assert_eq!(view.seats.in_use, seats.len() as u64);
+    prop_assert_eq!(view.seats.in_use, m.seats.len() as u64);
     engine.shutdown().await;
     Ok(())
 }
