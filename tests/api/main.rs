@@ -4,6 +4,7 @@
 mod bad_input;
 mod engine;
 mod faults;
+mod fuzz;
 mod grafana;
 mod helpers;
 mod ops;
