@@ -117,22 +117,49 @@ struct Call {
     latency: Duration,
 }
 
+/// How a set of calls was answered.
 #[derive(Debug, Default, Clone, Serialize)]
-pub struct FaultResult {
-    pub fault: String,
-    /// From the fault's start until it was healed.
-    pub window_ms: u64,
-    /// Calls in flight from the fault's start until the first acknowledged
-    /// call after it was healed.
+pub struct Answers {
     pub calls: u64,
     pub acknowledged: u64,
     pub unavailable: u64,
     pub unknown: u64,
     pub no_answer: u64,
     pub other_errors: u64,
-    /// Slowest `503` and `504` in that span.
+    /// Slowest `503` and `504`.
     pub max_503_ms: f64,
     pub max_504_ms: f64,
+}
+
+impl Answers {
+    fn add(&mut self, c: &Call) {
+        let ms = c.latency.as_secs_f64() * 1000.0;
+        self.calls += 1;
+        match c.answer {
+            Answer::Decided { .. } => self.acknowledged += 1,
+            Answer::Unavailable => {
+                self.unavailable += 1;
+                self.max_503_ms = self.max_503_ms.max(ms);
+            }
+            Answer::Unknown => {
+                self.unknown += 1;
+                self.max_504_ms = self.max_504_ms.max(ms);
+            }
+            Answer::Silent => self.no_answer += 1,
+            Answer::Other(_) => self.other_errors += 1,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct FaultResult {
+    pub fault: String,
+    /// From the fault's start until it was healed.
+    pub window_ms: u64,
+    /// The calls in flight from the fault's start until the first
+    /// acknowledged call after it was healed.
+    #[serde(flatten)]
+    pub answers: Answers,
     /// From healing until the first call started afterwards was acknowledged.
     pub recovery_ms: Option<f64>,
 }
@@ -140,16 +167,9 @@ pub struct FaultResult {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct SuiteReport {
     pub elapsed_s: f64,
-    pub calls: u64,
-    pub acknowledged: u64,
-    pub unavailable: u64,
-    pub unknown: u64,
-    pub no_answer: u64,
-    pub other_errors: u64,
+    #[serde(flatten)]
+    pub answers: Answers,
     pub redis_timeout_ms: u64,
-    /// Slowest `503` and `504` of the whole run.
-    pub max_503_ms: f64,
-    pub max_504_ms: f64,
     pub faults: Vec<FaultResult>,
     /// Acknowledged calls whose retry was not a replay of the same decision.
     pub lost: Vec<String>,
@@ -713,55 +733,26 @@ pub async fn run(plan: Plan) -> anyhow::Result<SuiteReport> {
 fn count(calls: &[Call], report: &mut SuiteReport, windows: &[Window]) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     for c in calls {
-        report.calls += 1;
-        match c.answer {
-            Answer::Decided { .. } => report.acknowledged += 1,
-            Answer::Unavailable => {
-                report.unavailable += 1;
-                report.max_503_ms = report.max_503_ms.max(ms(c.latency));
-            }
-            Answer::Unknown => {
-                report.unknown += 1;
-                report.max_504_ms = report.max_504_ms.max(ms(c.latency));
-            }
-            Answer::Silent => report.no_answer += 1,
-            Answer::Other(_) => report.other_errors += 1,
-        }
+        report.answers.add(c);
     }
     for w in windows {
-        let decided = |c: &&Call| matches!(c.answer, Answer::Decided { .. });
         let recovered = calls
             .iter()
-            .filter(|c| c.started >= w.healed)
-            .filter(decided)
+            .filter(|c| c.started >= w.healed && matches!(c.answer, Answer::Decided { .. }))
             .map(|c| c.started + c.latency)
             .min();
         let end = recovered.unwrap_or(w.healed);
-        let span: Vec<&Call> = calls
-            .iter()
-            .filter(|c| c.started + c.latency >= w.start && c.started <= end)
-            .collect();
         let mut r = FaultResult {
             fault: w.fault.name().to_string(),
             window_ms: ms(w.healed - w.start) as u64,
-            calls: span.len() as u64,
             recovery_ms: recovered.map(|t| ms(t - w.healed)),
             ..FaultResult::default()
         };
-        for c in span {
-            match c.answer {
-                Answer::Decided { .. } => r.acknowledged += 1,
-                Answer::Unavailable => {
-                    r.unavailable += 1;
-                    r.max_503_ms = r.max_503_ms.max(ms(c.latency));
-                }
-                Answer::Unknown => {
-                    r.unknown += 1;
-                    r.max_504_ms = r.max_504_ms.max(ms(c.latency));
-                }
-                Answer::Silent => r.no_answer += 1,
-                Answer::Other(_) => r.other_errors += 1,
-            }
+        for c in calls
+            .iter()
+            .filter(|c| c.started + c.latency >= w.start && c.started <= end)
+        {
+            r.answers.add(c);
         }
         report.faults.push(r);
     }
@@ -778,14 +769,14 @@ pub fn markdown(r: &SuiteReport) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} |\n",
             f.fault,
             f.window_ms,
-            f.calls,
-            f.acknowledged,
-            f.unavailable,
-            f.unknown,
-            f.no_answer,
-            f.other_errors,
-            f.max_503_ms,
-            f.max_504_ms,
+            f.answers.calls,
+            f.answers.acknowledged,
+            f.answers.unavailable,
+            f.answers.unknown,
+            f.answers.no_answer,
+            f.answers.other_errors,
+            f.answers.max_503_ms,
+            f.answers.max_504_ms,
             f.recovery_ms.map_or("–".into(), |m| format!("{m:.0}"))
         );
     }
@@ -793,15 +784,15 @@ pub fn markdown(r: &SuiteReport) -> String {
         "\nWhole run: {:.1} s, {} calls, {} acknowledged, {} answered 503 and {} 504 (slowest \
          {:.0} and {:.0} ms, store timeout {} ms), {} without answer, {} other errors.\n",
         r.elapsed_s,
-        r.calls,
-        r.acknowledged,
-        r.unavailable,
-        r.unknown,
-        r.max_503_ms,
-        r.max_504_ms,
+        r.answers.calls,
+        r.answers.acknowledged,
+        r.answers.unavailable,
+        r.answers.unknown,
+        r.answers.max_503_ms,
+        r.answers.max_504_ms,
         r.redis_timeout_ms,
-        r.no_answer,
-        r.other_errors
+        r.answers.no_answer,
+        r.answers.other_errors
     );
     s += &format!(
         "Ledger: {} acknowledged calls lost, {} calls answered 503 but applied, {} calls \

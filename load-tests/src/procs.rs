@@ -14,6 +14,14 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
+/// SIGKILL and reap, if it runs.
+fn reap(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 fn signal(child: &Child, sig: &str) {
     let _ = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -85,16 +93,9 @@ impl RedisServer {
             .expect("connect to the private redis")
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// SIGKILL: Redis gets no chance to do anything more.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        reap(&mut self.child);
     }
 
     /// SIGTERM: Redis finishes what it is doing, syncs and exits.
@@ -230,16 +231,9 @@ impl Tracker {
             && answer.starts_with("HTTP/1.1 200")
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// SIGKILL: no shutdown hook runs.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        reap(&mut self.child);
     }
 
     /// SIGTERM, then waits; answers whether it exited with status 0.

@@ -328,9 +328,12 @@ async fn every_fault_under_load_keeps_the_ledger_and_the_caps() {
     let table = faults::markdown(&report);
     println!("{table}");
     assert!(report.ok, "{table}");
-    assert!(report.acknowledged > 0 && report.unavailable > 0, "{table}");
+    assert!(
+        report.answers.acknowledged > 0 && report.answers.unavailable > 0,
+        "{table}"
+    );
     for f in &report.faults {
-        assert!(f.calls > 0, "load ran during {}: {table}", f.fault);
+        assert!(f.answers.calls > 0, "load ran during {}: {table}", f.fault);
         assert!(
             f.recovery_ms.is_some(),
             "recovered by itself after {}: {table}",
@@ -339,7 +342,7 @@ async fn every_fault_under_load_keeps_the_ledger_and_the_caps() {
     }
     // Promptly: within the store timeout and its grace, with room for a
     // debug build on a loaded machine (a correctness bound, not a target).
-    let slowest = report.max_503_ms.max(report.max_504_ms);
+    let slowest = report.answers.max_503_ms.max(report.answers.max_504_ms);
     assert!(
         slowest < (timeout + Duration::from_millis(1000)).as_secs_f64() * 1000.0,
         "a 503/504 took {slowest:.0} ms: {table}"
