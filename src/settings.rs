@@ -82,6 +82,17 @@ pub struct Settings {
     /// Largest request body (configuration and batch requests).
     #[arg(long, env = "HEADROOM_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Longest time a client may take to send a request's head, and then its
+    /// body (slow clients cannot hold a worker; 408 after it).
+    #[arg(long, env = "HEADROOM_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub request_timeout: Duration,
+    /// Most open connections per HTTP worker (more wait in the listen backlog).
+    #[arg(long, env = "HEADROOM_MAX_CONNECTIONS", default_value_t = 25_000)]
+    pub max_connections: usize,
+    /// Comma-separated scrape tokens: when given, `/metrics` answers only to
+    /// one of these or an admin token.
+    #[arg(long, env = "HEADROOM_METRICS_TOKENS", hide_env_values = true)]
+    pub metrics_tokens: Option<String>,
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "HEADROOM_WORKERS")]
     pub workers: Option<usize>,
@@ -125,7 +136,12 @@ impl Settings {
             client.push(generate_token("cli"));
             println!("generated client token (shown once): {}", client[0]);
         }
-        Auth::new(admin, client)
+        let scrape = self
+            .metrics_tokens
+            .as_deref()
+            .map(tokens)
+            .unwrap_or_default();
+        Auth::new(admin, client).with_metrics_tokens(scrape)
     }
 
     pub fn store(&self) -> anyhow::Result<Arc<dyn Store>> {
@@ -194,6 +210,8 @@ impl Settings {
             auth: self.auth(),
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
+                request_timeout: self.request_timeout,
+                max_connections: self.max_connections.max(1),
             },
             metrics: crate::telemetry::metrics(),
         });

@@ -119,8 +119,8 @@ pub const METHODS: &[&str] = &[
 ];
 /// The `status` label: the codes the API answers.
 pub const STATUSES: &[&str] = &[
-    "200", "201", "204", "400", "401", "403", "404", "405", "409", "413", "429", "500", "503",
-    "504",
+    "200", "201", "204", "400", "401", "403", "404", "405", "408", "409", "413", "429", "500",
+    "503", "504",
 ];
 
 /// Every metric headroom exports.

@@ -1,4 +1,5 @@
-//! Bearer tokens with two scopes: admin (everything) and client (metering).
+//! Bearer tokens with two scopes: admin (everything) and client (metering),
+//! and optionally scrape tokens that may read `/metrics` and nothing else.
 
 use actix_web::HttpRequest;
 use actix_web::http::header;
@@ -10,12 +11,16 @@ use super::problem::{ApiError, Kind};
 pub enum Scope {
     Admin,
     Client,
+    /// `/metrics`: open unless scrape tokens are configured; then a scrape
+    /// token or an admin token.
+    Metrics,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
     admin: Vec<Vec<u8>>,
     client: Vec<Vec<u8>>,
+    metrics: Vec<Vec<u8>>,
     disabled: bool,
 }
 
@@ -32,8 +37,16 @@ impl Auth {
         Auth {
             admin: admin.into_iter().map(String::into_bytes).collect(),
             client: client.into_iter().map(String::into_bytes).collect(),
+            metrics: Vec::new(),
             disabled: false,
         }
+    }
+
+    /// Protects `/metrics`: from now on only these tokens and admin tokens
+    /// may read it.
+    pub fn with_metrics_tokens(mut self, tokens: Vec<String>) -> Self {
+        self.metrics = tokens.into_iter().map(String::into_bytes).collect();
+        self
     }
 
     /// Every call is allowed (the `--no-auth` opt-out).
@@ -45,7 +58,7 @@ impl Auth {
     }
 
     pub fn require(&self, req: &HttpRequest, scope: Scope) -> Result<(), ApiError> {
-        if self.disabled {
+        if self.disabled || (scope == Scope::Metrics && self.metrics.is_empty()) {
             return Ok(());
         }
         let token = req
@@ -60,8 +73,14 @@ impl Auth {
         let token = token.as_bytes();
         let admin = matches_any(token, &self.admin);
         let client = matches_any(token, &self.client);
+        let scrape = matches_any(token, &self.metrics);
         match (admin, client, scope) {
             (true, _, _) | (_, true, Scope::Client) => Ok(()),
+            _ if scope == Scope::Metrics && scrape => Ok(()),
+            (false, true, Scope::Metrics) => Err(ApiError::new(
+                Kind::Forbidden,
+                "/metrics needs a scrape token or an admin token",
+            )),
             (false, true, Scope::Admin) => Err(ApiError::new(
                 Kind::Forbidden,
                 "this call needs an admin token; a client token may only meter",

@@ -4,6 +4,8 @@ use actix_web::http::StatusCode;
 use actix_web::http::header;
 use actix_web::web::{self, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -22,7 +24,27 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 /// Reads the body up to `limit` bytes; a longer one is refused with 413
 /// before it is buffered whole.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<BytesMut> {
+/// Reads a body of at most `limit` bytes, and within the request timeout
+/// (a client that trickles its body does not hold a worker's call open).
+async fn read_body(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<BytesMut> {
+    let timeout = req
+        .app_data::<web::Data<AppState>>()
+        .map_or(Duration::from_secs(10), |s| s.limits.request_timeout);
+    tokio::time::timeout(timeout, read_body_within(req, payload, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                Kind::RequestTimeout,
+                format!("the body did not arrive within {timeout:?}"),
+            )
+        })?
+}
+
+async fn read_body_within(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<BytesMut> {
     let too_large = || {
         ApiError::new(
             Kind::PayloadTooLarge,
@@ -295,7 +317,8 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
     }
 }
 
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse> {
+    state.auth.require(&req, Scope::Metrics)?;
     metrics::gauge!("headroom_entitlements_in_memory").set(state.engine.resident() as f64);
     crate::telemetry::collect_process_metrics();
     let store = state.engine.store();
@@ -310,9 +333,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         }
         Err(e) => tracing::debug!(error = %e, "overdraft totals unknown"),
     }
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(state.metrics.render()))
 }
 
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {

@@ -24,12 +24,19 @@ use problem::{ApiError, Kind};
 pub struct Limits {
     /// Largest body of a configuration or batch request.
     pub max_body_bytes: usize,
+    /// Longest time a client may take to send a request's head, and then
+    /// its body.
+    pub request_timeout: Duration,
+    /// Most open connections per HTTP worker; more wait in the backlog.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(10),
+            max_connections: 25_000,
         }
     }
 }
@@ -133,6 +140,7 @@ pub fn serve(
     shutdown_timeout: Duration,
     signals: bool,
 ) -> std::io::Result<Server> {
+    let limits = state.limits.clone();
     let mut server = HttpServer::new(move || {
         // Runs once on each worker thread as it starts: open this thread's
         // store connection now, so that the first calls do not pay for it.
@@ -146,7 +154,8 @@ pub fn serve(
     })
     .workers(workers.max(1))
     .shutdown_timeout(shutdown_timeout.as_secs())
-    .client_request_timeout(Duration::from_secs(10))
+    .client_request_timeout(limits.request_timeout)
+    .max_connections(limits.max_connections)
     .listen(listener)?;
     if !signals {
         server = server.disable_signals();

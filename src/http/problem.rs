@@ -21,6 +21,7 @@ pub enum Kind {
     MethodNotAllowed,
     IdempotencyConflict,
     PayloadTooLarge,
+    RequestTimeout,
     BatchTooLarge,
     Denied,
     StoreUnavailable,
@@ -61,6 +62,11 @@ impl Kind {
                 "Idempotency key already used with another payload",
             ),
             Kind::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "payload_too_large", "Body too large"),
+            Kind::RequestTimeout => (
+                S::REQUEST_TIMEOUT,
+                "request_timeout",
+                "Request not received in time",
+            ),
             Kind::BatchTooLarge => (
                 S::PAYLOAD_TOO_LARGE,
                 "batch_too_large",

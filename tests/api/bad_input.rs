@@ -274,3 +274,71 @@ async fn auth_matrix() {
     }
     app.stop().await;
 }
+
+/// A client that sends its head and then trickles (or withholds) its body
+/// gets 408 after the request timeout; the worker keeps serving others.
+#[actix_rt::test]
+async fn a_body_that_never_arrives_gets_408_and_holds_no_worker() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(
+        memory_store(),
+        AppOptions {
+            limits: headroom::http::Limits {
+                request_timeout: std::time::Duration::from_millis(300),
+                ..headroom::http::Limits::default()
+            },
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "PUT /v1/entitlements/acme HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        slow.push(s);
+    }
+    // Meanwhile the app answers everyone else.
+    let (status, _) = app.put("globex", r#"{"seats": {"purchased": 1}}"#).await;
+    assert_eq!(status, 201);
+    for mut s in slow {
+        let mut answer = vec![0u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut answer))
+            .await
+            .expect("answered before the test gave up")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+    }
+    let (status, _) = app.get("acme").await;
+    assert_eq!(status, 404, "nothing was created from the partial body");
+    app.stop().await;
+}
+
+/// A head beyond actix-http's limits (128 KiB, 96 headers) is refused, not
+/// processed.
+#[actix_rt::test]
+async fn oversized_headers_are_refused() {
+    let app = TestApp::spawn(memory_store()).await;
+    let res = app
+        .http
+        .get(app.url("/v1/entitlements/acme"))
+        .bearer_auth(ADMIN)
+        .header("x-padding", "a".repeat(256 * 1024))
+        .send()
+        .await;
+    match res {
+        Ok(r) => assert_eq!(r.status().as_u16(), 431),
+        // The server may also close the connection without an answer.
+        Err(e) => assert!(e.is_request() || e.is_connect() || e.is_body(), "{e}"),
+    }
+    let (status, _) = app.send(reqwest::Method::GET, "/healthz", None, None).await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}

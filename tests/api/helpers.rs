@@ -40,6 +40,7 @@ pub struct AppOptions {
     pub clock: Arc<dyn Clock>,
     pub engine: EngineSettings,
     pub auth: Auth,
+    pub limits: Limits,
 }
 
 impl Default for AppOptions {
@@ -48,6 +49,7 @@ impl Default for AppOptions {
             clock: Arc::new(SystemClock),
             engine: EngineSettings::default(),
             auth: Auth::new(vec![ADMIN.into()], vec![CLIENT.into()]),
+            limits: Limits::default(),
         }
     }
 }
@@ -69,7 +71,7 @@ impl TestApp {
         let state = web::Data::new(AppState {
             engine: engine.clone(),
             auth: opts.auth,
-            limits: Limits::default(),
+            limits: opts.limits,
             metrics: headroom::telemetry::metrics(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

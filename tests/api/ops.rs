@@ -321,3 +321,32 @@ fn prometheus_config_and_alert_rules_pass_promtool_and_name_only_catalogued_metr
         );
     }
 }
+
+/// With scrape tokens configured, `/metrics` answers only to them and to
+/// admin tokens.
+#[actix_rt::test]
+async fn metrics_can_be_protected_with_scrape_tokens() {
+    let app = TestApp::spawn_with(
+        memory_store(),
+        AppOptions {
+            auth: headroom::http::Auth::new(vec![ADMIN.into()], vec![CLIENT.into()])
+                .with_metrics_tokens(vec!["scrape-me".into()]),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let status = |token: Option<&'static str>| {
+        let app = &app;
+        async move {
+            app.send(reqwest::Method::GET, "/metrics", token, None)
+                .await
+                .0
+        }
+    };
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("wrong")).await, 401);
+    assert_eq!(status(Some(CLIENT)).await, 403);
+    assert_eq!(status(Some("scrape-me")).await, 200);
+    assert_eq!(status(Some(ADMIN)).await, 200);
+    app.stop().await;
+}
