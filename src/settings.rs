@@ -89,6 +89,10 @@ pub struct Settings {
     /// Most open connections per HTTP worker (more wait in the listen backlog).
     #[arg(long, env = "HEADROOM_MAX_CONNECTIONS", default_value_t = 25_000)]
     pub max_connections: usize,
+    /// Seat activations and releases allowed per second per token, in bursts
+    /// of as many (429 `rate_limited` beyond); 0 = unlimited.
+    #[arg(long, env = "HEADROOM_CHURN_LIMIT", default_value_t = 0)]
+    pub churn_limit: u32,
     /// Comma-separated scrape tokens: when given, `/metrics` answers only to
     /// one of these or an admin token.
     #[arg(long, env = "HEADROOM_METRICS_TOKENS", hide_env_values = true)]
@@ -120,7 +124,7 @@ impl Settings {
     pub fn auth(&self) -> Auth {
         if self.no_auth {
             tracing::warn!("--no-auth: every call is accepted without a token");
-            return Auth::disabled();
+            return Auth::disabled().with_churn_limit(self.churn_limit);
         }
         let mut admin = self.admin_tokens.as_deref().map(tokens).unwrap_or_default();
         let mut client = self
@@ -141,7 +145,9 @@ impl Settings {
             .as_deref()
             .map(tokens)
             .unwrap_or_default();
-        Auth::new(admin, client).with_metrics_tokens(scrape)
+        Auth::new(admin, client)
+            .with_metrics_tokens(scrape)
+            .with_churn_limit(self.churn_limit)
     }
 
     pub fn store(&self) -> anyhow::Result<Arc<dyn Store>> {

@@ -1,8 +1,13 @@
 //! Bearer tokens with two scopes: admin (everything) and client (metering),
 //! and optionally scrape tokens that may read `/metrics` and nothing else.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
 use actix_web::HttpRequest;
 use actix_web::http::header;
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota};
 use subtle::ConstantTimeEq;
 
 use super::problem::{ApiError, Kind};
@@ -16,12 +21,35 @@ pub enum Scope {
     Metrics,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Auth {
     admin: Vec<Vec<u8>>,
     client: Vec<Vec<u8>>,
     metrics: Vec<Vec<u8>>,
     disabled: bool,
+    /// Seat activations and releases per second per token, when limited.
+    churn: Option<(u32, Arc<DefaultKeyedRateLimiter<Vec<u8>>>)>,
+}
+
+impl std::fmt::Debug for Auth {
+    /// Never prints a token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("admin_tokens", &self.admin.len())
+            .field("client_tokens", &self.client.len())
+            .field("metrics_tokens", &self.metrics.len())
+            .field("disabled", &self.disabled)
+            .field("churn_per_second", &self.churn.as_ref().map(|c| c.0))
+            .finish()
+    }
+}
+
+fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// Compares against every token, so the time taken does not say which matched.
@@ -39,6 +67,7 @@ impl Auth {
             client: client.into_iter().map(String::into_bytes).collect(),
             metrics: Vec::new(),
             disabled: false,
+            churn: None,
         }
     }
 
@@ -47,6 +76,37 @@ impl Auth {
     pub fn with_metrics_tokens(mut self, tokens: Vec<String>) -> Self {
         self.metrics = tokens.into_iter().map(String::into_bytes).collect();
         self
+    }
+
+    /// Limits seat activations and releases to `per_second` per token (in
+    /// bursts of as many); 0 leaves them unlimited.
+    pub fn with_churn_limit(mut self, per_second: u32) -> Self {
+        self.churn = NonZeroU32::new(per_second).map(|n| {
+            (
+                per_second,
+                Arc::new(DefaultKeyedRateLimiter::keyed(Quota::per_second(n))),
+            )
+        });
+        self
+    }
+
+    /// Takes one seat call from the caller's allowance (after [`Auth::require`]).
+    pub fn churn(&self, req: &HttpRequest) -> Result<(), ApiError> {
+        let Some((per_second, limiter)) = &self.churn else {
+            return Ok(());
+        };
+        let key = bearer(req).unwrap_or_default().as_bytes().to_vec();
+        limiter.check_key(&key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            let mut e = ApiError::new(
+                Kind::RateLimited,
+                format!(
+                    "more than {per_second} seat activations and releases per second with this token"
+                ),
+            );
+            e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+            e
+        })
     }
 
     /// Every call is allowed (the `--no-auth` opt-out).
@@ -61,15 +121,9 @@ impl Auth {
         if self.disabled || (scope == Scope::Metrics && self.metrics.is_empty()) {
             return Ok(());
         }
-        let token = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::new(Kind::Unauthorized, "send Authorization: Bearer <token>")
-            })?;
+        let token = bearer(req).ok_or_else(|| {
+            ApiError::new(Kind::Unauthorized, "send Authorization: Bearer <token>")
+        })?;
         let token = token.as_bytes();
         let admin = matches_any(token, &self.admin);
         let client = matches_any(token, &self.client);

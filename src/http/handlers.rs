@@ -225,6 +225,7 @@ async fn seat_call(
     state: &AppState,
 ) -> Result<(EntitlementId, SeatId)> {
     state.auth.require(req, Scope::Client)?;
+    state.auth.churn(req)?;
     let id = entitlement_id(&path.0)?;
     let seat = SeatId::parse(&path.1)?;
     check_empty(&read_body(req, payload, 1024).await?)?;

@@ -24,6 +24,7 @@ pub enum Kind {
     RequestTimeout,
     BatchTooLarge,
     Denied,
+    RateLimited,
     StoreUnavailable,
     OutcomeUnknown,
     ShuttingDown,
@@ -73,6 +74,11 @@ impl Kind {
                 "Too many events in one batch",
             ),
             Kind::Denied => (S::TOO_MANY_REQUESTS, "denied", "Denied"),
+            Kind::RateLimited => (
+                S::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many seat calls with this token",
+            ),
             Kind::StoreUnavailable => (
                 S::SERVICE_UNAVAILABLE,
                 "store_unavailable",

@@ -91,3 +91,70 @@ async fn state_survives_a_restart_of_the_app_on_the_same_redis() {
     assert_eq!(seats["seats"].as_array().map(Vec::len), Some(3));
     app.stop().await;
 }
+
+/// With a churn limit, a token that activates and releases faster than
+/// allowed gets 429 `rate_limited` with Retry-After; other tokens and usage
+/// calls are not affected, and the refused calls changed nothing.
+#[actix_rt::test]
+async fn seat_churn_is_limited_per_token() {
+    let other = "second-client-token";
+    let app = TestApp::spawn_with(
+        memory_store(),
+        AppOptions {
+            auth: headroom::http::Auth::new(vec![ADMIN.into()], vec![CLIENT.into(), other.into()])
+                .with_churn_limit(5),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    app.put(
+        "acme",
+        r#"{"seats": {"purchased": 100}, "features": {"api": {"included": 100}}}"#,
+    )
+    .await;
+    let activate = |token: &'static str, seat: String| {
+        let app = &app;
+        async move {
+            let res = app
+                .http
+                .post(app.url(&format!("/v1/entitlements/acme/seats/{seat}")))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("activate");
+            let retry = res.headers().get("retry-after").is_some();
+            let status = res.status().as_u16();
+            let body: serde_json::Value = res.json().await.unwrap_or_default();
+            (status, retry, body["code"].as_str().map(String::from))
+        }
+    };
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        statuses.push(activate(CLIENT, format!("s{i}")).await);
+    }
+    let granted = statuses.iter().filter(|s| s.0 == 200).count();
+    let limited: Vec<_> = statuses.iter().filter(|s| s.0 == 429).collect();
+    assert!((5..20).contains(&granted), "{statuses:?}");
+    assert!(!limited.is_empty(), "{statuses:?}");
+    assert!(
+        limited
+            .iter()
+            .all(|s| s.1 && s.2.as_deref() == Some("rate_limited")),
+        "{statuses:?}"
+    );
+    // Another token has its own allowance; metering is not limited.
+    assert_eq!(activate(other, "x".into()).await.0, 200);
+    assert_eq!(
+        app.usage("acme", r#"{"feature": "api", "amount": 1}"#)
+            .await
+            .0,
+        200
+    );
+    let (_, view) = app.get("acme").await;
+    assert_eq!(
+        view["seats"]["in_use"].as_u64(),
+        Some(granted as u64 + 1),
+        "refused activations changed nothing"
+    );
+    app.stop().await;
+}
