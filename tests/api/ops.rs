@@ -350,3 +350,150 @@ async fn metrics_can_be_protected_with_scrape_tokens() {
     assert_eq!(status(Some(ADMIN)).await, 200);
     app.stop().await;
 }
+
+/// `rediss://` with a password: the tracker talks TLS to a redis-server
+/// that requires it (and a password), trusts the CA named by
+/// `SSL_CERT_FILE`, and never writes the password to its logs, even at
+/// debug level.
+#[actix_rt::test]
+async fn redis_over_tls_with_a_password_works_and_the_password_is_never_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl must be on the PATH (apt-get install openssl)")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=headroom-test-ca",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "redis.key",
+        "-out",
+        "redis.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "redis.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+
+    let password = "tls-test-pw-7f3a";
+    let port = free_port();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            "redis.crt",
+            "--tls-key-file",
+            "redis.key",
+        ])
+        .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+        .args(["--requirepass", password, "--save", ""])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let listen = free_port();
+    let log = std::fs::File::create(d.join("headroom.log")).expect("log");
+    let mut tracker = Command::new(env!("CARGO_BIN_EXE_headroom"))
+        .env("SSL_CERT_FILE", d.join("ca.crt"))
+        .env("HEADROOM_LISTEN", format!("127.0.0.1:{listen}"))
+        .env(
+            "HEADROOM_REDIS_URL",
+            format!("rediss://:{password}@127.0.0.1:{port}/"),
+        )
+        .env("HEADROOM_ADMIN_TOKENS", ADMIN)
+        .env("HEADROOM_CLIENT_TOKENS", CLIENT)
+        .env("RUST_LOG", "debug")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("headroom");
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{listen}");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let created = http
+        .put(format!("{base}/v1/entitlements/acme"))
+        .bearer_auth(ADMIN)
+        .body(r#"{"features": {"api": {"included": 10}}}"#)
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    let used = http
+        .post(format!("{base}/v1/entitlements/acme/usage"))
+        .bearer_auth(CLIENT)
+        .body(r#"{"feature": "api", "amount": 3}"#)
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    let _ = tracker.kill();
+    let _ = tracker.wait();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let logs = std::fs::read_to_string(d.join("headroom.log")).unwrap_or_default();
+    assert!(ready, "ready over TLS: {logs}");
+    assert_eq!(created.ok(), Some(201), "{logs}");
+    assert_eq!(used.ok(), Some(200), "{logs}");
+    assert!(!logs.is_empty(), "debug logs were written");
+    assert!(!logs.contains(password), "the password is in the logs");
+}
