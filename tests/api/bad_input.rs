@@ -342,3 +342,54 @@ async fn oversized_headers_are_refused() {
     assert_eq!(status, 200);
     app.stop().await;
 }
+
+/// `--max-connections`: beyond the limit per worker, a new connection is not
+/// served until one of the open ones goes away (it waits in the listen
+/// backlog; nothing is dropped).
+#[actix_rt::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(
+        memory_store(),
+        AppOptions {
+            limits: headroom::http::Limits {
+                max_connections: 1,
+                ..headroom::http::Limits::default()
+            },
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    // The test app has two workers: two idle connections take both slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("backlog");
+    extra
+        .write_all(format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut answer = vec![0u8; 256];
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        extra.read(&mut answer),
+    )
+    .await;
+    assert!(early.is_err(), "served while both slots were taken");
+    drop(held);
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut answer))
+        .await
+        .expect("served once a slot was free")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    app.stop().await;
+}
