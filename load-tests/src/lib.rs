@@ -674,3 +674,23 @@ pub fn summary(r: &Report) -> String {
     }
     s
 }
+
+/// Builds `cargo build --release <args>` (unless `skip`) and answers the
+/// folder of the running binary, where the release binaries are.
+pub fn release_dir(skip: bool, args: &[&str]) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    if !skip {
+        eprintln!("cargo build --release {}", args.join(" "));
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--release"])
+                .args(args)
+                .status()?;
+        anyhow::ensure!(status.success(), "cargo build failed");
+    }
+    Ok(dir)
+}

@@ -394,15 +394,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if !args.no_build {
-        eprintln!("building release binaries…");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--workspace", "--bins"])
-            .status()?;
-        anyhow::ensure!(status.success(), "cargo build failed");
-    }
+    let dir = headroom_load::release_dir(args.no_build, &["--workspace", "--bins"])?;
     let redis = Redis::start()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

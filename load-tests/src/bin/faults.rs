@@ -6,8 +6,7 @@
 //! cargo run --release -p headroom-load --bin faults
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -41,15 +40,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if !args.no_build {
-        eprintln!("building the release tracker…");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "-p", "headroom", "--bin", "headroom"])
-            .status()?;
-        anyhow::ensure!(status.success(), "cargo build failed");
-    }
+    let dir = headroom_load::release_dir(args.no_build, &["-p", "headroom", "--bin", "headroom"])?;
     let plan = Plan {
         bin: dir.join("headroom"),
         entitlements: args.entitlements,
