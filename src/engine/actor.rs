@@ -278,6 +278,16 @@ fn fingerprint(req: &UsageRequest) -> String {
     format!("{}:{}", req.feature, req.amount.get())
 }
 
+/// How an entitlement's state is read back.
+#[derive(Clone, Copy)]
+enum Read {
+    /// First use, or another owner or stored idempotency keys got in the way.
+    Load,
+    /// After a write that failed or whose outcome is unknown: fences that
+    /// write, within the short budget.
+    Settle,
+}
+
 /// How long a broken entitlement answers 503 at once before it tries to
 /// read the store again: calls during an outage answer promptly, and Redis
 /// is not stormed with reads when it comes back.
@@ -360,7 +370,7 @@ impl Actor for EntitlementActor {
                 self.publish_watched();
                 self.schedule(ctx);
             }
-            None => self.reload(ctx, None, Vec::new()),
+            None => self.reload(ctx, Read::Load, None, Vec::new()),
         }
     }
 
@@ -423,23 +433,20 @@ impl EntitlementActor {
     fn reload(
         &mut self,
         ctx: &mut Context<Self>,
+        read: Read,
         unknown: Option<Box<Inflight>>,
         replay: Vec<Waiting>,
     ) {
         let store = self.shared.store.clone();
         let id = self.id.clone();
-        // After a write whose outcome is unknown (now, or before the state
-        // broke), the read-back fences it so that it cannot land later.
-        let settle = unknown.is_some() || self.phase == Phase::Broken;
         // The cache keeps the decisions known to be written (the callers
         // forgot the others): still true after the read, unless the
         // entitlement was deleted and created again meanwhile.
         let incarnation = self.state.take().map(|e| e.incarnation());
         let read = async move {
-            if settle {
-                store.settle(&id).await
-            } else {
-                store.load(&id).await
+            match read {
+                Read::Settle => store.settle(&id).await,
+                Read::Load => store.load(&id).await,
             }
         };
         ctx
@@ -709,75 +716,87 @@ impl EntitlementActor {
         let Some(inflight) = self.inflight.take() else {
             return;
         };
-        if !matches!(res, Ok(CommitOutcome::Applied { .. })) {
-            // Not written, or not known to be: calls with these keys must be
-            // decided again (or found in the store), not replayed from here.
-            self.keys.forget(&inflight.keys);
-        }
-        let replay_all = |act: &mut Self, batch: Batch| {
-            let pending = std::mem::take(&mut act.pending);
-            act.keys.forget(pending.keys.iter().map(|r| &r.key));
-            batch
-                .calls
-                .into_iter()
-                .chain(pending.calls)
-                .collect::<Vec<_>>()
-        };
-        match res {
-            Ok(CommitOutcome::Applied { epoch }) => {
-                self.epoch = epoch;
-                self.claimed = true;
-                inflight.count_published();
-                self.committed_standing = inflight.standing;
-                self.publish_watched();
-                for w in inflight.batch.calls {
-                    w.answer();
-                }
-                self.flush(ctx);
-                self.schedule(ctx);
-                self.notify_drains(ctx);
-            }
-            Ok(CommitOutcome::Fenced) => {
-                tracing::warn!(entitlement = %self.id, "another owner took this entitlement; reloading");
-                let replay = replay_all(self, inflight.batch);
-                self.reload(ctx, None, replay);
-            }
+        let epoch = match res {
+            Ok(CommitOutcome::Applied { epoch }) => epoch,
+            Ok(CommitOutcome::Fenced) => return self.not_written(inflight, None, ctx),
             Ok(CommitOutcome::KeysExist(found)) => {
-                let replay = replay_all(self, inflight.batch);
-                self.reload(ctx, None, replay);
-                // These records are what the replayed calls must find. The
-                // store still holds them, so they are still remembered
-                // whatever this clock says of their age (else the replay
-                // would decide afresh and meet the same keys again).
-                let limit = self.shared.settings.cached_keys;
-                let now = self.shared.clock.now();
-                for (key, record) in found {
-                    if let Ok(mut entry) = serde_json::from_str::<KeyEntry>(&record) {
-                        entry.at = entry.at.max(now);
-                        self.keys.insert(key, entry, limit);
-                    }
-                }
+                return self.not_written(inflight, Some(found), ctx);
             }
-            Err(e) => {
-                tracing::warn!(entitlement = %self.id, error = %e, "write failed; reloading");
-                let pending = std::mem::take(&mut self.pending);
-                self.keys.forget(pending.keys.iter().map(|r| &r.key));
-                if let StoreError::Refused(_) = e {
-                    // Known not written: its calls answer 503 and the
-                    // state is read again (it was ahead of the store).
-                    let e = EngineError::from(e);
-                    for w in inflight.batch.calls {
-                        w.fail(&e);
-                    }
-                    // Read back on the short budget, like any write failure.
-                    self.phase = Phase::Broken;
-                    self.reload(ctx, None, pending.calls);
-                } else {
-                    // Its outcome is unknown (a timeout, a dropped
-                    // connection): the read-back tells.
-                    self.reload(ctx, Some(inflight), pending.calls);
-                }
+            Err(e) => return self.write_failed(e, inflight, ctx),
+        };
+        self.epoch = epoch;
+        self.claimed = true;
+        inflight.count_published();
+        self.committed_standing = inflight.standing;
+        self.publish_watched();
+        for w in inflight.batch.calls {
+            w.answer();
+        }
+        self.flush(ctx);
+        self.schedule(ctx);
+        self.notify_drains(ctx);
+    }
+
+    /// Takes the calls decided since the write, and forgets the decisions
+    /// the cache holds for keys that were never written (or not known to
+    /// be): their calls must be decided again or found in the store, not
+    /// replayed from the cache.
+    fn take_unwritten(&mut self, inflight: &Inflight) -> Vec<Waiting> {
+        let pending = std::mem::take(&mut self.pending);
+        self.keys.forget(
+            inflight
+                .keys
+                .iter()
+                .chain(pending.keys.iter().map(|r| &r.key)),
+        );
+        pending.calls
+    }
+
+    /// The store refused the write as a whole, because another owner took
+    /// the entitlement (`found` is `None`) or some idempotency keys were
+    /// already used: read again, and decide every call again on what was
+    /// read.
+    fn not_written(
+        &mut self,
+        inflight: Box<Inflight>,
+        found: Option<Vec<(IdempotencyKey, String)>>,
+        ctx: &mut Context<Self>,
+    ) {
+        let pending = self.take_unwritten(&inflight);
+        let replay = inflight.batch.calls.into_iter().chain(pending).collect();
+        let Some(found) = found else {
+            tracing::warn!(entitlement = %self.id, "another owner took this entitlement; reloading");
+            return self.reload(ctx, Read::Load, None, replay);
+        };
+        self.reload(ctx, Read::Load, None, replay);
+        // These records are what the replayed calls must find. The store
+        // still holds them, so they are still remembered whatever this
+        // clock says of their age (else the replay would decide afresh and
+        // meet the same keys again).
+        let limit = self.shared.settings.cached_keys;
+        let now = self.shared.clock.now();
+        for (key, record) in found {
+            if let Ok(mut entry) = serde_json::from_str::<KeyEntry>(&record) {
+                entry.at = entry.at.max(now);
+                self.keys.insert(key, entry, limit);
             }
+        }
+    }
+
+    /// The write failed: refused before it ran (its calls answer 503), or
+    /// with an unknown outcome (the read-back tells). Either way the state
+    /// is read back on the short budget.
+    fn write_failed(&mut self, e: StoreError, inflight: Box<Inflight>, ctx: &mut Context<Self>) {
+        tracing::warn!(entitlement = %self.id, error = %e, "write failed; reloading");
+        let pending = self.take_unwritten(&inflight);
+        if let StoreError::Refused(_) = e {
+            let e = EngineError::from(e);
+            for w in inflight.batch.calls {
+                w.fail(&e);
+            }
+            self.reload(ctx, Read::Settle, None, pending);
+        } else {
+            self.reload(ctx, Read::Settle, Some(inflight), pending);
         }
     }
 
@@ -905,7 +924,9 @@ impl Handler<Call> for EntitlementActor {
                 reply: Some(call.reply),
                 answer: Err(EngineError::ShuttingDown),
             };
-            self.reload(ctx, None, vec![w]);
+            // The last write or read failed: read back on the short
+            // budget, fencing whatever write may still be on its way.
+            self.reload(ctx, Read::Settle, None, vec![w]);
             return;
         }
         self.decide(call.op, Some(call.reply));

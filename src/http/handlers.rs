@@ -24,12 +24,14 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 /// Reads the body up to `limit` bytes; a longer one is refused with 413
 /// before it is buffered whole.
-/// Reads a body of at most `limit` bytes, and within the request timeout
-/// (a client that trickles its body does not hold a worker's call open).
-async fn read_body(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<BytesMut> {
-    let timeout = req
-        .app_data::<web::Data<AppState>>()
-        .map_or(Duration::from_secs(10), |s| s.limits.request_timeout);
+/// Reads a body of at most `limit` bytes within `timeout` (a client that
+/// trickles its body does not hold a worker's call open).
+async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+    timeout: Duration,
+) -> Result<BytesMut> {
     tokio::time::timeout(timeout, read_body_within(req, payload, limit))
         .await
         .map_err(|_| {
@@ -149,7 +151,13 @@ pub async fn put_entitlement(
 ) -> Result<HttpResponse> {
     state.auth.require(&req, Scope::Admin)?;
     let id = entitlement_id(&path)?;
-    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
+    let body = read_body(
+        &req,
+        payload,
+        state.limits.max_body_bytes,
+        state.limits.request_timeout,
+    )
+    .await?;
     let config = EntitlementConfig::from_json(&body).map_err(|e| {
         if e.field == "body" {
             match serde_json::from_slice::<serde_json::Value>(&body) {
@@ -228,7 +236,7 @@ async fn seat_call(
     state.auth.churn(req)?;
     let id = entitlement_id(&path.0)?;
     let seat = SeatId::parse(&path.1)?;
-    check_empty(&read_body(req, payload, 1024).await?)?;
+    check_empty(&read_body(req, payload, 1024, state.limits.request_timeout).await?)?;
     Ok((id, seat))
 }
 
@@ -282,7 +290,7 @@ pub async fn record_usage(
 ) -> Result<HttpResponse> {
     state.auth.require(&req, Scope::Client)?;
     let id = entitlement_id(&path)?;
-    let body = read_body(&req, payload, 64 * 1024).await?;
+    let body = read_body(&req, payload, 64 * 1024, state.limits.request_timeout).await?;
     let usage: UsageBody = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
     usage_answer(state.engine.consume(&id, usage.into()).await?, || {
         state.engine.now()
@@ -295,7 +303,13 @@ pub async fn record_batch(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
     state.auth.require(&req, Scope::Client)?;
-    let body = read_body(&req, payload, state.limits.max_body_bytes).await?;
+    let body = read_body(
+        &req,
+        payload,
+        state.limits.max_body_bytes,
+        state.limits.request_timeout,
+    )
+    .await?;
     let (pending, valid) = batch::split(batch::decode(&body)?);
     let results = pending.fill(state.engine.consume_batch(valid).await);
     Ok(HttpResponse::Ok()

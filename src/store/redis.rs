@@ -292,12 +292,15 @@ impl Shared {
         Ok(conn)
     }
 
-    /// An instant of ours as ms in Redis's clock.
-    fn redis_ms(&self, at: Instant) -> i64 {
+    /// Turns instants of ours into ms in Redis's clock; reads both clocks
+    /// once, however many instants it converts.
+    fn redis_clock(&self) -> impl Fn(Instant) -> i64 + use<> {
         let now = Instant::now();
-        let ahead = at.saturating_duration_since(now).as_millis() as i64
-            - now.saturating_duration_since(at).as_millis() as i64;
-        unix_ms() + ahead + self.clock_offset_ms.load(Ordering::Relaxed)
+        let redis_now = unix_ms() + self.clock_offset_ms.load(Ordering::Relaxed);
+        move |at| {
+            redis_now + at.saturating_duration_since(now).as_millis() as i64
+                - now.saturating_duration_since(at).as_millis() as i64
+        }
     }
 
     /// Runs a pipeline of script calls, loading the scripts once when Redis
@@ -362,6 +365,7 @@ impl Shared {
         cmd.arg(commits.len())
             .arg(self.settings.stream_maxlen)
             .arg(self.settings.idempotency_window.as_millis() as u64);
+        let redis_ms = self.redis_clock();
         for (c, deadline) in commits {
             let (mode, core, config, seats): (&str, &str, &str, &[_]) = match &c.write {
                 Write::Put {
@@ -377,7 +381,7 @@ impl Shared {
                 ),
                 Write::Delete => ("delete", "", "", &[]),
             };
-            cmd.arg(self.redis_ms(*deadline))
+            cmd.arg(redis_ms(*deadline))
                 .arg(c.epoch)
                 .arg(if c.claim { "1" } else { "0" })
                 .arg(mode)
