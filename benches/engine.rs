@@ -5,9 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
-use headroom::domain::{Amount, EntitlementConfig, EntitlementId, FeatureKey};
+use headroom::domain::{Amount, EntitlementId, FeatureKey};
 use headroom::engine::{Engine, EngineSettings, SystemClock, UsageRequest};
 use headroom::store::MemoryStore;
 use rand::SeedableRng;
@@ -19,18 +21,7 @@ const IN_FLIGHT: usize = 64;
 fn setup(sys: &actix_rt::SystemRunner, n: usize) -> (Engine, Vec<EntitlementId>) {
     let store = Arc::new(MemoryStore::new(1_000_000, Duration::from_secs(86_400)));
     let engine = Engine::new(store, Arc::new(SystemClock), EngineSettings::default());
-    let ids: Vec<EntitlementId> = (0..n)
-        .map(|i| EntitlementId::parse(&format!("e{i}")).expect("id"))
-        .collect();
-    let cfg = EntitlementConfig::from_json(
-        br#"{"features": {"api": {"included": 1000000000000, "hard_cap": "unlimited"}}}"#,
-    )
-    .expect("config");
-    sys.block_on(async {
-        for id in &ids {
-            engine.put(id, cfg.clone()).await.expect("put");
-        }
-    });
+    let ids = sys.block_on(common::create_entitlements(&engine, n));
     (engine, ids)
 }
 

@@ -3,77 +3,24 @@
 //! entitlement and spread over 1,000 entitlements. Starts its own
 //! redis-server on a free port.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+mod common;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
-use headroom::domain::{Amount, EntitlementConfig, EntitlementId, FeatureKey};
+use headroom::domain::{Amount, FeatureKey};
 use headroom::engine::{Engine, EngineSettings, SystemClock, UsageRequest};
 use headroom::store::{RedisSettings, RedisStore};
-
-struct Redis(Child, u16, std::path::PathBuf);
-
-impl Redis {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let dir = std::env::temp_dir().join(format!("headroom-bench-{port}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on the PATH");
-        let url = format!("redis://127.0.0.1:{port}/");
-        for _ in 0..500 {
-            let up = redis::Client::open(url.as_str())
-                .and_then(|c| c.get_connection())
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                .is_ok();
-            if up {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis(child, port, dir)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.2);
-    }
-}
+use headroom_load::procs::RedisServer;
 
 fn group_commit(c: &mut Criterion) {
-    let redis = Redis::start();
+    // No persistence: this measures group commit, not the disk.
+    let redis = RedisServer::start_with(&["--appendonly", "no"]);
     let sys = actix_rt::System::new();
     let (engine, store) = sys.block_on(async {
-        let store = Arc::new(
-            RedisStore::start(RedisSettings::new(format!(
-                "redis://127.0.0.1:{}/",
-                redis.1
-            )))
-            .expect("store"),
-        );
+        let store = Arc::new(RedisStore::start(RedisSettings::new(redis.url())).expect("store"));
         let engine = Engine::new(
             store.clone(),
             Arc::new(SystemClock),
@@ -81,18 +28,7 @@ fn group_commit(c: &mut Criterion) {
         );
         (engine, store)
     });
-    let ids: Vec<EntitlementId> = (0..1000)
-        .map(|i| EntitlementId::parse(&format!("e{i}")).expect("id"))
-        .collect();
-    let cfg = EntitlementConfig::from_json(
-        br#"{"features": {"api": {"included": 1000000000000, "hard_cap": "unlimited"}}}"#,
-    )
-    .expect("config");
-    sys.block_on(async {
-        for id in &ids {
-            engine.put(id, cfg.clone()).await.expect("put");
-        }
-    });
+    let ids = sys.block_on(common::create_entitlements(&engine, 1000));
     let api = FeatureKey::parse("api").expect("key");
     let mut g = c.benchmark_group("redis group commit");
     g.throughput(Throughput::Elements(1));

@@ -35,14 +35,23 @@ fn signal(child: &Child, sig: &str) {
 pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Settings after the defaults (a later setting wins in redis-server).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with `extra` settings on top of the defaults, e.g.
+    /// `["--appendonly", "no"]` for a benchmark.
+    pub fn start_with(extra: &[&str]) -> Self {
         let mut server = RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         server.spawn();
@@ -57,6 +66,7 @@ impl RedisServer {
             .args(["--enable-debug-command", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
