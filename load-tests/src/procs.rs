@@ -103,6 +103,10 @@ impl RedisServer {
             .expect("connect to the private redis")
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: Redis gets no chance to do anything more.
     pub fn kill(&mut self) {
         reap(&mut self.child);

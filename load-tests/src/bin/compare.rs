@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use headroom_load::procs::RedisServer;
 use headroom_load::{Conn, Report, Scenario, Spec, check_ledger, read_used, run, setup};
 use serde::Serialize;
 
@@ -78,84 +79,29 @@ impl Drop for Proc {
     }
 }
 
-struct Redis {
-    proc: Proc,
-    port: u16,
-    _dir: PathBuf,
-}
-
-impl Redis {
-    fn start() -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("headroom-compare-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "everysec"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()?;
-        let redis = Redis {
-            proc: Proc {
-                child,
-                name: "redis".into(),
-            },
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while redis
-            .cli(&["PING"])
-            .map(|s| s.trim() != "PONG")
-            .unwrap_or(true)
-        {
-            anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(redis)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// Commands Redis executed since the last reset, scripts' inner
-    /// commands included, bookkeeping (INFO, CONFIG) excluded.
-    fn commands(&self) -> anyhow::Result<u64> {
-        let stats = self.cli(&["INFO", "commandstats"])?;
-        Ok(stats
-            .lines()
-            .filter(|l| {
-                l.starts_with("cmdstat_")
-                    && !l.starts_with("cmdstat_info")
-                    && !l.starts_with("cmdstat_config")
-            })
-            .filter_map(|l| {
-                l.split("calls=")
-                    .nth(1)?
-                    .split(',')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum())
-    }
+/// Commands Redis executed since the last `CONFIG RESETSTAT`, scripts'
+/// inner commands included, bookkeeping (INFO, CONFIG, CLIENT) excluded.
+fn redis_commands(redis: &RedisServer) -> anyhow::Result<u64> {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())?;
+    Ok(stats
+        .lines()
+        .filter(|l| {
+            l.starts_with("cmdstat_")
+                && !l.starts_with("cmdstat_info")
+                && !l.starts_with("cmdstat_config")
+                && !l.starts_with("cmdstat_client")
+        })
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum())
 }
 
 fn bin(dir: &Path, name: &str) -> PathBuf {
@@ -189,7 +135,7 @@ struct Row {
 struct Bench<'a> {
     args: &'a Args,
     dir: PathBuf,
-    redis: &'a Redis,
+    redis: &'a RedisServer,
 }
 
 enum Server {
@@ -276,20 +222,22 @@ impl Bench<'_> {
         } else {
             Vec::new()
         };
-        self.redis.cli(&["CONFIG", "RESETSTAT"])?;
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query::<()>(&mut self.redis.conn())?;
         let me = std::process::id();
         let (cpu0, rcpu0, ccpu0) = (
             cpu_seconds(proc.pid()),
-            cpu_seconds(self.redis.proc.pid()),
+            cpu_seconds(self.redis.pid().unwrap_or(0)),
             cpu_seconds(me),
         );
         let (mut report, tally) = run(spec.clone()).await?;
         let (cpu1, rcpu1, ccpu1) = (
             cpu_seconds(proc.pid()),
-            cpu_seconds(self.redis.proc.pid()),
+            cpu_seconds(self.redis.pid().unwrap_or(0)),
             cpu_seconds(me),
         );
-        let commands = self.redis.commands()?;
+        let commands = redis_commands(self.redis)?;
         if headroom {
             check_ledger(&spec, &before, &tally, &mut report).await?;
         }
@@ -395,7 +343,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = headroom_load::release_dir(args.no_build, &["--workspace", "--bins"])?;
-    let redis = Redis::start()?;
+    let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
