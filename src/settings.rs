@@ -86,7 +86,8 @@ pub struct Settings {
     /// body (slow clients cannot hold a worker; 408 after it).
     #[arg(long, env = "HEADROOM_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub request_timeout: Duration,
-    /// Most open connections per HTTP worker (more wait in the listen backlog).
+    /// Most open connections served at once, all workers together; a connection
+    /// beyond it is answered `503 too_many_connections` and closed.
     #[arg(long, env = "HEADROOM_MAX_CONNECTIONS", default_value_t = 25_000)]
     pub max_connections: usize,
     /// Seat activations and releases allowed per second per token, in bursts

@@ -154,6 +154,12 @@ pub const METRICS: &[MetricDef] = &[
         ],
     },
     MetricDef {
+        name: "headroom_http_connections_refused_total",
+        kind: MetricKind::Counter,
+        help: "Requests answered 503 too_many_connections because more than --max-connections were open.",
+        labels: &[],
+    },
+    MetricDef {
         name: "headroom_store_write_duration_seconds",
         kind: MetricKind::Histogram,
         help: "Duration of one group-commit pipeline to the store.",

@@ -27,7 +27,8 @@ pub struct Limits {
     /// Longest time a client may take to send a request's head, and then
     /// its body.
     pub request_timeout: Duration,
-    /// Most open connections per HTTP worker; more wait in the backlog.
+    /// Most open connections served at once (all workers together); a
+    /// connection beyond it is answered `503 too_many_connections` and closed.
     pub max_connections: usize,
 }
 
@@ -131,6 +132,51 @@ pub fn routes(cfg: &mut ServiceConfig) {
     .default_service(web::to(handlers::not_found));
 }
 
+/// Counts the open connections of all workers. A connection accepted while
+/// `limit` are open is marked `over`: each of its requests is answered
+/// `503 too_many_connections` and the connection is closed. Actix's own
+/// per-worker cap stays above the limit, so an excess connection gets that
+/// answer rather than waiting unseen in the listen backlog.
+#[derive(Clone)]
+struct ConnectionGate {
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    limit: usize,
+}
+
+/// Kept in the connection's data: leaves the gate when the connection closes.
+struct ConnectionSlot {
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    over: bool,
+}
+
+impl ConnectionGate {
+    fn new(limit: usize) -> Self {
+        ConnectionGate {
+            open: Default::default(),
+            limit,
+        }
+    }
+
+    fn enter(&self) -> ConnectionSlot {
+        use std::sync::atomic::Ordering;
+        let before = self.open.fetch_add(1, Ordering::Relaxed);
+        ConnectionSlot {
+            open: self.open.clone(),
+            over: before >= self.limit,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Excess connections actix accepts per worker beyond the limit, to answer
+/// them; past this they wait in the listen backlog.
+const EXCESS_CONNECTIONS: usize = 1024;
+
 /// Starts the HTTP server on `listener`. The caller awaits the returned
 /// server; it stops gracefully on SIGINT/SIGTERM (unless `signals` is false).
 pub fn serve(
@@ -141,6 +187,7 @@ pub fn serve(
     signals: bool,
 ) -> std::io::Result<Server> {
     let limits = state.limits.clone();
+    let gate = ConnectionGate::new(limits.max_connections);
     let mut server = HttpServer::new(move || {
         // Runs once on each worker thread as it starts: open this thread's
         // store connection now, so that the first calls do not pay for it.
@@ -150,12 +197,38 @@ pub fn serve(
                 tracing::warn!(error = %e, "store not reachable yet");
             }
         });
-        App::new().app_data(state.clone()).configure(routes)
+        App::new()
+            .app_data(state.clone())
+            .wrap_fn(|req, srv| {
+                let over = req
+                    .conn_data::<ConnectionSlot>()
+                    .is_some_and(|slot| slot.over);
+                let fut = (!over).then(|| srv.call(req));
+                async move {
+                    match fut {
+                        Some(fut) => fut.await,
+                        None => {
+                            metrics::counter!("headroom_http_connections_refused_total")
+                                .increment(1);
+                            let mut e = ApiError::new(
+                                Kind::TooManyConnections,
+                                "the tracker serves at most --max-connections open connections",
+                            );
+                            e.retry_after = Some(1);
+                            Err(e.into())
+                        }
+                    }
+                }
+            })
+            .configure(routes)
+    })
+    .on_connect(move |_, ext| {
+        ext.insert(gate.enter());
     })
     .workers(workers.max(1))
     .shutdown_timeout(shutdown_timeout.as_secs())
     .client_request_timeout(limits.request_timeout)
-    .max_connections(limits.max_connections)
+    .max_connections(limits.max_connections.saturating_add(EXCESS_CONNECTIONS))
     .listen(listener)?;
     if !signals {
         server = server.disable_signals();

@@ -28,6 +28,7 @@ pub enum Kind {
     StoreUnavailable,
     OutcomeUnknown,
     ShuttingDown,
+    TooManyConnections,
 }
 
 impl Kind {
@@ -93,6 +94,11 @@ impl Kind {
                 S::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 "Tracker is shutting down",
+            ),
+            Kind::TooManyConnections => (
+                S::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "Too many open connections; this one is closed after the answer",
             ),
         }
     }
@@ -214,6 +220,9 @@ impl ResponseError for ApiError {
         }
         if self.kind == Kind::Unauthorized {
             res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        if self.kind == Kind::TooManyConnections {
+            res.force_close();
         }
         res.body(serde_json::to_string(&self.problem()).unwrap_or_default())
     }

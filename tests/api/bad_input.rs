@@ -343,17 +343,18 @@ async fn oversized_headers_are_refused() {
     app.stop().await;
 }
 
-/// `--max-connections`: beyond the limit per worker, a new connection is not
-/// served until one of the open ones goes away (it waits in the listen
-/// backlog; nothing is dropped).
+/// `--max-connections`: a connection opened while the limit is reached is
+/// answered `503 too_many_connections` with `Connection: close` and
+/// `Retry-After`, and the open ones are still served; once one closes, a new
+/// connection is served again.
 #[actix_rt::test]
-async fn connections_beyond_the_limit_wait_until_one_closes() {
+async fn connections_beyond_the_limit_get_a_clear_503() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = TestApp::spawn_with(
         memory_store(),
         AppOptions {
             limits: headroom::http::Limits {
-                max_connections: 1,
+                max_connections: 2,
                 ..headroom::http::Limits::default()
             },
             ..AppOptions::default()
@@ -361,35 +362,66 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
     )
     .await;
     let addr = app.base.trim_start_matches("http://").to_string();
-    // The test app has two workers: two idle connections take both slots.
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    // Sends one request on `conn` and returns the whole answer head+body.
+    async fn ask(conn: &mut tokio::net::TcpStream, request: &str) -> String {
+        conn.write_all(request.as_bytes()).await.expect("request");
+        let mut answer = vec![0u8; 2048];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        String::from_utf8_lossy(&answer[..n]).to_lowercase()
+    }
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(
-            tokio::net::TcpStream::connect(&addr)
-                .await
-                .expect("connect"),
-        );
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        assert!(ask(&mut conn, &request).await.starts_with("http/1.1 200"));
+        held.push(conn);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let mut extra = tokio::net::TcpStream::connect(&addr)
         .await
-        .expect("backlog");
-    extra
-        .write_all(format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut answer = vec![0u8; 256];
-    let early = tokio::time::timeout(
-        std::time::Duration::from_millis(500),
-        extra.read(&mut answer),
+        .expect("connect");
+    let answer = ask(&mut extra, &request).await;
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("content-type: application/problem+json"),
+        "{answer}"
+    );
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"too_many_connections\""),
+        "{answer}"
+    );
+    // The server closes the excess connection after its answer.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        extra.read_to_end(&mut rest),
     )
     .await;
-    assert!(early.is_err(), "served while both slots were taken");
+    assert!(matches!(closed, Ok(Ok(_))), "excess connection left open");
+    // The connections within the limit are still served.
+    for conn in &mut held {
+        assert!(ask(conn, &request).await.starts_with("http/1.1 200"));
+    }
     drop(held);
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut answer))
-        .await
-        .expect("served once a slot was free")
-        .expect("read");
-    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    // Each closed connection gives its slot back (the close is seen by the
+    // worker a moment later).
+    let mut served = false;
+    for _ in 0..50 {
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        if ask(&mut conn, &request).await.starts_with("http/1.1 200") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(served, "a slot freed by a closed connection was not reused");
     app.stop().await;
 }
