@@ -57,6 +57,12 @@ pub struct Settings {
     /// Approximate maximum length of the event stream (XADD MAXLEN ~).
     #[arg(long, env = "HEADROOM_STREAM_MAXLEN", default_value_t = 1_000_000)]
     pub stream_maxlen: u64,
+    /// How long hourly history buckets are kept (Redis expires them).
+    #[arg(long, env = "HEADROOM_HOURLY_RETENTION", default_value = "35days", value_parser = duration)]
+    pub hourly_retention: Duration,
+    /// How long daily history buckets and closed-period records are kept.
+    #[arg(long, env = "HEADROOM_DAILY_RETENTION", default_value = "400days", value_parser = duration)]
+    pub daily_retention: Duration,
     /// How long idempotency keys are remembered (at least up to 35 days).
     #[arg(long, env = "HEADROOM_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = duration)]
     pub idempotency_window: Duration,
@@ -200,6 +206,8 @@ impl Settings {
             hibernate_after: self.hibernate_after,
             sweep_interval: self.sweep_interval,
             idempotency_window: self.idempotency_window,
+            hourly_retention: self.hourly_retention,
+            daily_retention: self.daily_retention,
             ..EngineSettings::default()
         }
     }

@@ -101,6 +101,13 @@ pub struct SeatPool {
     pub peak: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub denied_total: u64,
+    /// Highest seats in use since the pool entered overdraft (the seats'
+    /// "current period" in the overdraft report); 0 when not in overdraft.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub overdraft_peak: u64,
+    /// Activations denied since the pool entered overdraft.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub overdraft_denied: u64,
 }
 
 // The state is written with every commit: fields at their default are left
@@ -434,6 +441,8 @@ impl Entitlement {
         match (in_use > purchased, self.seats.overdraft_since) {
             (true, None) => {
                 self.seats.overdraft_since = Some(now);
+                self.seats.overdraft_peak = in_use;
+                self.seats.overdraft_denied = 0;
                 self.emit(
                     fx,
                     now,
@@ -446,6 +455,8 @@ impl Entitlement {
             }
             (false, Some(since)) => {
                 self.seats.overdraft_since = None;
+                self.seats.overdraft_peak = 0;
+                self.seats.overdraft_denied = 0;
                 self.emit(
                     fx,
                     now,
@@ -475,6 +486,10 @@ impl Entitlement {
         }
         if in_use > self.seats.peak {
             self.seats.peak = in_use;
+            fx.changed = true;
+        }
+        if self.seats.overdraft_since.is_some() && in_use > self.seats.overdraft_peak {
+            self.seats.overdraft_peak = in_use;
             fx.changed = true;
         }
     }
@@ -556,6 +571,9 @@ impl Entitlement {
         });
         if let Some(reason) = denial {
             self.seats.denied_total += 1;
+            if self.seats.overdraft_since.is_some() {
+                self.seats.overdraft_denied += 1;
+            }
             let (in_use, _, cap, _, _) = self.seat_counters();
             self.emit(
                 fx,

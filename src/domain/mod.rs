@@ -6,6 +6,7 @@
 mod config;
 mod entitlement;
 mod event;
+mod history;
 mod ids;
 mod keymap;
 mod period;
@@ -19,6 +20,7 @@ pub use entitlement::{
     UsageDecision,
 };
 pub use event::{CloudEvent, EVENT_KINDS, Event, EventData};
+pub use history::{BucketRecord, BucketSize, FieldOp, HistoryDelta};
 pub use ids::{EntitlementId, FeatureKey, IdempotencyKey, SeatId};
 pub use keymap::KeyMap;
 pub use period::{Bounds, Period};

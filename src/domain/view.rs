@@ -31,6 +31,10 @@ pub struct SeatsView {
     pub overdraft_since: Option<DateTime<Utc>>,
     pub at_hard_cap: bool,
     pub denied_total: u64,
+    /// Highest seats in use since the pool entered overdraft (0 outside it).
+    pub overdraft_peak: u64,
+    /// Activations denied since the pool entered overdraft.
+    pub overdraft_denied: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -107,6 +111,8 @@ impl Entitlement {
                 overdraft_since: self.seats.overdraft_since,
                 at_hard_cap: self.seats.at_hard_cap,
                 denied_total: self.seats.denied_total,
+                overdraft_peak: self.seats.overdraft_peak,
+                overdraft_denied: self.seats.overdraft_denied,
             },
             features,
         }

@@ -12,10 +12,14 @@ use tokio::sync::oneshot;
 
 use super::{Dormant, EngineError, Shared, Slot, UsageReply, UsageRequest};
 use crate::domain::{
-    DenyReason, Effects, Entitlement, EntitlementConfig, EntitlementId, EntitlementView,
-    IdempotencyKey, Outcome, ReleaseResult, SeatDecision, SeatId, SeatView, UsageDecision,
+    BucketSize, DenyReason, Effects, Entitlement, EntitlementConfig, EntitlementId,
+    EntitlementView, EventData, HistoryDelta, IdempotencyKey, Outcome, ReleaseResult, SeatDecision,
+    SeatId, SeatView, UsageDecision,
 };
-use crate::store::{Commit, CommitOutcome, KeyRecord, Loaded, OverdraftDelta, StoreError, Write};
+use crate::store::{
+    Commit, CommitOutcome, HistoryWrite, KeyRecord, Loaded, OverdraftDelta, Records, StoreError,
+    Write,
+};
 
 #[derive(Clone, Debug)]
 pub(crate) enum Op {
@@ -213,6 +217,12 @@ struct Batch {
     reset: bool,
     /// The configuration was replaced: the write carries it.
     config_changed: bool,
+    /// What this batch adds to the hourly and daily history.
+    history: HistoryDelta,
+    /// The last denial of this batch (ms), for the recent-denials index.
+    denied_at: Option<i64>,
+    /// Usage periods closed in this batch, as billing records.
+    periods: Vec<String>,
 }
 
 impl Batch {
@@ -517,6 +527,7 @@ impl EntitlementActor {
             .map(Entitlement::incarnation)
             .or(before)
             .unwrap_or(0);
+        self.record(&answer, now);
         let source = &self.shared.settings.source;
         for ev in self.pending.fx.events.drain(..) {
             self.pending.events.push((
@@ -525,6 +536,85 @@ impl EntitlementActor {
             ));
         }
         self.pending.calls.push(Waiting { op, reply, answer });
+    }
+
+    /// Notes what a decision adds to the history, the recent-denials index
+    /// and the billing records (from its events and its answer).
+    fn record(&mut self, answer: &Result<Reply, EngineError>, now: DateTime<Utc>) {
+        let batch = &mut self.pending;
+        let mut denied = false;
+        for ev in &batch.fx.events {
+            match &ev.data {
+                EventData::SeatDenied { .. } => {
+                    batch.history.seat_denied(now);
+                    denied = true;
+                }
+                EventData::UsageDenied { feature, .. } => {
+                    batch.history.usage_denied(now, feature);
+                    denied = true;
+                }
+                EventData::UsagePeriodClosed { .. } => {
+                    let mut record = serde_json::to_value(&ev.data).unwrap_or_default();
+                    if let Some(map) = record.as_object_mut() {
+                        map.insert("closed_at".into(), serde_json::json!(ev.time));
+                    }
+                    batch.periods.push(record.to_string());
+                }
+                _ => {}
+            }
+        }
+        if denied {
+            batch.denied_at = Some(now.timestamp_millis());
+        }
+        let mut added = |r: &UsageReply| {
+            if !r.replayed && r.decision.outcome != Outcome::Denied {
+                batch
+                    .history
+                    .usage_added(now, &r.decision.feature, r.decision.amount);
+            }
+        };
+        match answer {
+            Ok(Reply::Usage(r)) => added(r),
+            Ok(Reply::Batch(rs)) => rs.iter().flatten().for_each(added),
+            _ => {}
+        }
+        if let Some(e) = &self.state
+            && (!batch.fx.seats.is_empty() || e.seats.in_use() > 0)
+            && batch.fx.changed
+        {
+            batch.history.seats(now, e.seats.in_use());
+        }
+    }
+
+    /// The records a batch's write carries.
+    fn records(&self, batch: &mut Batch, standing: Standing) -> Records {
+        let settings = &self.shared.settings;
+        let now = self.shared.clock.now().timestamp_millis();
+        let ms = |d: std::time::Duration| d.as_millis().min(i64::MAX as u128) as i64;
+        let history = std::mem::take(&mut batch.history)
+            .writes()
+            .map(|(hour, ops)| HistoryWrite {
+                hour,
+                ops,
+                hour_expire_at: hour + BucketSize::Hour.step_ms() + ms(settings.hourly_retention),
+                day_expire_at: BucketSize::Day.start(hour)
+                    + BucketSize::Day.step_ms()
+                    + ms(settings.daily_retention),
+            })
+            .collect();
+        Records {
+            in_overdraft: if standing.in_overdraft {
+                Some(true)
+            } else if self.committed_standing.in_overdraft || self.state.is_none() {
+                Some(false)
+            } else {
+                None
+            },
+            denied_at: batch.denied_at.take(),
+            history,
+            periods: std::mem::take(&mut batch.periods),
+            periods_expire_at: now.saturating_add(ms(settings.daily_retention)),
+        }
     }
 
     fn put(
@@ -686,6 +776,7 @@ impl EntitlementActor {
             }
         };
         let standing = Standing::of(self.state.as_ref());
+        let records = self.records(&mut batch, standing);
         let commit = Commit {
             id: self.id.clone(),
             epoch: self.epoch,
@@ -694,6 +785,7 @@ impl EntitlementActor {
             events: std::mem::take(&mut batch.events),
             idempotency: std::mem::take(&mut batch.keys),
             overdraft: standing.since(self.committed_standing),
+            records,
         };
         let inflight = Inflight {
             standing,

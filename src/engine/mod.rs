@@ -75,6 +75,10 @@ pub struct EngineSettings {
     /// Entitlements that get series of their own in `/metrics` (a short,
     /// configured list: labels stay bounded).
     pub watched: Arc<std::collections::HashSet<EntitlementId>>,
+    /// How long hourly history buckets are kept after their hour.
+    pub hourly_retention: Duration,
+    /// How long daily history buckets (and closed-period records) are kept.
+    pub daily_retention: Duration,
 }
 
 impl Default for EngineSettings {
@@ -87,6 +91,8 @@ impl Default for EngineSettings {
             idempotency_window: Duration::from_secs(24 * 3600),
             source: "headroom".into(),
             watched: Arc::default(),
+            hourly_retention: Duration::from_secs(35 * 24 * 3600),
+            daily_retention: Duration::from_secs(400 * 24 * 3600),
         }
     }
 }
@@ -171,6 +177,10 @@ impl Engine {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.shared.settings
     }
 
     /// The engine's clock (injected in tests).

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod batch;
 mod handlers;
 pub mod problem;
+pub mod reports;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -126,6 +127,9 @@ pub fn routes(cfg: &mut ServiceConfig) {
     )
     .service(timed("/v1/entitlements/{id}/usage").route(web::post().to(handlers::record_usage)))
     .service(timed("/v1/usage/batch").route(web::post().to(handlers::record_batch)))
+    .service(timed("/v1/entitlements/{id}/history").route(web::get().to(reports::history)))
+    .service(timed("/v1/entitlements/{id}/periods").route(web::get().to(reports::periods)))
+    .service(timed("/v1/reports/overdraft").route(web::get().to(reports::overdraft_report)))
     .service(timed("/healthz").route(web::get().to(handlers::healthz)))
     .service(timed("/readyz").route(web::get().to(handlers::readyz)))
     .service(timed("/metrics").route(web::get().to(handlers::metrics)))

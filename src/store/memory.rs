@@ -2,16 +2,17 @@
 //! restart. It keeps the same contract as Redis (epochs, atomic commits,
 //! idempotency records, a capped event stream) so the engine has one path.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::{
-    Commit, CommitOutcome, Loaded, OverdraftTotals, Store, StoreError, Write, decode_state,
+    Commit, CommitOutcome, DENIALS_KEPT_MS, Loaded, OverdraftTotals, PERIODS_KEPT, Records, Store,
+    StoreError, Write, decode_state,
 };
-use crate::domain::{EntitlementId, IdempotencyKey, Lease, SeatId};
+use crate::domain::{BucketRecord, BucketSize, EntitlementId, IdempotencyKey, Lease, SeatId};
 
 #[derive(Default)]
 struct Entry {
@@ -27,6 +28,57 @@ struct Inner {
     events: VecDeque<StoredEvent>,
     next_purge: Instant,
     totals: OverdraftTotals,
+    overdraft: BTreeSet<String>,
+    denied: HashMap<String, i64>,
+    /// (id, bucket size, start) → record and when it expires (ms).
+    history: HashMap<(EntitlementId, BucketSize, i64), (BucketRecord, i64)>,
+    /// Closed periods, newest first.
+    periods: HashMap<EntitlementId, VecDeque<String>>,
+    /// The latest time (ms) a write's history was for: expires old buckets.
+    history_now: i64,
+}
+
+impl Inner {
+    fn apply_records(&mut self, id: &EntitlementId, deleted: bool, records: Records) {
+        let key = id.to_string();
+        match records.in_overdraft {
+            Some(true) => {
+                self.overdraft.insert(key.clone());
+            }
+            Some(false) => {
+                self.overdraft.remove(&key);
+            }
+            None => {}
+        }
+        if let Some(at) = records.denied_at {
+            self.denied.insert(key, at);
+            self.denied.retain(|_, t| *t >= at - DENIALS_KEPT_MS);
+        } else if deleted {
+            self.denied.remove(&key);
+        }
+        for w in records.history {
+            let day = BucketSize::Day.start(w.hour);
+            for (size, start, expires) in [
+                (BucketSize::Hour, w.hour, w.hour_expire_at),
+                (BucketSize::Day, day, w.day_expire_at),
+            ] {
+                let (record, at) = self
+                    .history
+                    .entry((id.clone(), size, start))
+                    .or_insert_with(|| (BucketRecord::default(), expires));
+                record.apply(&w.ops);
+                *at = expires;
+            }
+            self.history_now = self.history_now.max(w.hour);
+        }
+        if !records.periods.is_empty() {
+            let list = self.periods.entry(id.clone()).or_default();
+            for p in records.periods {
+                list.push_front(p);
+            }
+            list.truncate(PERIODS_KEPT);
+        }
+    }
 }
 
 /// One entry of the in-memory event stream.
@@ -52,6 +104,11 @@ impl MemoryStore {
                 events: VecDeque::new(),
                 next_purge: Instant::now(),
                 totals: OverdraftTotals::default(),
+                overdraft: BTreeSet::new(),
+                denied: HashMap::new(),
+                history: HashMap::new(),
+                periods: HashMap::new(),
+                history_now: 0,
             }),
             stream_maxlen,
             idempotency_window,
@@ -130,6 +187,7 @@ impl Store for MemoryStore {
             entry.epoch += 1;
         }
         let epoch = entry.epoch;
+        let deleted = matches!(commit.write, Write::Delete);
         match commit.write {
             Write::Put {
                 replace,
@@ -166,6 +224,7 @@ impl Store for MemoryStore {
         while inner.events.len() > self.stream_maxlen {
             inner.events.pop_front();
         }
+        inner.apply_records(&commit.id, deleted, commit.records);
         inner.totals.entitlements += commit.overdraft.entitlements;
         inner.totals.seats += commit.overdraft.seats;
         let expires = now + self.idempotency_window;
@@ -177,6 +236,8 @@ impl Store for MemoryStore {
         }
         if now >= inner.next_purge {
             inner.keys.retain(|_, (_, e)| *e > now);
+            let history_now = inner.history_now;
+            inner.history.retain(|_, (_, at)| *at > history_now);
             inner.next_purge = now + Duration::from_secs(60);
         }
         Ok(CommitOutcome::Applied { epoch })
@@ -192,6 +253,77 @@ impl Store for MemoryStore {
 
     async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError> {
         Ok(self.lock().totals)
+    }
+
+    async fn overdraft_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let inner = self.lock();
+        let ids = match after {
+            Some(a) => inner
+                .overdraft
+                .range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                .take(limit)
+                .cloned()
+                .collect(),
+            None => inner.overdraft.iter().take(limit).cloned().collect(),
+        };
+        Ok(ids)
+    }
+
+    async fn denied_page(
+        &self,
+        since: i64,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let inner = self.lock();
+        // Most recent first; ties by id, descending (as Redis orders them).
+        let mut all: Vec<(i64, &String)> = inner
+            .denied
+            .iter()
+            .filter(|(_, t)| **t >= since)
+            .map(|(id, t)| (*t, id))
+            .collect();
+        all.sort_by(|a, b| b.cmp(a));
+        Ok(all
+            .into_iter()
+            .filter(|(t, id)| match &after {
+                Some((at, aid)) => (*t, *id) < (*at, aid),
+                None => true,
+            })
+            .take(limit)
+            .map(|(t, id)| (id.clone(), t))
+            .collect())
+    }
+
+    async fn history(
+        &self,
+        id: &EntitlementId,
+        size: BucketSize,
+        starts: &[i64],
+    ) -> Result<Vec<Option<BucketRecord>>, StoreError> {
+        let inner = self.lock();
+        Ok(starts
+            .iter()
+            .map(|s| {
+                inner
+                    .history
+                    .get(&(id.clone(), size, *s))
+                    .map(|(r, _)| r.clone())
+            })
+            .collect())
+    }
+
+    async fn periods(&self, id: &EntitlementId, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .lock()
+            .periods
+            .get(id)
+            .map(|l| l.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
     }
 
     fn durable(&self) -> bool {

@@ -14,7 +14,9 @@ pub use self::redis::{RedisSettings, RedisStore};
 
 use async_trait::async_trait;
 
-use crate::domain::{Entitlement, EntitlementId, IdempotencyKey, Lease, SeatId};
+use crate::domain::{
+    BucketRecord, BucketSize, Entitlement, EntitlementId, FieldOp, IdempotencyKey, Lease, SeatId,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -56,6 +58,43 @@ pub struct Commit {
     pub idempotency: Vec<KeyRecord>,
     /// How this commit changes the overdraft totals, written with it.
     pub overdraft: OverdraftDelta,
+    /// What the overdraft report, the history and the billing records get
+    /// from this write, written with it.
+    pub records: Records,
+}
+
+/// Closed usage periods kept per entitlement (newest first); hourly
+/// periods over the default 400 days of daily history fit.
+pub const PERIODS_KEPT: usize = 10_000;
+
+/// How long a denial keeps an entitlement in the recent-denials index: the
+/// longest `hours` the report accepts.
+pub const DENIALS_KEPT_MS: i64 = 30 * 24 * 3_600_000;
+
+/// The report indexes, history buckets and billing records of one commit.
+#[derive(Debug, Default)]
+pub struct Records {
+    /// Whether the entitlement is now in overdraft (`None`: unchanged), for
+    /// the overdraft report's index.
+    pub in_overdraft: Option<bool>,
+    /// When its last denial in this write happened (ms), for the
+    /// recent-denials index.
+    pub denied_at: Option<i64>,
+    pub history: Vec<HistoryWrite>,
+    /// Closed usage periods as JSON records, oldest first.
+    pub periods: Vec<String>,
+    /// When the closed-period records expire (ms), pushed on with each one.
+    pub periods_expire_at: i64,
+}
+
+/// Changes to one hour's history record and to its day's, with when each
+/// record expires (ms).
+#[derive(Debug, Clone)]
+pub struct HistoryWrite {
+    pub hour: i64,
+    pub ops: Vec<FieldOp>,
+    pub hour_expire_at: i64,
+    pub day_expire_at: i64,
 }
 
 /// Changes to the totals of all entitlements: how many are in overdraft
@@ -129,6 +168,30 @@ pub trait Store: Send + Sync + 'static {
     async fn stream_length(&self) -> Result<u64, StoreError>;
     /// Entitlements and seats in overdraft now, over all entitlements.
     async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError>;
+    /// Ids in the overdraft report's index, in id order, after `after`.
+    async fn overdraft_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Ids with a denial at or after `since` (ms) and when their last one
+    /// was, most recent first, after `after` (that position's ms and id).
+    async fn denied_page(
+        &self,
+        since: i64,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, StoreError>;
+    /// History records of the buckets starting at `starts` (ms), in order;
+    /// `None` where nothing was written (or it expired).
+    async fn history(
+        &self,
+        id: &EntitlementId,
+        size: BucketSize,
+        starts: &[i64],
+    ) -> Result<Vec<Option<BucketRecord>>, StoreError>;
+    /// Closed-period records of an entitlement, newest first.
+    async fn periods(&self, id: &EntitlementId, limit: usize) -> Result<Vec<String>, StoreError>;
     /// Whether state survives a restart.
     fn durable(&self) -> bool;
     /// Writes what is queued and stops background work.

@@ -26,9 +26,10 @@ use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::{
-    Commit, CommitOutcome, Loaded, OverdraftTotals, Store, StoreError, Write, decode_state,
+    Commit, CommitOutcome, DENIALS_KEPT_MS, Loaded, OverdraftTotals, PERIODS_KEPT, Store,
+    StoreError, Write, decode_state,
 };
-use crate::domain::{EntitlementId, IdempotencyKey};
+use crate::domain::{BucketRecord, BucketSize, EntitlementId, FieldOp, IdempotencyKey};
 
 const COMMIT_LUA: &str = include_str!("lua/commit.lua");
 const LOAD_LUA: &str = include_str!("lua/load.lua");
@@ -70,7 +71,7 @@ impl RedisSettings {
 /// pipelined together with writes.
 enum Job {
     Commit {
-        commit: Commit,
+        commit: Box<Commit>,
         reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
     },
     Load {
@@ -269,6 +270,18 @@ impl Shared {
         format!("{}:overdraft", self.settings.prefix)
     }
 
+    fn overdraft_index(&self) -> String {
+        format!("{}:report:overdraft", self.settings.prefix)
+    }
+
+    fn denied_index(&self) -> String {
+        format!("{}:report:denied", self.settings.prefix)
+    }
+
+    fn history_key(&self, id: &EntitlementId, size: BucketSize, start: i64) -> String {
+        self.key(id, &format!("history:{}:{start}", size.as_str()))
+    }
+
     /// A connection from the pool, and Redis's clock read through it.
     async fn conn(&self, deadline: Instant) -> Result<deadpool_redis::Connection, StoreError> {
         let timeout = StoreError::Timeout(self.settings.timeout);
@@ -348,23 +361,33 @@ impl Shared {
 
     /// One script call for all the commits of a pipeline.
     fn add_commits(&self, pipe: &mut redis::Pipeline, commits: &[(&Commit, Instant)]) {
-        let nkeys: usize = 2 + commits
+        let nkeys: usize = 4 + commits
             .iter()
-            .map(|(c, _)| 3 + c.idempotency.len())
+            .map(|(c, _)| 4 + 2 * c.records.history.len() + c.idempotency.len())
             .sum::<usize>();
         let cmd = pipe.cmd("EVALSHA").arg(&self.commit_sha).arg(nkeys);
-        cmd.arg(self.stream()).arg(self.totals_key());
+        cmd.arg(self.stream())
+            .arg(self.totals_key())
+            .arg(self.overdraft_index())
+            .arg(self.denied_index());
         for (c, _) in commits {
             cmd.arg(self.key(&c.id, "epoch"))
                 .arg(self.key(&c.id, "state"))
-                .arg(self.key(&c.id, "seats"));
+                .arg(self.key(&c.id, "seats"))
+                .arg(self.key(&c.id, "periods"));
+            for w in &c.records.history {
+                cmd.arg(self.history_key(&c.id, BucketSize::Hour, w.hour))
+                    .arg(self.history_key(&c.id, BucketSize::Day, BucketSize::Day.start(w.hour)));
+            }
             for r in &c.idempotency {
                 cmd.arg(self.key(&c.id, &format!("key:{}:{}", r.incarnation, r.key)));
             }
         }
         cmd.arg(commits.len())
             .arg(self.settings.stream_maxlen)
-            .arg(self.settings.idempotency_window.as_millis() as u64);
+            .arg(self.settings.idempotency_window.as_millis() as u64)
+            .arg(PERIODS_KEPT)
+            .arg(DENIALS_KEPT_MS);
         let redis_ms = self.redis_clock();
         for (c, deadline) in commits {
             let (mode, core, config, seats): (&str, &str, &str, &[_]) = match &c.write {
@@ -381,6 +404,7 @@ impl Shared {
                 ),
                 Write::Delete => ("delete", "", "", &[]),
             };
+            let r = &c.records;
             cmd.arg(redis_ms(*deadline))
                 .arg(c.epoch)
                 .arg(if c.claim { "1" } else { "0" })
@@ -389,8 +413,17 @@ impl Shared {
                 .arg(config)
                 .arg(c.overdraft.entitlements)
                 .arg(c.overdraft.seats)
+                .arg(match r.in_overdraft {
+                    Some(true) => "+",
+                    Some(false) => "-",
+                    None => "",
+                })
+                .arg(r.denied_at.map(|t| t.to_string()).unwrap_or_default())
+                .arg(r.periods_expire_at)
                 .arg(seats.len())
                 .arg(c.events.len())
+                .arg(r.history.len())
+                .arg(r.periods.len())
                 .arg(c.idempotency.len())
                 .arg(c.id.as_str());
             for (seat, lease) in seats {
@@ -399,6 +432,21 @@ impl Shared {
             }
             for (kind, json) in &c.events {
                 cmd.arg(*kind).arg(json);
+            }
+            for w in &r.history {
+                cmd.arg(w.hour_expire_at)
+                    .arg(w.day_expire_at)
+                    .arg(w.ops.len());
+                for op in &w.ops {
+                    match op {
+                        FieldOp::Max(f, v) => cmd.arg("M").arg(*f).arg(*v),
+                        FieldOp::Set(f, v) => cmd.arg("S").arg(*f).arg(*v),
+                        FieldOp::Add(f, v) => cmd.arg("A").arg(f.as_str()).arg(*v),
+                    };
+                }
+            }
+            for p in &r.periods {
+                cmd.arg(p);
             }
             for r in &c.idempotency {
                 cmd.arg(&r.record);
@@ -425,7 +473,7 @@ impl Shared {
         let commits: Vec<(&Commit, Instant)> = queued
             .iter()
             .filter_map(|q| match &q.job {
-                Job::Commit { commit, .. } => Some((commit, q.deadline)),
+                Job::Commit { commit, .. } => Some((&**commit, q.deadline)),
                 _ => None,
             })
             .collect();
@@ -751,6 +799,26 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Runs a read-only pipeline on a pooled connection within the store
+    /// timeout (reports and history; not through the committers).
+    async fn read<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let timeout = self.shared.settings.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut conn = tokio::time::timeout_at(deadline, self.shared.pool.get())
+            .await
+            .map_err(|_| StoreError::Timeout(timeout))?
+            .map_err(unavailable)?;
+        tokio::time::timeout_at(deadline, pipe.query_async(&mut *conn))
+            .await
+            .map_err(|_| StoreError::Timeout(timeout))?
+            .map_err(unavailable)
+    }
+}
+
 fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -772,7 +840,15 @@ impl Store for RedisStore {
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         let budget = self.shared.settings.timeout * 3 / 4;
-        self.submit(Job::Commit { commit, reply }, rx, budget).await
+        self.submit(
+            Job::Commit {
+                commit: Box::new(commit),
+                reply,
+            },
+            rx,
+            budget,
+        )
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -791,6 +867,112 @@ impl Store for RedisStore {
         let (reply, rx) = oneshot::channel();
         let budget = self.shared.settings.timeout;
         self.submit(Job::Totals { reply }, rx, budget).await
+    }
+
+    async fn overdraft_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let min = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(self.shared.overdraft_index())
+            .arg(min)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let (ids,): (Vec<String>,) = self.read(&pipe).await?;
+        Ok(ids)
+    }
+
+    async fn denied_page(
+        &self,
+        since: i64,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let key = self.shared.denied_index();
+        let mut pipe = redis::pipe();
+        // Ties at the cursor's ms come first (by id, descending, as Redis
+        // orders equal scores in reverse), then everything older.
+        let max = match &after {
+            Some((at, _)) => {
+                pipe.cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(at)
+                    .arg(at)
+                    .arg("BYSCORE")
+                    .arg("REV")
+                    .arg("WITHSCORES");
+                format!("({at}")
+            }
+            None => "+inf".to_string(),
+        };
+        pipe.cmd("ZRANGE")
+            .arg(&key)
+            .arg(max)
+            .arg(since)
+            .arg("BYSCORE")
+            .arg("REV")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .arg("WITHSCORES");
+        let pages: Vec<Vec<(String, f64)>> = self.read(&pipe).await?;
+        let mut out = Vec::with_capacity(limit);
+        for (i, page) in pages.into_iter().enumerate() {
+            for (id, score) in page {
+                let tie = i == 0 && after.is_some();
+                if tie && after.as_ref().is_some_and(|(_, aid)| id >= *aid) {
+                    continue;
+                }
+                if out.len() < limit {
+                    out.push((id, score as i64));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn history(
+        &self,
+        id: &EntitlementId,
+        size: BucketSize,
+        starts: &[i64],
+    ) -> Result<Vec<Option<BucketRecord>>, StoreError> {
+        if starts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for s in starts {
+            pipe.cmd("HGETALL")
+                .arg(self.shared.history_key(id, size, *s));
+        }
+        let records: Vec<HashMap<String, u64>> = self.read(&pipe).await?;
+        Ok(records
+            .into_iter()
+            .map(|fields| {
+                (!fields.is_empty()).then(|| {
+                    BucketRecord::from_fields(fields.iter().map(|(k, v)| (k.as_str(), *v)))
+                })
+            })
+            .collect())
+    }
+
+    async fn periods(&self, id: &EntitlementId, limit: usize) -> Result<Vec<String>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("LRANGE")
+            .arg(self.shared.key(id, "periods"))
+            .arg(0)
+            .arg(limit - 1);
+        let (records,): (Vec<String>,) = self.read(&pipe).await?;
+        Ok(records)
     }
 
     fn durable(&self) -> bool {

@@ -295,6 +295,36 @@ impl headroom::store::Store for CountingStore {
     ) -> Result<headroom::store::OverdraftTotals, headroom::store::StoreError> {
         self.inner.overdraft_totals().await
     }
+    async fn overdraft_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, headroom::store::StoreError> {
+        self.inner.overdraft_page(after, limit).await
+    }
+    async fn denied_page(
+        &self,
+        since: i64,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, headroom::store::StoreError> {
+        self.inner.denied_page(since, after, limit).await
+    }
+    async fn history(
+        &self,
+        id: &EntitlementId,
+        size: headroom::domain::BucketSize,
+        starts: &[i64],
+    ) -> Result<Vec<Option<headroom::domain::BucketRecord>>, headroom::store::StoreError> {
+        self.inner.history(id, size, starts).await
+    }
+    async fn periods(
+        &self,
+        id: &EntitlementId,
+        limit: usize,
+    ) -> Result<Vec<String>, headroom::store::StoreError> {
+        self.inner.periods(id, limit).await
+    }
     fn durable(&self) -> bool {
         self.inner.durable()
     }

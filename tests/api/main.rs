@@ -9,6 +9,7 @@ mod grafana;
 mod helpers;
 mod ops;
 mod readme;
+mod reports;
 mod seats;
 mod store_contract;
 mod usage;

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use headroom::domain::{
-    Effects, Entitlement, EntitlementConfig, EntitlementId, IdempotencyKey, Lease, SeatId,
+    BucketRecord, BucketSize, Effects, Entitlement, EntitlementConfig, EntitlementId, FieldOp,
+    IdempotencyKey, Lease, SeatId,
 };
-use headroom::store::{Commit, CommitOutcome, KeyRecord, Store, Write};
+use headroom::store::{Commit, CommitOutcome, HistoryWrite, KeyRecord, Records, Store, Write};
 
 use crate::helpers::*;
 
@@ -56,6 +57,7 @@ fn put(
         },
         events: vec![("entitlement.updated", "{}".into())],
         overdraft: Default::default(),
+        records: Records::default(),
         idempotency: keys
             .iter()
             .map(|k| KeyRecord {
@@ -152,6 +154,90 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(s.seats.in_use(), 1);
     assert!(s.seats.lease(&seat("b")).is_some());
 
+    // Records go with the write: the report indexes, the history buckets
+    // (a peak keeps the larger value, counts add up) and closed periods.
+    let hour = now().timestamp_millis();
+    let far = hour + 400 * 86_400_000;
+    let history = |peak: u64, added: u64| HistoryWrite {
+        hour,
+        ops: vec![
+            FieldOp::Max("sp", peak),
+            FieldOp::Set("se", 3),
+            FieldOp::Add("u:api".into(), added),
+        ],
+        hour_expire_at: far,
+        day_expire_at: far,
+    };
+    let mut c = put(after.epoch, false, &e2, vec![], &[]);
+    c.records = Records {
+        in_overdraft: Some(true),
+        denied_at: Some(hour + 5),
+        history: vec![history(4, 7)],
+        periods: vec![r#"{"n":1}"#.into(), r#"{"n":2}"#.into()],
+        periods_expire_at: far,
+    };
+    assert!(matches!(
+        store.commit(c).await.unwrap(),
+        CommitOutcome::Applied { .. }
+    ));
+    let mut c = put(after.epoch, false, &e2, vec![], &[]);
+    c.records.history = vec![history(2, 1)];
+    assert!(matches!(
+        store.commit(c).await.unwrap(),
+        CommitOutcome::Applied { .. }
+    ));
+    assert_eq!(store.overdraft_page(None, 10).await.unwrap(), ["acme"]);
+    assert!(
+        store
+            .overdraft_page(Some("acme"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.denied_page(hour, None, 10).await.unwrap(),
+        [("acme".to_string(), hour + 5)]
+    );
+    assert!(
+        store
+            .denied_page(hour + 6, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .denied_page(hour, Some((hour + 5, "acme".into())), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let expected = BucketRecord {
+        seats_peak: Some(4),
+        seats_end: Some(3),
+        seats_denied: 0,
+        features: [("api".to_string(), (8, 0))].into(),
+    };
+    assert_eq!(
+        store
+            .history(&id(), BucketSize::Hour, &[hour - 3_600_000, hour])
+            .await
+            .unwrap(),
+        [None, Some(expected.clone())]
+    );
+    assert_eq!(
+        store
+            .history(&id(), BucketSize::Day, &[BucketSize::Day.start(hour)])
+            .await
+            .unwrap(),
+        [Some(expected)]
+    );
+    assert_eq!(
+        store.periods(&id(), 10).await.unwrap(),
+        [r#"{"n":2}"#, r#"{"n":1}"#]
+    );
+    assert_eq!(store.periods(&id(), 1).await.unwrap(), [r#"{"n":2}"#]);
+
     // Delete removes state and seats; the entitlement is unknown again.
     let del = Commit {
         id: id(),
@@ -161,6 +247,10 @@ async fn contract(store: Arc<dyn Store>) {
         events: vec![("entitlement.deleted", "{}".into())],
         idempotency: vec![],
         overdraft: Default::default(),
+        records: Records {
+            in_overdraft: Some(false),
+            ..Records::default()
+        },
     };
     assert!(matches!(
         store.commit(del).await.unwrap(),
@@ -168,6 +258,10 @@ async fn contract(store: Arc<dyn Store>) {
     ));
     let gone = store.load(&id()).await.unwrap();
     assert!(gone.state.is_none());
+    // It left both report indexes; its history and billing records stay.
+    assert!(store.overdraft_page(None, 10).await.unwrap().is_empty());
+    assert!(store.denied_page(0, None, 10).await.unwrap().is_empty());
+    assert_eq!(store.periods(&id(), 10).await.unwrap().len(), 2);
     store.shutdown().await;
 }
 
@@ -189,8 +283,11 @@ async fn redis_store_keeps_the_contract() {
         [
             "contract:events",
             "contract:{acme}:epoch",
+            "contract:{acme}:history:day:1795824000000",
+            "contract:{acme}:history:hour:1795824000000",
             "contract:{acme}:key:1795824000000:k1",
-            "contract:{acme}:key:1795824000000:k2"
+            "contract:{acme}:key:1795824000000:k2",
+            "contract:{acme}:periods",
         ]
     );
 }

@@ -4,15 +4,23 @@
 -- others' writes alone. One call carries a whole pipeline of commits, so
 -- Redis pays the script-call overhead once per round trip.
 --
--- KEYS: 1 event stream, 2 overdraft totals hash, then per commit: epoch,
---       state hash, seats hash and its idempotency keys.
--- ARGV: 1 commit count, 2 stream MAXLEN, 3 idempotency TTL (ms), then per
---       commit: deadline (ms in Redis's clock), expected epoch, claim (0|1),
+-- KEYS: 1 event stream, 2 overdraft totals hash, 3 overdraft report index
+--       (sorted set by id), 4 recent denials index (sorted set by last
+--       denial ms), then per commit: epoch, state hash, seats hash, closed
+--       periods list, two history hashes (hour, day) per history write, and
+--       its idempotency keys.
+-- ARGV: 1 commit count, 2 stream MAXLEN, 3 idempotency TTL (ms), 4 closed
+--       periods kept per entitlement, 5 how long a denial stays in the recent
+--       denials index (ms), then per commit: deadline (ms in Redis's clock), expected epoch, claim (0|1),
 --       mode (put|replace|delete), state JSON, configuration JSON ('' when
 --       unchanged), change of entitlements in overdraft, change of seats in
---       overdraft, seat count, event count, key count, entitlement id, then
---       per seat (id, lease or ''), per event (type, CloudEvents JSON), per
---       idempotency key its record.
+--       overdraft, report index ('+' in overdraft, '-' not, '' unchanged),
+--       last denial ms ('' for none), closed periods' expiry ms, seat count, event count, history write
+--       count, closed period count, key count, entitlement id; then per seat
+--       (id, lease or ''), per event (type, CloudEvents JSON), per history
+--       write (hour expiry ms, day expiry ms, op count, then per op: M|S|A,
+--       field, value), per closed period its record, per idempotency key its
+--       record.
 -- Returns one reply per commit: {'ok', epoch}, {'fenced', epoch},
 -- {'keys', index, record, ...} or {'expired'}.
 --
@@ -21,24 +29,44 @@
 -- waited out a CLIENT PAUSE or a DEBUG SLEEP, say). The shebang makes Redis
 -- refuse the whole script up front when it is out of memory, instead of
 -- failing at its first write and leaving a commit half applied.
-local stream, totals, maxlen, ttl = KEYS[1], KEYS[2], ARGV[2], ARGV[3]
-local k, a = 3, 4
+local stream, totals, overdraft_index, denied_index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local maxlen, ttl, periods_kept, denials_kept = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local k, a = 5, 6
+local function arg()
+  a = a + 1
+  return ARGV[a - 1]
+end
+local function key()
+  k = k + 1
+  return KEYS[k - 1]
+end
 local out = {}
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for c = 1, tonumber(ARGV[1]) do
-  local epoch_key, state_key, seats_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local deadline = tonumber(ARGV[a])
-  a = a + 1
-  local expected, claim, mode, core, config = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local d_entitlements, d_seats = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  local nseats, nevents, nkeys = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
-  local id = ARGV[a + 10]
-  local seat_a = a + 11
+  local epoch_key, state_key, seats_key, periods_key = key(), key(), key(), key()
+  local deadline = tonumber(arg())
+  local expected, claim, mode, core, config = arg(), arg(), arg(), arg(), arg()
+  local d_entitlements, d_seats = tonumber(arg()), tonumber(arg())
+  local report, denied_at, periods_expire = arg(), arg(), arg()
+  local nseats, nevents, nhist, nperiods, nkeys =
+    tonumber(arg()), tonumber(arg()), tonumber(arg()), tonumber(arg()), tonumber(arg())
+  local id = arg()
+  -- Where this commit's variable parts start; skipped over when refused.
+  local seat_a = a
   local event_a = seat_a + 2 * nseats
-  local record_a = event_a + 2 * nevents
-  local key_k = k + 3
-  k = key_k + nkeys
+  local hist_a = event_a + 2 * nevents
+  local hist_k = k
+  k = k + 2 * nhist
+  local key_k = k
+  k = k + nkeys
+  a = hist_a
+  for _ = 1, nhist do
+    a = a + 2
+    a = a + 1 + 3 * tonumber(ARGV[a])
+  end
+  local period_a = a
+  local record_a = period_a + nperiods
   a = record_a + nkeys
 
   local epoch = now <= deadline and (redis.call('GET', epoch_key) or '0')
@@ -82,6 +110,37 @@ for c = 1, tonumber(ARGV[1]) do
         redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
           'type', ARGV[event_a + 2 * i], 'entitlement', id, 'event', ARGV[event_a + 2 * i + 1])
       end
+      local h = hist_a
+      for i = 0, nhist - 1 do
+        local expires = {ARGV[h], ARGV[h + 1]}
+        local nops = tonumber(ARGV[h + 2])
+        h = h + 3
+        for j = 1, 2 do
+          local bucket = KEYS[hist_k + 2 * i + j - 1]
+          for o = 0, nops - 1 do
+            local op, field, value = ARGV[h + 3 * o], ARGV[h + 3 * o + 1], ARGV[h + 3 * o + 2]
+            if op == 'A' then
+              redis.call('HINCRBY', bucket, field, value)
+            elseif op == 'S' then
+              redis.call('HSET', bucket, field, value)
+            else
+              local old = tonumber(redis.call('HGET', bucket, field) or '-1')
+              if tonumber(value) > old then
+                redis.call('HSET', bucket, field, value)
+              end
+            end
+          end
+          redis.call('PEXPIREAT', bucket, expires[j])
+        end
+        h = h + 3 * nops
+      end
+      for i = 0, nperiods - 1 do
+        redis.call('LPUSH', periods_key, ARGV[period_a + i])
+      end
+      if nperiods > 0 then
+        redis.call('LTRIM', periods_key, 0, periods_kept - 1)
+        redis.call('PEXPIREAT', periods_key, periods_expire)
+      end
       for i = 0, nkeys - 1 do
         redis.call('SET', KEYS[key_k + i], ARGV[record_a + i], 'PX', ttl)
       end
@@ -90,6 +149,17 @@ for c = 1, tonumber(ARGV[1]) do
       end
       if d_seats ~= 0 then
         redis.call('HINCRBY', totals, 'seats', d_seats)
+      end
+      if report == '+' then
+        redis.call('ZADD', overdraft_index, 0, id)
+      elseif report == '-' then
+        redis.call('ZREM', overdraft_index, id)
+      end
+      if denied_at ~= '' then
+        redis.call('ZADD', denied_index, denied_at, id)
+        redis.call('ZREMRANGEBYSCORE', denied_index, '-inf', '(' .. (tonumber(denied_at) - denials_kept))
+      elseif mode == 'delete' then
+        redis.call('ZREM', denied_index, id)
       end
       out[c] = {'ok', epoch}
     end
