@@ -548,7 +548,7 @@ mod tests {
         for bad in [
             "",
             "!!",
-            "bzpq",
+            "b2s",
             &URL_SAFE_NO_PAD.encode("x:1"),
             &URL_SAFE_NO_PAD.encode("d:abc:id"),
         ] {
