@@ -17,3 +17,5 @@ pub mod http;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
+pub mod webhooks;

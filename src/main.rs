@@ -9,6 +9,7 @@ use headroom::settings::Settings;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
+    headroom::tls::install_crypto_provider();
     let settings = Settings::parse();
     headroom::telemetry::init_logging(settings.log_json);
     settings.run().await

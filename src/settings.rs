@@ -16,6 +16,7 @@ use crate::engine::{Engine, EngineSettings, SystemClock};
 use crate::http::{self, AppState, Auth, Limits};
 use crate::store::{MemoryStore, RedisSettings, RedisStore, Store};
 use crate::telemetry::MAX_WATCHED;
+use crate::webhooks::{Dispatcher, WebhookSettings, Webhooks};
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 24h, 35days)"))
@@ -63,6 +64,29 @@ pub struct Settings {
     /// How long daily history buckets and closed-period records are kept.
     #[arg(long, env = "HEADROOM_DAILY_RETENTION", default_value = "400days", value_parser = duration)]
     pub daily_retention: Duration,
+    /// Longest wait for a webhook endpoint's answer.
+    #[arg(long, env = "HEADROOM_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub webhook_timeout: Duration,
+    /// How long a failing webhook delivery is retried before it goes to the
+    /// dead-letter stream.
+    #[arg(long, env = "HEADROOM_WEBHOOK_RETRY_FOR", default_value = "24h", value_parser = duration)]
+    pub webhook_retry_for: Duration,
+    /// First webhook retry delay (doubled per attempt, ±20 % jitter).
+    #[arg(long, env = "HEADROOM_WEBHOOK_BACKOFF", default_value = "1s", value_parser = duration)]
+    pub webhook_backoff: Duration,
+    /// Longest webhook retry delay.
+    #[arg(long, env = "HEADROOM_WEBHOOK_BACKOFF_MAX", default_value = "1h", value_parser = duration)]
+    pub webhook_backoff_max: Duration,
+    /// Webhook deliveries in flight at once (all endpoints together).
+    #[arg(long, env = "HEADROOM_WEBHOOK_CONCURRENCY", default_value_t = 64)]
+    pub webhook_concurrency: usize,
+    /// Webhook deliveries in flight at once to one endpoint.
+    #[arg(long, env = "HEADROOM_WEBHOOK_PER_ENDPOINT", default_value_t = 4)]
+    pub webhook_per_endpoint: usize,
+    /// This process's name in the webhook consumer group (default: from
+    /// the listen address); keep it stable across restarts.
+    #[arg(long, env = "HEADROOM_WEBHOOK_CONSUMER")]
+    pub webhook_consumer: Option<String>,
     /// How long idempotency keys are remembered (at least up to 35 days).
     #[arg(long, env = "HEADROOM_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = duration)]
     pub idempotency_window: Duration,
@@ -212,9 +236,32 @@ impl Settings {
         }
     }
 
+    pub fn webhook_settings(&self) -> WebhookSettings {
+        WebhookSettings {
+            timeout: self.webhook_timeout,
+            retry_for: self.webhook_retry_for,
+            backoff: self.webhook_backoff,
+            backoff_max: self.webhook_backoff_max.max(self.webhook_backoff),
+            concurrency: self.webhook_concurrency.max(1),
+            per_endpoint: self.webhook_per_endpoint.max(1),
+            consumer: self
+                .webhook_consumer
+                .clone()
+                .unwrap_or_else(|| format!("headroom@{}", self.listen)),
+            ..WebhookSettings::default()
+        }
+    }
+
     /// Runs the tracker until SIGINT/SIGTERM, then drains and exits.
     pub async fn run(self) -> anyhow::Result<()> {
         let store = self.store()?;
+        let webhooks = match &self.redis_url {
+            Some(url) => Some(Webhooks::new(url, &self.redis_prefix, self.redis_timeout)?),
+            None => None,
+        };
+        let dispatcher = webhooks
+            .clone()
+            .map(|w| Dispatcher::start(w, self.webhook_settings()));
         let settings = EngineSettings {
             watched: Arc::new(self.watched()?),
             ..self.engine_settings()
@@ -229,6 +276,7 @@ impl Settings {
                 max_connections: self.max_connections.max(1),
             },
             metrics: crate::telemetry::metrics(),
+            webhooks,
         });
         let listener = TcpListener::bind(self.listen)?;
         let workers = self
@@ -237,6 +285,9 @@ impl Settings {
         tracing::info!(listen = %listener.local_addr()?, workers, "headroom is listening");
         http::serve(listener, state, workers, self.shutdown_timeout, true)?.await?;
         tracing::info!("HTTP stopped; writing what is left");
+        if let Some(d) = dispatcher {
+            d.stop().await;
+        }
         engine.shutdown().await;
         tracing::info!("stopped");
         Ok(())

@@ -166,6 +166,39 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[],
     },
     MetricDef {
+        name: "headroom_webhook_deliveries_total",
+        kind: MetricKind::Counter,
+        help: "Webhook delivery attempts by outcome: delivered, failed (retried later), dead_lettered (retries exhausted), dropped (endpoint deleted).",
+        labels: &[LabelDef::fixed(
+            "outcome",
+            &["delivered", "failed", "dead_lettered", "dropped"],
+        )],
+    },
+    MetricDef {
+        name: "headroom_webhook_delivery_duration_seconds",
+        kind: MetricKind::Histogram,
+        help: "Duration of one webhook delivery attempt (until the endpoint answered, failed or timed out).",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_webhook_retry_backlog",
+        kind: MetricKind::Gauge,
+        help: "Webhook deliveries waiting in the retry schedule.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_webhook_dead_letters",
+        kind: MetricKind::Gauge,
+        help: "Entries in the webhook dead-letter stream.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_webhook_endpoints",
+        kind: MetricKind::Gauge,
+        help: "Webhook endpoints registered.",
+        labels: &[],
+    },
+    MetricDef {
         name: "headroom_store_write_duration_seconds",
         kind: MetricKind::Histogram,
         help: "Duration of one group-commit pipeline to the store.",

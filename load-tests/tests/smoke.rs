@@ -20,6 +20,7 @@ async fn every_scenario_runs_and_its_ledger_holds() {
         auth: Auth::new(vec!["adm".into()], vec!["cli".into()]),
         limits: Limits::default(),
         metrics: headroom::telemetry::metrics(),
+        webhooks: None,
     });
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");

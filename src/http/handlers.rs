@@ -26,7 +26,7 @@ type Result<T> = std::result::Result<T, ApiError>;
 /// before it is buffered whole.
 /// Reads a body of at most `limit` bytes within `timeout` (a client that
 /// trickles its body does not hold a worker's call open).
-async fn read_body(
+pub(super) async fn read_body(
     req: &HttpRequest,
     payload: web::Payload,
     limit: usize,

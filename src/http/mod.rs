@@ -5,6 +5,7 @@ pub mod batch;
 mod handlers;
 pub mod problem;
 pub mod reports;
+mod webhooks;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -48,6 +49,8 @@ pub struct AppState {
     pub auth: Auth,
     pub limits: Limits,
     pub metrics: PrometheusHandle,
+    /// Webhook registrations (with Redis only).
+    pub webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -130,6 +133,17 @@ pub fn routes(cfg: &mut ServiceConfig) {
     .service(timed("/v1/entitlements/{id}/history").route(web::get().to(reports::history)))
     .service(timed("/v1/entitlements/{id}/periods").route(web::get().to(reports::periods)))
     .service(timed("/v1/reports/overdraft").route(web::get().to(reports::overdraft_report)))
+    .service(
+        timed("/v1/webhooks")
+            .route(web::post().to(webhooks::create))
+            .route(web::get().to(webhooks::list)),
+    )
+    .service(
+        timed("/v1/webhooks/{id}")
+            .route(web::get().to(webhooks::get))
+            .route(web::delete().to(webhooks::delete)),
+    )
+    .service(timed("/v1/webhooks/{id}/deliveries").route(web::get().to(webhooks::deliveries)))
     .service(timed("/healthz").route(web::get().to(handlers::healthz)))
     .service(timed("/readyz").route(web::get().to(handlers::readyz)))
     .service(timed("/metrics").route(web::get().to(handlers::metrics)))

@@ -29,6 +29,8 @@ pub enum Kind {
     OutcomeUnknown,
     ShuttingDown,
     TooManyConnections,
+    WebhookNotFound,
+    WebhooksUnavailable,
 }
 
 impl Kind {
@@ -94,6 +96,12 @@ impl Kind {
                 S::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 "Tracker is shutting down",
+            ),
+            Kind::WebhookNotFound => (S::NOT_FOUND, "webhook_not_found", "Unknown webhook"),
+            Kind::WebhooksUnavailable => (
+                S::CONFLICT,
+                "webhooks_unavailable",
+                "Webhooks need Redis (--redis-url)",
             ),
             Kind::TooManyConnections => (
                 S::SERVICE_UNAVAILABLE,

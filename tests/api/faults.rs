@@ -138,7 +138,7 @@ async fn check_ledger(http: &reqwest::Client, base: &str, ledger: &Ledger) {
 async fn sigkill_of_the_tracker_during_load_loses_no_acknowledged_call() {
     let redis = RedisServer::start();
     let mut tracker = TrackerProcess::start(&redis.url(), "crash").await;
-    let http = reqwest::Client::new();
+    let http = http_client();
     create_acme(&http, &tracker.base).await;
 
     let ledger = Ledger::new();
@@ -232,7 +232,7 @@ async fn redis_outage_during_load_answers_503_and_recovers_by_itself() {
 async fn sigterm_finishes_calls_in_flight_and_exits_cleanly() {
     let redis = RedisServer::start();
     let mut tracker = TrackerProcess::start(&redis.url(), "term").await;
-    let http = reqwest::Client::new();
+    let http = http_client();
     create_acme(&http, &tracker.base).await;
 
     let ledger = Ledger::new();

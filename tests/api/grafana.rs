@@ -148,7 +148,7 @@ impl Drop for Prometheus {
 /// Seat and usage calls that produce granted, overdraft and denied
 /// decisions and events, for `for_how_long`.
 async fn scripted_load(base: &str, for_how_long: Duration) {
-    let http = reqwest::Client::new();
+    let http = http_client();
     let call =
         |m: reqwest::Method, path: String, token: &'static str, body: Option<&'static str>| {
             let mut req = http.request(m, format!("{base}{path}")).bearer_auth(token);
@@ -214,7 +214,7 @@ async fn every_panel_and_alert_expression_returns_data_from_a_real_prometheus() 
     let tracker = TrackerProcess::start(&redis.url(), "grafana").await;
     let target = tracker.base.trim_start_matches("http://").to_string();
     let prometheus = Prometheus::start(&target);
-    let http = reqwest::Client::new();
+    let http = http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !http
         .get(format!("{}/-/ready", prometheus.base))

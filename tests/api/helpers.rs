@@ -24,6 +24,13 @@ pub fn redis_store(redis: &RedisServer, prefix: &str) -> Arc<dyn Store> {
     Arc::new(RedisStore::start(s).expect("redis store"))
 }
 
+/// A reqwest client (after installing the process's TLS provider, which
+/// reqwest needs even for plain http).
+pub fn http_client() -> reqwest::Client {
+    headroom::tls::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 pub fn memory_store() -> Arc<dyn Store> {
     Arc::new(MemoryStore::new(100_000, Duration::from_secs(24 * 3600)))
 }
@@ -41,6 +48,7 @@ pub struct AppOptions {
     pub engine: EngineSettings,
     pub auth: Auth,
     pub limits: Limits,
+    pub webhooks: Option<headroom::webhooks::Webhooks>,
 }
 
 impl Default for AppOptions {
@@ -50,6 +58,7 @@ impl Default for AppOptions {
             engine: EngineSettings::default(),
             auth: Auth::new(vec![ADMIN.into()], vec![CLIENT.into()]),
             limits: Limits::default(),
+            webhooks: None,
         }
     }
 }
@@ -73,6 +82,7 @@ impl TestApp {
             auth: opts.auth,
             limits: opts.limits,
             metrics: headroom::telemetry::metrics(),
+            webhooks: opts.webhooks,
         });
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -81,10 +91,13 @@ impl TestApp {
         actix_rt::spawn(server);
         TestApp {
             base: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(256)
-                .build()
-                .expect("client"),
+            http: {
+                headroom::tls::install_crypto_provider();
+                reqwest::Client::builder()
+            }
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("client"),
             engine,
             server: handle,
         }
@@ -194,18 +207,23 @@ pub struct TrackerProcess {
 
 impl TrackerProcess {
     pub async fn start(redis_url: &str, prefix: &str) -> Self {
-        let inner = headroom_load::procs::Tracker::start(
-            env!("CARGO_BIN_EXE_headroom").as_ref(),
-            &[
-                ("HEADROOM_REDIS_URL", redis_url),
-                ("HEADROOM_REDIS_PREFIX", prefix),
-                ("HEADROOM_ADMIN_TOKENS", ADMIN),
-                ("HEADROOM_CLIENT_TOKENS", CLIENT),
-                ("HEADROOM_REDIS_TIMEOUT", "2s"),
-                ("HEADROOM_WATCH_ENTITLEMENTS", "acme"),
-            ],
-        )
-        .expect("start headroom");
+        Self::start_with(redis_url, prefix, &[]).await
+    }
+
+    /// With more environment settings.
+    pub async fn start_with(redis_url: &str, prefix: &str, extra: &[(&str, &str)]) -> Self {
+        let mut env = vec![
+            ("HEADROOM_REDIS_URL", redis_url),
+            ("HEADROOM_REDIS_PREFIX", prefix),
+            ("HEADROOM_ADMIN_TOKENS", ADMIN),
+            ("HEADROOM_CLIENT_TOKENS", CLIENT),
+            ("HEADROOM_REDIS_TIMEOUT", "2s"),
+            ("HEADROOM_WATCH_ENTITLEMENTS", "acme"),
+        ];
+        env.extend_from_slice(extra);
+        let inner =
+            headroom_load::procs::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), &env)
+                .expect("start headroom");
         TrackerProcess {
             base: format!("http://{}", inner.addr()),
             inner,
@@ -221,6 +239,12 @@ impl TrackerProcess {
     /// SIGKILL: no shutdown hook runs.
     pub fn kill(&mut self) {
         self.inner.kill();
+    }
+
+    /// Starts it again with the same settings (on the same port).
+    pub fn restart(&mut self) {
+        self.inner.restart().expect("restart headroom");
+        self.base = format!("http://{}", self.inner.addr());
     }
 }
 

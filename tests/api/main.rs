@@ -13,3 +13,4 @@ mod reports;
 mod seats;
 mod store_contract;
 mod usage;
+mod webhooks;

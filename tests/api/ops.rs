@@ -25,7 +25,7 @@ async fn tokens_are_generated_and_printed_once_when_none_are_configured() {
     };
     let admin = token("generated admin token");
     let client = token("generated client token");
-    let http = reqwest::Client::new();
+    let http = http_client();
     let base = format!("http://127.0.0.1:{port}");
     let mut status = 0;
     for _ in 0..100 {
@@ -182,7 +182,36 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
         },
         ..AppOptions::default()
     };
+    let hooks = headroom::webhooks::Webhooks::new(
+        &redis.url(),
+        "catalogue",
+        std::time::Duration::from_secs(2),
+    )
+    .expect("webhooks");
+    let opts = AppOptions {
+        webhooks: Some(hooks.clone()),
+        ..opts
+    };
     let app = TestApp::spawn_with(redis_store(&redis, "catalogue"), opts).await;
+    // A webhook delivery, so that the webhook series exist too.
+    let dispatcher = headroom::webhooks::Dispatcher::start(
+        hooks,
+        headroom::webhooks::WebhookSettings {
+            consumer: "catalogue".into(),
+            ..Default::default()
+        },
+    );
+    let receiver = crate::webhooks::Receiver::new(200);
+    receiver.listen();
+    let (status, _) = app
+        .send(
+            reqwest::Method::POST,
+            "/v1/webhooks",
+            Some(ADMIN),
+            Some(&serde_json::json!({ "url": receiver.url() }).to_string()),
+        )
+        .await;
+    assert_eq!(status, 201);
     app.put(
         "watched-1",
         r#"{"seats": {"purchased": 1, "hard_cap": 2}, "features": {"f": {"included": 1}}}"#,
@@ -200,7 +229,15 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
         None,
     )
     .await;
+    assert!(
+        !receiver.wait_for(1, 20).await.is_empty(),
+        "a webhook delivery"
+    );
+    // The dispatcher's gauges are set about once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
     let text = app.scrape().await;
+    dispatcher.stop().await;
+    receiver.stop().await;
 
     let mut exported = std::collections::HashSet::new();
     for line in text.lines().filter(|l| l.starts_with("headroom_")) {
@@ -460,7 +497,7 @@ async fn redis_over_tls_with_a_password_works_and_the_password_is_never_logged()
         .stderr(log)
         .spawn()
         .expect("headroom");
-    let http = reqwest::Client::new();
+    let http = http_client();
     let base = format!("http://127.0.0.1:{listen}");
     let mut ready = false;
     for _ in 0..200 {

@@ -5,19 +5,26 @@ use std::process::Command;
 
 use crate::helpers::*;
 
-fn walkthrough() -> String {
+/// The code block of the README between `<!-- {name}:start -->` and
+/// `<!-- {name}:end -->`, fenced as `lang`.
+fn block(name: &str, lang: &str) -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
     let start = readme
-        .find("<!-- walkthrough:start -->")
-        .expect("walkthrough start marker");
+        .find(&format!("<!-- {name}:start -->"))
+        .expect("start marker");
     let end = readme
-        .find("<!-- walkthrough:end -->")
-        .expect("walkthrough end marker");
+        .find(&format!("<!-- {name}:end -->"))
+        .expect("end marker");
     let block = &readme[start..end];
-    let code_start = block.find("```sh\n").expect("sh block") + "```sh\n".len();
+    let fence = format!("```{lang}\n");
+    let code_start = block.find(&fence).expect("code block") + fence.len();
     let code_end = block[code_start..].find("```").expect("block end") + code_start;
     block[code_start..code_end].to_string()
+}
+
+fn walkthrough() -> String {
+    block("walkthrough", "sh")
 }
 
 #[actix_rt::test]
@@ -58,4 +65,111 @@ async fn the_readme_walkthrough_works_verbatim() {
         );
     }
     assert!(stdout.contains(r#""in_use":120"#), "{stdout}");
+}
+
+/// The README's webhook receiver, run as printed: it verifies the
+/// signature of every delivery from the tracker binary and refuses a
+/// forged one.
+#[actix_rt::test]
+async fn the_readme_webhook_receiver_verifies_deliveries() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let redis = RedisServer::start();
+    let tracker = TrackerProcess::start(&redis.url(), "headroom").await;
+    let http = http_client();
+    let port = free_port();
+    let created: serde_json::Value = http
+        .post(format!("{}/v1/webhooks", tracker.base))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({
+            "url": format!("http://127.0.0.1:{port}/"),
+            "types": ["seat.*"],
+        }))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("json");
+    let secret = created["secret"].as_str().expect("secret");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("receiver.py");
+    std::fs::write(&script, block("receiver", "python")).expect("write receiver.py");
+    let mut receiver = Command::new("python3")
+        .arg(&script)
+        .arg(port.to_string())
+        .env("WEBHOOK_SECRET", secret)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 must be on the PATH");
+    // Wait for it to listen.
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A forged delivery is refused.
+    let forged = http
+        .post(format!("http://127.0.0.1:{port}/"))
+        .header(
+            "Headroom-Signature",
+            format!("t={},v1=00", chrono::Utc::now().timestamp()),
+        )
+        .body("{}")
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(forged.status(), 401);
+
+    let put = http
+        .put(format!("{}/v1/entitlements/acme", tracker.base))
+        .bearer_auth(ADMIN)
+        .body(r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#)
+        .send()
+        .await
+        .expect("put");
+    assert!(put.status().is_success());
+    for seat in ["a", "b", "c"] {
+        http.post(format!(
+            "{}/v1/entitlements/acme/seats/{seat}",
+            tracker.base
+        ))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .expect("activate");
+    }
+    // seat.overdraft_entered, seat.hard_cap_reached, seat.denied: each
+    // verified and printed by the receiver.
+    let stdout = receiver.stdout.take().expect("stdout");
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .take(3)
+            .map(|l| l.unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !lines.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let mut kinds: Vec<String> = lines
+        .join()
+        .expect("reader")
+        .iter()
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "seat.denied acme",
+            "seat.hard_cap_reached acme",
+            "seat.overdraft_entered acme"
+        ]
+    );
 }
