@@ -225,7 +225,22 @@ async fn every_panel_and_alert_expression_returns_data_from_a_real_prometheus() 
         assert!(Instant::now() < deadline, "prometheus did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A webhook endpoint, so that the webhook panels have deliveries.
+    let receiver = crate::webhooks::Receiver::new(200);
+    receiver.listen();
+    let registered = http
+        .post(format!("{}/v1/webhooks", tracker.base))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({ "url": receiver.url(), "types": ["seat.*"] }))
+        .send()
+        .await
+        .expect("register webhook");
+    assert_eq!(registered.status().as_u16(), 201);
     scripted_load(&tracker.base, Duration::from_secs(8)).await;
+    assert!(
+        !receiver.got().is_empty(),
+        "webhook deliveries during the load"
+    );
 
     // Panels: as Grafana would send them, with $__rate_interval for a 1 s scrape.
     let mut failures = Vec::new();
@@ -280,7 +295,7 @@ async fn every_panel_and_alert_expression_returns_data_from_a_real_prometheus() 
         .flatten()
         .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
         .collect();
-    assert_eq!(rules.len(), 4, "every alert rule is loaded");
+    assert_eq!(rules.len(), 5, "every alert rule is loaded");
     for rule in &rules {
         let name = &rule["name"];
         if rule["health"] != "ok" {
