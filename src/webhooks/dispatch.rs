@@ -34,6 +34,17 @@ end
 return out
 ";
 
+/// With no endpoint registered, moves the group to the stream's end instead
+/// of reading every entry; atomic with registration (also a script), so an
+/// endpoint registered meanwhile stops it.
+const SKIP_LUA: &str = r"
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'SETID', KEYS[2], ARGV[1], '$')
+  return 1
+end
+return 0
+";
+
 /// Entries of the dead-letter stream kept (approximately).
 const DEAD_KEPT: u64 = 100_000;
 /// Stream entries read at once.
@@ -103,6 +114,7 @@ struct Inner {
 
 /// The running dispatcher; stops when [`Dispatcher::stop`] is called.
 pub struct Dispatcher {
+    inner: Arc<Inner>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -179,7 +191,7 @@ impl Dispatcher {
             tokio::spawn(inner.clone().acker(acks_rx, stop.subscribe())),
             tokio::spawn(inner.clone().retrier(stop.subscribe())),
         ];
-        Dispatcher { stop, tasks }
+        Dispatcher { inner, stop, tasks }
     }
 
     /// Stops reading and retrying; deliveries in flight are abandoned and
@@ -189,6 +201,8 @@ impl Dispatcher {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Dropping the queues ends the endpoints' workers.
+        self.inner.lock().clear();
     }
 }
 
@@ -247,6 +261,26 @@ impl Inner {
                     ready = true;
                 }
                 if last_refresh.elapsed() >= Duration::from_secs(1) {
+                    self.refresh().await?;
+                    last_refresh = Instant::now();
+                }
+                if backlog.is_none() && self.lock().is_empty() {
+                    // Nobody to deliver to: skip the entries rather than
+                    // read and acknowledge each.
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("EVAL")
+                        .arg(SKIP_LUA)
+                        .arg(2)
+                        .arg(self.api.hooks_key())
+                        .arg(self.api.stream())
+                        .arg(GROUP);
+                    let (skipped,): (i64,) = self.api.run(&pipe).await?;
+                    if skipped == 1 {
+                        // A registration is seen within this pause.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        last_refresh = Instant::now() - Duration::from_secs(60);
+                        return Ok(());
+                    }
                     self.refresh().await?;
                     last_refresh = Instant::now();
                 }
