@@ -143,6 +143,83 @@ impl HistoryDelta {
     }
 }
 
+/// What the one writer of an entitlement knows of its stored seat fields
+/// for one hour and that hour's day: lower bounds of the peaks (its own
+/// writes keep the larger value) and the exact last level (it wrote it
+/// last). Writes that would not change them are left out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeatsWritten {
+    pub hour: i64,
+    pub day: i64,
+    pub hour_peak: u64,
+    pub day_peak: u64,
+    pub end: u64,
+}
+
+/// One hour's changes: to its hour record and to its day record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketWrites {
+    pub hour: i64,
+    pub hour_ops: Vec<FieldOp>,
+    pub day_ops: Vec<FieldOp>,
+}
+
+impl HistoryDelta {
+    /// The writes to make given what is known to be stored, and what will
+    /// be known once they land.
+    pub fn plan(&self, known: Option<SeatsWritten>) -> (Vec<BucketWrites>, Option<SeatsWritten>) {
+        let mut known = known;
+        let mut out = Vec::new();
+        for (hour, ops) in self.writes() {
+            let day = BucketSize::Day.start(hour);
+            let k = known.unwrap_or_default();
+            let same_hour = known.is_some() && k.hour == hour;
+            let same_day = known.is_some() && k.day == day;
+            let (mut hour_ops, mut day_ops) = (Vec::new(), Vec::new());
+            let (mut peak, mut end) = (None, None);
+            for op in ops {
+                let (in_hour, in_day) = match &op {
+                    FieldOp::Max(SEATS_PEAK, v) => {
+                        peak = Some(*v);
+                        (
+                            !(same_hour && *v <= k.hour_peak),
+                            !(same_day && *v <= k.day_peak),
+                        )
+                    }
+                    FieldOp::Set(SEATS_END, v) => {
+                        end = Some(*v);
+                        (!(same_hour && *v == k.end), !(same_day && *v == k.end))
+                    }
+                    _ => (true, true),
+                };
+                if in_hour {
+                    hour_ops.push(op.clone());
+                }
+                if in_day {
+                    day_ops.push(op);
+                }
+            }
+            if let (Some(p), Some(e)) = (peak, end) {
+                known = Some(SeatsWritten {
+                    hour,
+                    day,
+                    hour_peak: if same_hour { k.hour_peak.max(p) } else { p },
+                    day_peak: if same_day { k.day_peak.max(p) } else { p },
+                    end: e,
+                });
+            }
+            if !hour_ops.is_empty() || !day_ops.is_empty() {
+                out.push(BucketWrites {
+                    hour,
+                    hour_ops,
+                    day_ops,
+                });
+            }
+        }
+        (out, known)
+    }
+}
+
 /// A stored bucket record, read back.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BucketRecord {
@@ -200,6 +277,49 @@ impl BucketRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_seat_fields_are_not_written_again() {
+        let h10 = at("2026-11-28T10:10:00Z");
+        let mut d = HistoryDelta::default();
+        d.seats(h10, 3);
+        let (w, known) = d.plan(None);
+        assert_eq!(
+            w[0].hour_ops,
+            [FieldOp::Max(SEATS_PEAK, 3), FieldOp::Set(SEATS_END, 3)]
+        );
+        assert_eq!(w[0].day_ops, w[0].hour_ops);
+        // Same hour, lower level: only the level changes.
+        let mut d = HistoryDelta::default();
+        d.seats(h10, 2);
+        let (w, known) = d.plan(known);
+        assert_eq!(w[0].hour_ops, [FieldOp::Set(SEATS_END, 2)]);
+        assert_eq!(w[0].day_ops, [FieldOp::Set(SEATS_END, 2)]);
+        // Same level again with usage: only the usage.
+        let mut d = HistoryDelta::default();
+        let f = FeatureKey::parse("api").unwrap();
+        d.seats(h10, 2);
+        d.usage_added(h10, &f, 5);
+        let (w, known) = d.plan(known);
+        assert_eq!(w[0].hour_ops, [FieldOp::Add("u:api".into(), 5)]);
+        // Next hour: the hour record is new, the day's peak is known.
+        let mut d = HistoryDelta::default();
+        d.seats(at("2026-11-28T11:00:00Z"), 2);
+        let (w, known) = d.plan(known);
+        assert_eq!(
+            w[0].hour_ops,
+            [FieldOp::Max(SEATS_PEAK, 2), FieldOp::Set(SEATS_END, 2)]
+        );
+        assert!(w[0].day_ops.is_empty());
+        assert_eq!(
+            known.map(|k| (k.hour_peak, k.day_peak, k.end)),
+            Some((2, 3, 2))
+        );
+        // Nothing to write: no bucket write at all.
+        let mut d = HistoryDelta::default();
+        d.seats(at("2026-11-28T11:30:00Z"), 2);
+        assert!(d.plan(known).0.is_empty());
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

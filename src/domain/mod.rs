@@ -20,7 +20,7 @@ pub use entitlement::{
     UsageDecision,
 };
 pub use event::{CloudEvent, EVENT_KINDS, Event, EventData};
-pub use history::{BucketRecord, BucketSize, FieldOp, HistoryDelta};
+pub use history::{BucketRecord, BucketSize, BucketWrites, FieldOp, HistoryDelta, SeatsWritten};
 pub use ids::{EntitlementId, FeatureKey, IdempotencyKey, SeatId};
 pub use keymap::KeyMap;
 pub use period::{Bounds, Period};

@@ -14,7 +14,7 @@ use super::{Dormant, EngineError, Shared, Slot, UsageReply, UsageRequest};
 use crate::domain::{
     BucketSize, DenyReason, Effects, Entitlement, EntitlementConfig, EntitlementId,
     EntitlementView, EventData, HistoryDelta, IdempotencyKey, Outcome, ReleaseResult, SeatDecision,
-    SeatId, SeatView, UsageDecision,
+    SeatId, SeatView, SeatsWritten, UsageDecision,
 };
 use crate::store::{
     Commit, CommitOutcome, HistoryWrite, KeyRecord, Loaded, OverdraftDelta, Records, StoreError,
@@ -223,6 +223,9 @@ struct Batch {
     denied_at: Option<i64>,
     /// Usage periods closed in this batch, as billing records.
     periods: Vec<String>,
+    /// What will be known of the stored seat history once this batch's
+    /// write lands.
+    seats_written: Option<SeatsWritten>,
 }
 
 impl Batch {
@@ -315,6 +318,8 @@ enum Phase {
 /// reached the store if its outcome is unknown.
 struct Inflight {
     batch: Batch,
+    /// The write told the report index where the entitlement stands.
+    indexed: bool,
     /// Where the state of this write stands on overdraft.
     standing: Standing,
     incarnation: Option<i64>,
@@ -350,6 +355,12 @@ pub(crate) struct EntitlementActor {
     /// Where the stored state stands on overdraft: the baseline of the
     /// change each commit makes to the store's overdraft totals.
     committed_standing: Standing,
+    /// Whether a write since the last load told the report index where this
+    /// entitlement stands.
+    indexed: bool,
+    /// The stored seat history fields this actor wrote (so that writes
+    /// that change nothing are left out); forgotten on any doubt.
+    seats_written: Option<SeatsWritten>,
     keys: KeyCache,
     last_used: Instant,
     /// The one timer this actor may have pending, and when it fires: the
@@ -421,6 +432,8 @@ impl EntitlementActor {
                 pending: Batch::default(),
                 inflight: None,
                 committed_standing: Standing::default(),
+                indexed: false,
+                seats_written: None,
                 keys: KeyCache::default(),
                 last_used: Instant::now(),
                 timer: None,
@@ -486,6 +499,8 @@ impl EntitlementActor {
                         act.keys.clear();
                     }
                     act.committed_standing = Standing::of(act.state.as_ref());
+                    act.indexed = false;
+                    act.seats_written = None;
                     act.publish_watched();
                     act.phase = Phase::Ready;
                     for w in replay {
@@ -591,20 +606,25 @@ impl EntitlementActor {
         let settings = &self.shared.settings;
         let now = self.shared.clock.now().timestamp_millis();
         let ms = |d: std::time::Duration| d.as_millis().min(i64::MAX as u128) as i64;
-        let history = std::mem::take(&mut batch.history)
-            .writes()
-            .map(|(hour, ops)| HistoryWrite {
-                hour,
-                ops,
-                hour_expire_at: hour + BucketSize::Hour.step_ms() + ms(settings.hourly_retention),
-                day_expire_at: BucketSize::Day.start(hour)
+        let (writes, seats_written) = std::mem::take(&mut batch.history).plan(self.seats_written);
+        batch.seats_written = seats_written;
+        let history = writes
+            .into_iter()
+            .map(|w| HistoryWrite {
+                hour_expire_at: w.hour + BucketSize::Hour.step_ms() + ms(settings.hourly_retention),
+                day_expire_at: BucketSize::Day.start(w.hour)
                     + BucketSize::Day.step_ms()
                     + ms(settings.daily_retention),
+                hour: w.hour,
+                hour_ops: w.hour_ops,
+                day_ops: w.day_ops,
             })
             .collect();
         Records {
+            // Added when it enters overdraft, and once after each load (which
+            // heals an index written before it existed); removed when it leaves.
             in_overdraft: if standing.in_overdraft {
-                Some(true)
+                (!self.committed_standing.in_overdraft || !self.indexed).then_some(true)
             } else if self.committed_standing.in_overdraft || self.state.is_none() {
                 Some(false)
             } else {
@@ -788,6 +808,7 @@ impl EntitlementActor {
             records,
         };
         let inflight = Inflight {
+            indexed: commit.records.in_overdraft.is_some(),
             standing,
             event_kinds: commit.events.iter().map(|(k, _)| *k).collect(),
             incarnation: self.state.as_ref().map(Entitlement::incarnation),
@@ -820,6 +841,8 @@ impl EntitlementActor {
         self.claimed = true;
         inflight.count_published();
         self.committed_standing = inflight.standing;
+        self.indexed |= inflight.indexed;
+        self.seats_written = inflight.batch.seats_written;
         self.publish_watched();
         for w in inflight.batch.calls {
             w.answer();
@@ -834,6 +857,10 @@ impl EntitlementActor {
     /// be): their calls must be decided again or found in the store, not
     /// replayed from the cache.
     fn take_unwritten(&mut self, inflight: &Inflight) -> Vec<Waiting> {
+        // The write may or may not have landed: what this actor knew of
+        // the stored history and index no longer holds.
+        self.seats_written = None;
+        self.indexed = false;
         let pending = std::mem::take(&mut self.pending);
         self.keys.forget(
             inflight

@@ -58,15 +58,18 @@ impl Inner {
         }
         for w in records.history {
             let day = BucketSize::Day.start(w.hour);
-            for (size, start, expires) in [
-                (BucketSize::Hour, w.hour, w.hour_expire_at),
-                (BucketSize::Day, day, w.day_expire_at),
+            for (size, start, expires, ops) in [
+                (BucketSize::Hour, w.hour, w.hour_expire_at, &w.hour_ops),
+                (BucketSize::Day, day, w.day_expire_at, &w.day_ops),
             ] {
+                if ops.is_empty() {
+                    continue;
+                }
                 let (record, at) = self
                     .history
                     .entry((id.clone(), size, start))
                     .or_insert_with(|| (BucketRecord::default(), expires));
-                record.apply(&w.ops);
+                record.apply(ops);
                 *at = expires;
             }
             self.history_now = self.history_now.max(w.hour);

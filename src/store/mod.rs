@@ -92,7 +92,8 @@ pub struct Records {
 #[derive(Debug, Clone)]
 pub struct HistoryWrite {
     pub hour: i64,
-    pub ops: Vec<FieldOp>,
+    pub hour_ops: Vec<FieldOp>,
+    pub day_ops: Vec<FieldOp>,
     pub hour_expire_at: i64,
     pub day_expire_at: i64,
 }

@@ -434,15 +434,16 @@ impl Shared {
                 cmd.arg(*kind).arg(json);
             }
             for w in &r.history {
-                cmd.arg(w.hour_expire_at)
-                    .arg(w.day_expire_at)
-                    .arg(w.ops.len());
-                for op in &w.ops {
-                    match op {
-                        FieldOp::Max(f, v) => cmd.arg("M").arg(*f).arg(*v),
-                        FieldOp::Set(f, v) => cmd.arg("S").arg(*f).arg(*v),
-                        FieldOp::Add(f, v) => cmd.arg("A").arg(f.as_str()).arg(*v),
-                    };
+                cmd.arg(w.hour_expire_at).arg(w.day_expire_at);
+                for ops in [&w.hour_ops, &w.day_ops] {
+                    cmd.arg(ops.len());
+                    for op in ops {
+                        match op {
+                            FieldOp::Max(f, v) => cmd.arg("M").arg(*f).arg(*v),
+                            FieldOp::Set(f, v) => cmd.arg("S").arg(*f).arg(*v),
+                            FieldOp::Add(f, v) => cmd.arg("A").arg(f.as_str()).arg(*v),
+                        };
+                    }
                 }
             }
             for p in &r.periods {

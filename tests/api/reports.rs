@@ -9,6 +9,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use crate::helpers::*;
+use headroom::domain::BucketSize;
 
 /// Pages through the report with `limit`, returning the ids in order and
 /// the items by id.
@@ -582,4 +583,140 @@ async fn a_closed_period_is_a_billing_record() {
     assert_eq!(closed[0]["overage"], 6);
     assert_eq!(closed[0]["used"], 16);
     app.stop().await;
+}
+
+/// What the history model steps through.
+#[derive(Clone, Debug)]
+enum SeatOp {
+    Activate(u8),
+    Release(u8),
+    /// Minutes.
+    Advance(i64),
+    Restart,
+}
+
+fn seat_op() -> impl proptest::strategy::Strategy<Value = SeatOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0u8..6).prop_map(SeatOp::Activate),
+        3 => (0u8..6).prop_map(SeatOp::Release),
+        3 => (1i64..150).prop_map(SeatOp::Advance),
+        1 => Just(SeatOp::Restart),
+    ]
+}
+
+/// Seat activations and releases across hours and days, with engine
+/// restarts (which forget what the actor knew it had written): each hour's
+/// and day's stored peak and last level match a model that sees every
+/// change.
+async fn history_matches_the_model(
+    ops: Vec<SeatOp>,
+    store: std::sync::Arc<dyn headroom::store::Store>,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    use headroom::domain::{EntitlementConfig, EntitlementId, SeatId};
+    use headroom::engine::{Clock, Engine, EngineSettings};
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashSet};
+
+    let day = yesterday();
+    let clock = manual_clock(&day.to_rfc3339());
+    let start = || Engine::new(store.clone(), clock.clone(), EngineSettings::default());
+    let mut engine = start();
+    let id = EntitlementId::parse("acme").unwrap();
+    let config =
+        EntitlementConfig::from_json(br#"{"seats": {"purchased": 2, "hard_cap": 4}}"#).unwrap();
+    engine.put(&id, config).await.unwrap();
+    let mut active: HashSet<u8> = HashSet::new();
+    // Bucket start → (peak, last level) of the changes seen in it.
+    let mut hours: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+    let mut days: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+    let observe = |now: i64,
+                   level: u64,
+                   hours: &mut BTreeMap<i64, (u64, u64)>,
+                   days: &mut BTreeMap<i64, (u64, u64)>| {
+        for (map, size) in [(hours, BucketSize::Hour), (days, BucketSize::Day)] {
+            let e = map.entry(size.start(now)).or_insert((level, level));
+            e.0 = e.0.max(level);
+            e.1 = level;
+        }
+    };
+    for op in ops {
+        let now = clock.now().timestamp_millis();
+        match op {
+            SeatOp::Activate(s) => {
+                engine
+                    .activate(&id, SeatId::parse(&format!("s{s}")).unwrap())
+                    .await
+                    .unwrap();
+                if active.contains(&s) || active.len() < 4 {
+                    active.insert(s);
+                }
+                observe(now, active.len() as u64, &mut hours, &mut days);
+            }
+            SeatOp::Release(s) => {
+                engine
+                    .release(&id, SeatId::parse(&format!("s{s}")).unwrap())
+                    .await
+                    .unwrap();
+                if active.remove(&s) {
+                    observe(now, active.len() as u64, &mut hours, &mut days);
+                }
+            }
+            SeatOp::Advance(minutes) => clock.advance(Duration::minutes(minutes)),
+            SeatOp::Restart => {
+                engine.shutdown().await;
+                engine = start();
+            }
+        }
+    }
+    engine.shutdown().await;
+    for (size, model) in [(BucketSize::Hour, &hours), (BucketSize::Day, &days)] {
+        let first = size.start(day.timestamp_millis());
+        let last = size.start(clock.now().timestamp_millis());
+        let starts: Vec<i64> = (0..=(last - first) / size.step_ms())
+            .map(|i| first + i * size.step_ms())
+            .collect();
+        let stored = store.history(&id, size, &starts).await.unwrap();
+        for (start, record) in starts.iter().zip(stored) {
+            let got = record.and_then(|r| r.seats_peak.zip(r.seats_end));
+            prop_assert_eq!(
+                got,
+                model.get(start).copied(),
+                "{:?} bucket at {}",
+                size,
+                start
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn history_matches_the_model_on_redis() {
+    let redis = RedisServer::start();
+    let mut runner =
+        proptest::test_runner::TestRunner::new(proptest::test_runner::Config::with_cases(16));
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner.run(&proptest::collection::vec(seat_op(), 1..50), |ops| {
+        let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        actix_rt::System::new().block_on(history_matches_the_model(
+            ops,
+            redis_store(&redis, &format!("hist{n}")),
+        ))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn history_matches_the_model_in_memory() {
+    let mut runner =
+        proptest::test_runner::TestRunner::new(proptest::test_runner::Config::with_cases(64));
+    let result = runner.run(&proptest::collection::vec(seat_op(), 1..50), |ops| {
+        actix_rt::System::new().block_on(history_matches_the_model(ops, memory_store()))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 }

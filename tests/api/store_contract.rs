@@ -158,15 +158,19 @@ async fn contract(store: Arc<dyn Store>) {
     // (a peak keeps the larger value, counts add up) and closed periods.
     let hour = now().timestamp_millis();
     let far = hour + 400 * 86_400_000;
-    let history = |peak: u64, added: u64| HistoryWrite {
-        hour,
-        ops: vec![
+    let history = |peak: u64, added: u64| {
+        let ops = vec![
             FieldOp::Max("sp", peak),
             FieldOp::Set("se", 3),
             FieldOp::Add("u:api".into(), added),
-        ],
-        hour_expire_at: far,
-        day_expire_at: far,
+        ];
+        HistoryWrite {
+            hour,
+            hour_ops: ops.clone(),
+            day_ops: ops,
+            hour_expire_at: far,
+            day_expire_at: far,
+        }
     };
     let mut c = put(after.epoch, false, &e2, vec![], &[]);
     c.records = Records {

@@ -18,9 +18,9 @@
 --       last denial ms ('' for none), closed periods' expiry ms, seat count, event count, history write
 --       count, closed period count, key count, entitlement id; then per seat
 --       (id, lease or ''), per event (type, CloudEvents JSON), per history
---       write (hour expiry ms, day expiry ms, op count, then per op: M|S|A,
---       field, value), per closed period its record, per idempotency key its
---       record.
+--       write (hour expiry ms, day expiry ms, then for the hour record and
+--       for the day record: op count, then per op M|S|A, field, value), per
+--       closed period its record, per idempotency key its record.
 -- Returns one reply per commit: {'ok', epoch}, {'fenced', epoch},
 -- {'keys', index, record, ...} or {'expired'}.
 --
@@ -63,7 +63,9 @@ for c = 1, tonumber(ARGV[1]) do
   a = hist_a
   for _ = 1, nhist do
     a = a + 2
-    a = a + 1 + 3 * tonumber(ARGV[a])
+    for _ = 1, 2 do
+      a = a + 1 + 3 * tonumber(ARGV[a])
+    end
   end
   local period_a = a
   local record_a = period_a + nperiods
@@ -113,28 +115,32 @@ for c = 1, tonumber(ARGV[1]) do
       local h = hist_a
       for i = 0, nhist - 1 do
         local expires = {ARGV[h], ARGV[h + 1]}
-        local nops = tonumber(ARGV[h + 2])
-        h = h + 3
+        h = h + 2
         for j = 1, 2 do
           local bucket = KEYS[hist_k + 2 * i + j - 1]
+          local nops = tonumber(ARGV[h])
+          h = h + 1
+          -- Whether a field was created: only then may the bucket be new
+          -- and need its expiry (set once; later writes skip it).
+          local fresh = false
           for o = 0, nops - 1 do
             local op, field, value = ARGV[h + 3 * o], ARGV[h + 3 * o + 1], ARGV[h + 3 * o + 2]
             if op == 'A' then
-              redis.call('HINCRBY', bucket, field, value)
+              fresh = redis.call('HINCRBY', bucket, field, value) == tonumber(value) or fresh
             elseif op == 'S' then
-              redis.call('HSET', bucket, field, value)
+              fresh = redis.call('HSET', bucket, field, value) == 1 or fresh
             else
-              local old = tonumber(redis.call('HGET', bucket, field) or '-1')
-              if tonumber(value) > old then
-                redis.call('HSET', bucket, field, value)
+              local old = redis.call('HGET', bucket, field)
+              if not old or tonumber(value) > tonumber(old) then
+                fresh = redis.call('HSET', bucket, field, value) == 1 or fresh
               end
             end
           end
-          -- NX: set once, when the bucket is created (nothing to write to
-          -- the AOF on later writes).
-          redis.call('PEXPIREAT', bucket, expires[j], 'NX')
+          if fresh then
+            redis.call('PEXPIREAT', bucket, expires[j], 'NX')
+          end
+          h = h + 3 * nops
         end
-        h = h + 3 * nops
       end
       for i = 0, nperiods - 1 do
         redis.call('LPUSH', periods_key, ARGV[period_a + i])
@@ -158,8 +164,12 @@ for c = 1, tonumber(ARGV[1]) do
         redis.call('ZREM', overdraft_index, id)
       end
       if denied_at ~= '' then
-        redis.call('ZADD', denied_index, denied_at, id)
-        redis.call('ZREMRANGEBYSCORE', denied_index, '-inf', '(' .. (tonumber(denied_at) - denials_kept))
+        -- Old entries go when a new one comes: the index stays bounded by
+        -- the entitlements denied within the window, and a hot entitlement's
+        -- denials cost one command each.
+        if redis.call('ZADD', denied_index, denied_at, id) == 1 then
+          redis.call('ZREMRANGEBYSCORE', denied_index, '-inf', '(' .. (tonumber(denied_at) - denials_kept))
+        end
       elseif mode == 'delete' then
         redis.call('ZREM', denied_index, id)
       end
