@@ -206,6 +206,16 @@ impl Dispatcher {
     }
 }
 
+/// The delay (ms) before attempt `attempt + 1`: doubling from `backoff`, at
+/// most `backoff_max`, times `jitter` (0.8 to 1.2, so that the retries of
+/// many deliveries spread).
+fn backoff(settings: &WebhookSettings, attempt: u32, jitter: f64) -> i64 {
+    let base = settings.backoff.as_millis() as f64;
+    let max = settings.backoff_max.as_millis() as f64;
+    let d = (base * 2f64.powi(attempt.saturating_sub(1).min(40) as i32)).min(max);
+    (d * jitter) as i64
+}
+
 /// Sleeps `d`, or returns true at once when asked to stop.
 async fn stopped(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     tokio::select! {
@@ -612,13 +622,8 @@ impl Inner {
         }
     }
 
-    /// The delay before attempt `attempt + 1`: doubling from `backoff`, at
-    /// most `backoff_max`, ±20 % so that retries of many deliveries spread.
     fn backoff(&self, attempt: u32) -> i64 {
-        let base = self.settings.backoff.as_millis() as f64;
-        let max = self.settings.backoff_max.as_millis() as f64;
-        let d = (base * 2f64.powi(attempt.saturating_sub(1).min(40) as i32)).min(max);
-        (d * rand::rng().random_range(0.8..1.2)) as i64
+        backoff(&self.settings, attempt, rand::rng().random_range(0.8..1.2))
     }
 
     async fn attempt(&self, stored: &Stored, job: Job) {
@@ -748,5 +753,39 @@ impl Inner {
             .ignore();
         self.add_log(&mut pipe, &d.hook, log);
         self.api.run(&pipe).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_and_last_at_least_the_retry_window() {
+        let s = WebhookSettings::default();
+        assert_eq!(backoff(&s, 1, 1.0), 1_000);
+        assert_eq!(backoff(&s, 2, 1.0), 2_000);
+        assert_eq!(backoff(&s, 5, 1.0), 16_000);
+        assert_eq!(backoff(&s, 13, 1.0), 3_600_000, "capped at an hour");
+        assert_eq!(backoff(&s, 1_000, 1.0), 3_600_000, "no overflow");
+        assert_eq!(backoff(&s, 3, 0.8), 3_200);
+        // The dispatcher retries while the next attempt falls within
+        // `retry_for` of the first: with the shortest jitter every time,
+        // the last attempt is still more than 23 h after the first.
+        let (mut at, mut attempt) = (0i64, 1u32);
+        let window = s.retry_for.as_millis() as i64;
+        loop {
+            let delay = backoff(&s, attempt, 0.8);
+            if at + delay > window {
+                break;
+            }
+            at += delay;
+            attempt += 1;
+        }
+        assert!(
+            at > window - 3_600_000,
+            "last attempt {at} ms after the first"
+        );
+        assert!(attempt > 25, "{attempt} attempts");
     }
 }
