@@ -10,6 +10,11 @@ use headroom::settings::Settings;
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
     headroom::tls::install_crypto_provider();
+    // An idle worker gives the memory it freed back (RELIABILITY.md, "Scale").
+    headroom::telemetry::set_memory_trim(|| {
+        // SAFETY: mi_collect only walks this thread's own heap and the arenas.
+        unsafe { libmimalloc_sys::mi_collect(true) }
+    });
     let settings = Settings::parse();
     headroom::telemetry::init_logging(settings.log_json);
     settings.run().await

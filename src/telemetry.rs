@@ -15,6 +15,18 @@ const BATCH_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
+static MEMORY_TRIM: OnceLock<fn()> = OnceLock::new();
+
+/// Sets how an idle worker gives freed memory back to the system (the
+/// binary passes mimalloc's collect; tests, on the system allocator, none).
+pub fn set_memory_trim(trim: fn()) {
+    let _ = MEMORY_TRIM.set(trim);
+}
+
+pub(crate) fn memory_trim() -> Option<fn()> {
+    MEMORY_TRIM.get().copied()
+}
+
 /// Installs the process-wide Prometheus recorder once and describes every
 /// metric; later calls return the same handle.
 pub fn metrics() -> PrometheusHandle {
@@ -32,6 +44,22 @@ pub fn metrics() -> PrometheusHandle {
                 }
             };
             describe();
+            // Histogram samples wait in a buffer until they are folded into
+            // the buckets; without a scrape they would pile up without
+            // bound (tens of MB after a few hundred thousand calls), so
+            // they are folded every second whether or not anyone scrapes.
+            let upkeep = handle.clone();
+            let started = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "metrics upkeep thread not started");
+            }
             handle
         })
         .clone()

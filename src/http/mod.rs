@@ -61,6 +61,28 @@ async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> 
 }
 
 thread_local! {
+    /// Requests this worker thread has served, for the idle memory trim.
+    static SERVED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Every few seconds, if this worker served nothing since the last look,
+/// hands the memory it freed back to the system (see
+/// [`crate::telemetry::set_memory_trim`]): passivated entitlements are freed
+/// on whichever thread sweeps them, and an allocator returns such pages only
+/// when their owning thread runs it, which an idle worker otherwise never does.
+async fn trim_when_idle(trim: fn()) {
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let served = SERVED.with(std::cell::Cell::get);
+        if served == last {
+            trim();
+        }
+        last = served;
+    }
+}
+
+thread_local! {
     /// Histogram handles by (route, method, status), so that a request does
     /// not look its labels up in the registry.
     static DURATIONS: std::cell::RefCell<
@@ -84,6 +106,7 @@ fn timed(
     web::resource(pattern)
         .default_service(web::to(method_not_allowed))
         .wrap_fn(move |req, srv| {
+            SERVED.with(|s| s.set(s.get() + 1));
             let started = Instant::now();
             let method = req.method().clone();
             let fut = srv.call(req);
@@ -215,6 +238,10 @@ pub fn serve(
                 tracing::warn!(error = %e, "store not reachable yet");
             }
         });
+        if let Some(trim) = crate::telemetry::memory_trim() {
+            actix_rt::spawn(trim_when_idle(trim));
+        }
+
         App::new()
             .app_data(state.clone())
             .wrap_fn(|req, srv| {
