@@ -408,6 +408,9 @@ async fn failing_and_hanging_receivers_end_in_the_dead_letter_stream_without_del
     let dispatcher = Dispatcher::start(
         hooks,
         WebhookSettings {
+            // Long enough that the healthy endpoint is served well before the
+            // hanging one's requests time out and free its slots; each round
+            // of 4 hanging requests then takes this long.
             timeout: Duration::from_secs(4),
             retry_for: Duration::from_millis(1500),
             ..fast_settings("t3")
@@ -463,8 +466,9 @@ async fn failing_and_hanging_receivers_end_in_the_dead_letter_stream_without_del
             })
             .collect()
     };
+    // The hanging endpoint times out 4 requests at a time: ≈ 7 rounds of 4 s.
     let mut ok = false;
-    for _ in 0..300 {
+    for _ in 0..900 {
         if dead_for(&failing_id).len() == want.len() && dead_for(&hanging_id).len() == want.len() {
             ok = true;
             break;
