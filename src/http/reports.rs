@@ -8,7 +8,6 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
@@ -28,8 +27,6 @@ pub const MAX_PAGE: usize = 1000;
 pub const MAX_BUCKETS: i64 = 10_000;
 /// The longest look-back of `state=denied_recently`.
 pub const MAX_DENIED_HOURS: i64 = 30 * 24;
-/// Entitlements read at once while a report page is built.
-const CONCURRENT_READS: usize = 32;
 
 fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ValidationError::new(field, message).into()
@@ -174,27 +171,30 @@ impl ReportItem {
     }
 }
 
-/// The current state of each id, through its actor (so that leases that
-/// ran out while it was out of memory are expired first); ids deleted
-/// meanwhile are left out.
+/// The current state of each id as stored (what was acknowledged), read
+/// without claiming it, with its housekeeping applied to a copy: leases
+/// that ran out while it was out of memory are expired, periods that ended
+/// are closed. Ids deleted meanwhile are left out.
 async fn views(state: &AppState, ids: Vec<String>) -> Result<Vec<EntitlementView>> {
-    let reads = futures_util::stream::iter(
-        ids.into_iter()
-            .filter_map(|id| EntitlementId::parse(&id).ok()),
-    )
-    .map(|id| async move { state.engine.get(&id).await })
-    .buffered(CONCURRENT_READS)
-    .collect::<Vec<_>>()
-    .await;
-    let mut out = Vec::with_capacity(reads.len());
-    for r in reads {
-        match r {
-            Ok(v) => out.push(v),
-            Err(EngineError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(out)
+    let ids: Vec<EntitlementId> = ids
+        .iter()
+        .filter_map(|id| EntitlementId::parse(id).ok())
+        .collect();
+    let now = state.engine.now();
+    let stored = state
+        .engine
+        .store()
+        .peek_many(&ids)
+        .await
+        .map_err(EngineError::from)?;
+    Ok(stored
+        .into_iter()
+        .flatten()
+        .map(|mut e| {
+            e.housekeeping(now, &mut crate::domain::Effects::default());
+            e.view()
+        })
+        .collect())
 }
 
 /// `GET /v1/reports/overdraft`: every entitlement in overdraft now, in id

@@ -258,6 +258,27 @@ impl Store for MemoryStore {
         Ok(self.lock().totals)
     }
 
+    async fn peek_many(
+        &self,
+        ids: &[EntitlementId],
+    ) -> Result<Vec<Option<crate::domain::Entitlement>>, StoreError> {
+        let inner = self.lock();
+        ids.iter()
+            .map(|id| match inner.entries.get(id) {
+                Some(Entry {
+                    core: Some(core),
+                    config,
+                    seats,
+                    ..
+                }) => {
+                    let seats = seats.iter().map(|(s, l)| (s.to_string(), l.encode()));
+                    decode_state(id, core.as_bytes(), config.as_bytes(), seats).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect()
+    }
+
     async fn overdraft_page(
         &self,
         after: Option<&str>,

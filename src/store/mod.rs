@@ -169,6 +169,12 @@ pub trait Store: Send + Sync + 'static {
     async fn stream_length(&self) -> Result<u64, StoreError>;
     /// Entitlements and seats in overdraft now, over all entitlements.
     async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError>;
+    /// The stored states of `ids`, read without claiming them (reports:
+    /// the owner keeps writing undisturbed); `None` for those not stored.
+    async fn peek_many(
+        &self,
+        ids: &[EntitlementId],
+    ) -> Result<Vec<Option<Entitlement>>, StoreError>;
     /// Ids in the overdraft report's index, in id order, after `after`.
     async fn overdraft_page(
         &self,

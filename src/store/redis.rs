@@ -870,6 +870,48 @@ impl Store for RedisStore {
         self.submit(Job::Totals { reply }, rx, budget).await
     }
 
+    async fn peek_many(
+        &self,
+        ids: &[EntitlementId],
+    ) -> Result<Vec<Option<crate::domain::Entitlement>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET")
+                .arg(self.shared.key(id, "state"))
+                .arg("core")
+                .arg("config");
+            pipe.cmd("HGETALL").arg(self.shared.key(id, "seats"));
+        }
+        let replies: Vec<Value> = self.read(&pipe).await?;
+        ids.iter()
+            .zip(replies.chunks(2))
+            .map(|(id, pair)| {
+                let (core, config) = match pair.first() {
+                    Some(Value::Array(f)) => (f.first().and_then(text), f.get(1).and_then(text)),
+                    _ => (None, None),
+                };
+                let Some(core) = core else { return Ok(None) };
+                let mut seats = Vec::new();
+                let fields: &[Value] = match pair.get(1) {
+                    Some(Value::Array(f)) => f,
+                    _ => &[],
+                };
+                for kv in fields.chunks(2) {
+                    if let (Some(s), Some(l)) =
+                        (kv.first().and_then(text), kv.get(1).and_then(text))
+                    {
+                        seats.push((s, l));
+                    }
+                }
+                let config = config.unwrap_or_else(|| "{}".into());
+                decode_state(id, core.as_bytes(), config.as_bytes(), seats).map(Some)
+            })
+            .collect()
+    }
+
     async fn overdraft_page(
         &self,
         after: Option<&str>,

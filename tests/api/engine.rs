@@ -295,6 +295,12 @@ impl headroom::store::Store for CountingStore {
     ) -> Result<headroom::store::OverdraftTotals, headroom::store::StoreError> {
         self.inner.overdraft_totals().await
     }
+    async fn peek_many(
+        &self,
+        ids: &[EntitlementId],
+    ) -> Result<Vec<Option<headroom::domain::Entitlement>>, headroom::store::StoreError> {
+        self.inner.peek_many(ids).await
+    }
     async fn overdraft_page(
         &self,
         after: Option<&str>,

@@ -720,3 +720,36 @@ fn history_matches_the_model_in_memory() {
         panic!("{e}");
     }
 }
+
+/// The report shows what holds now: leases that ran out are expired in
+/// the entitlement it reads, even before its actor sweeps them.
+#[actix_rt::test]
+async fn the_report_expires_leases_that_ran_out() {
+    let clock = manual_clock("2026-11-27T10:00:00Z");
+    let app = TestApp::spawn_with(
+        memory_store(),
+        AppOptions {
+            clock: clock.clone(),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    app.put(
+        "acme",
+        r#"{"seats": {"purchased": 1, "hard_cap": 3, "lease_seconds": 60}}"#,
+    )
+    .await;
+    app.activate("acme", "a").await;
+    app.activate("acme", "b").await;
+    let (_, body) = app
+        .send(Method::GET, "/v1/reports/overdraft", Some(ADMIN), None)
+        .await;
+    assert_eq!(body["items"][0]["entitlement"], "acme");
+    assert_eq!(body["items"][0]["seats"]["in_use"], 2);
+    clock.advance(Duration::seconds(90));
+    let (_, body) = app
+        .send(Method::GET, "/v1/reports/overdraft", Some(ADMIN), None)
+        .await;
+    assert_eq!(body["items"], serde_json::json!([]), "{body}");
+    app.stop().await;
+}

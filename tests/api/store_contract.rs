@@ -172,6 +172,17 @@ async fn contract(store: Arc<dyn Store>) {
             day_expire_at: far,
         }
     };
+    // Peeking reads the stored state without claiming it: the owner's
+    // next write (with the epoch it holds) still goes through.
+    let peeked = store
+        .peek_many(&[id(), EntitlementId::parse("nobody").unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(peeked.len(), 2);
+    let p = peeked[0].as_ref().expect("stored");
+    assert_eq!((p.config.seats.purchased, p.seats.in_use()), (5, 1));
+    assert!(p.seats.lease(&seat("b")).is_some());
+    assert!(peeked[1].is_none());
     let mut c = put(after.epoch, false, &e2, vec![], &[]);
     c.records = Records {
         in_overdraft: Some(true),
