@@ -439,30 +439,40 @@ impl Inner {
     ) {
         let mut batch = Vec::new();
         loop {
-            tokio::select! {
+            let stopping = tokio::select! {
                 id = rx.recv() => match id {
-                    Some(id) => batch.push(id),
+                    Some(id) => {
+                        batch.push(id);
+                        false
+                    }
                     None => return,
                 },
-                _ = stop.changed() => return,
-            }
+                _ = stop.changed() => true,
+            };
             while let Ok(id) = rx.try_recv() {
                 batch.push(id);
             }
-            let mut pipe = redis::pipe();
-            pipe.cmd("XACK")
-                .arg(self.api.stream())
-                .arg(GROUP)
-                .arg(&batch)
-                .ignore();
-            match self.api.run::<()>(&pipe).await {
-                Ok(()) => batch.clear(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "acknowledging webhook entries failed");
-                    if stopped(&mut stop, Duration::from_millis(500)).await {
-                        return;
+            if !batch.is_empty() {
+                let mut pipe = redis::pipe();
+                pipe.cmd("XACK")
+                    .arg(self.api.stream())
+                    .arg(GROUP)
+                    .arg(&batch)
+                    .ignore();
+                match self.api.run::<()>(&pipe).await {
+                    Ok(()) => batch.clear(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "acknowledging webhook entries failed");
+                        if !stopping && stopped(&mut stop, Duration::from_millis(500)).await {
+                            return;
+                        }
                     }
                 }
+            }
+            // On a graceful stop, what was settled is acknowledged first, so
+            // the next start does not send it again.
+            if stopping {
+                return;
             }
         }
     }
