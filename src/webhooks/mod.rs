@@ -421,6 +421,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any registration body is either refused with a field or valid;
+        /// validation never panics, whatever the URL parser is given.
+        #[test]
+        fn any_registration_is_validated_without_panicking(
+            url in "\\PC{0,80}|(https?|ftp|javascript)://\\PC{0,40}",
+            types in proptest::collection::vec("\\PC{0,20}|seat\\.\\*|usage\\.denied", 0..4),
+        ) {
+            match new(&url, Some(types.iter().map(String::as_str).collect())).validate() {
+                Ok(()) => proptest::prop_assert!(
+                    url::Url::parse(&url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+                ),
+                Err(e) => proptest::prop_assert!(["url", "types"].contains(&e.field.as_str())),
+            }
+        }
+    }
+
     #[test]
     fn type_filters_are_known_types_prefixes_or_all() {
         assert!(
