@@ -149,8 +149,8 @@ impl HistoryDelta {
 /// last). Writes that would not change them are left out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeatsWritten {
+    /// The hour (start, ms); its day is the day of the day peak.
     pub hour: i64,
-    pub day: i64,
     pub hour_peak: u64,
     pub day_peak: u64,
     pub end: u64,
@@ -174,7 +174,7 @@ impl HistoryDelta {
             let day = BucketSize::Day.start(hour);
             let k = known.unwrap_or_default();
             let same_hour = known.is_some() && k.hour == hour;
-            let same_day = known.is_some() && k.day == day;
+            let same_day = known.is_some() && BucketSize::Day.start(k.hour) == day;
             let (mut hour_ops, mut day_ops) = (Vec::new(), Vec::new());
             let (mut peak, mut end) = (None, None);
             for op in ops {
@@ -202,7 +202,6 @@ impl HistoryDelta {
             if let (Some(p), Some(e)) = (peak, end) {
                 known = Some(SeatsWritten {
                     hour,
-                    day,
                     hour_peak: if same_hour { k.hour_peak.max(p) } else { p },
                     day_peak: if same_day { k.day_peak.max(p) } else { p },
                     end: e,

@@ -604,7 +604,6 @@ impl EntitlementActor {
     /// The records a batch's write carries.
     fn records(&self, batch: &mut Batch, standing: Standing) -> Records {
         let settings = &self.shared.settings;
-        let now = self.shared.clock.now().timestamp_millis();
         let ms = |d: std::time::Duration| d.as_millis().min(i64::MAX as u128) as i64;
         let (writes, seats_written) = std::mem::take(&mut batch.history).plan(self.seats_written);
         batch.seats_written = seats_written;
@@ -632,8 +631,14 @@ impl EntitlementActor {
             },
             denied_at: batch.denied_at.take(),
             history,
+            // The clock is read only for a write that closes a period.
+            periods_expire_at: if batch.periods.is_empty() {
+                0
+            } else {
+                let now = self.shared.clock.now().timestamp_millis();
+                now.saturating_add(ms(settings.daily_retention))
+            },
             periods: std::mem::take(&mut batch.periods),
-            periods_expire_at: now.saturating_add(ms(settings.daily_retention)),
         }
     }
 

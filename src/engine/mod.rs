@@ -438,6 +438,26 @@ impl Engine {
         }
     }
 
+    /// The acknowledged (stored) state of each id, read without claiming
+    /// it, so the process that owns it keeps writing undisturbed; leases
+    /// that ran out and periods that ended while nobody called are applied
+    /// to the copy returned. Ids not stored are left out.
+    pub async fn stored_views(
+        &self,
+        ids: &[EntitlementId],
+    ) -> Result<Vec<EntitlementView>, EngineError> {
+        let now = self.now();
+        let stored = self.shared.store.peek_many(ids).await?;
+        Ok(stored
+            .into_iter()
+            .flatten()
+            .map(|mut e| {
+                e.housekeeping(now, &mut crate::domain::Effects::default());
+                e.view()
+            })
+            .collect())
+    }
+
     pub async fn seats(&self, id: &EntitlementId) -> Result<Vec<SeatView>, EngineError> {
         match self.call(id, Op::Seats).await? {
             Reply::Seats(s) => Ok(s),

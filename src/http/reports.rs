@@ -32,10 +32,21 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ValidationError::new(field, message).into()
 }
 
-fn query<T: for<'de> Deserialize<'de>>(req: &HttpRequest) -> Result<T> {
+/// The query string as `T` (unknown parameters refused, field `query`).
+pub(super) fn query<T: for<'de> Deserialize<'de>>(req: &HttpRequest) -> Result<T> {
     web::Query::<T>::from_query(req.query_string())
         .map(web::Query::into_inner)
         .map_err(|e| invalid("query", e.to_string()))
+}
+
+/// A page size: 100 by default, 1 to `max`.
+pub(super) fn page_limit(limit: Option<usize>, max: usize) -> Result<usize> {
+    let limit = limit.unwrap_or(100);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(invalid("limit", format!("must be 1 to {max}")))
+    }
 }
 
 #[derive(Deserialize)]
@@ -171,30 +182,13 @@ impl ReportItem {
     }
 }
 
-/// The current state of each id as stored (what was acknowledged), read
-/// without claiming it, with its housekeeping applied to a copy: leases
-/// that ran out while it was out of memory are expired, periods that ended
-/// are closed. Ids deleted meanwhile are left out.
+/// The acknowledged state of each listed id (see [`crate::engine::Engine::stored_views`]).
 async fn views(state: &AppState, ids: Vec<String>) -> Result<Vec<EntitlementView>> {
     let ids: Vec<EntitlementId> = ids
         .iter()
         .filter_map(|id| EntitlementId::parse(id).ok())
         .collect();
-    let now = state.engine.now();
-    let stored = state
-        .engine
-        .store()
-        .peek_many(&ids)
-        .await
-        .map_err(EngineError::from)?;
-    Ok(stored
-        .into_iter()
-        .flatten()
-        .map(|mut e| {
-            e.housekeeping(now, &mut crate::domain::Effects::default());
-            e.view()
-        })
-        .collect())
+    Ok(state.engine.stored_views(&ids).await?)
 }
 
 /// `GET /v1/reports/overdraft`: every entitlement in overdraft now, in id
@@ -206,10 +200,7 @@ pub async fn overdraft_report(
 ) -> Result<HttpResponse> {
     state.auth.require(&req, Scope::Admin)?;
     let q: ReportQuery = query(&req)?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(invalid("limit", format!("must be 1 to {MAX_PAGE}")));
-    }
+    let limit = page_limit(q.limit, MAX_PAGE)?;
     let denied = match q.state.as_deref() {
         None | Some("overdraft") => false,
         Some("denied_recently") => true,
@@ -492,10 +483,7 @@ pub async fn periods(
     state.auth.require(&req, Scope::Client)?;
     let id = EntitlementId::parse(&path)?;
     let q: PeriodsQuery = query(&req)?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=PERIODS_KEPT).contains(&limit) {
-        return Err(invalid("limit", format!("must be 1 to {PERIODS_KEPT}")));
-    }
+    let limit = page_limit(q.limit, PERIODS_KEPT)?;
     let feature = q
         .feature
         .as_deref()

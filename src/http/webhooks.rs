@@ -8,7 +8,6 @@ use super::AppState;
 use super::auth::Scope;
 use super::handlers::read_body;
 use super::problem::{ApiError, Kind};
-use crate::domain::ValidationError;
 use crate::engine::EngineError;
 use crate::webhooks::{LOG_KEPT, NewWebhook, RegisterError, Webhooks};
 
@@ -98,12 +97,8 @@ pub async fn deliveries(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
     let hooks = webhooks(&req, &state)?;
-    let q = web::Query::<DeliveriesQuery>::from_query(req.query_string())
-        .map_err(|e| ApiError::from(ValidationError::new("query", e.to_string())))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=LOG_KEPT).contains(&limit) {
-        return Err(ValidationError::new("limit", format!("must be 1 to {LOG_KEPT}")).into());
-    }
+    let q: DeliveriesQuery = super::reports::query(&req)?;
+    let limit = super::reports::page_limit(q.limit, LOG_KEPT)?;
     if hooks.get(&path).await.map_err(store_error)?.is_none() {
         return Err(not_found(&path));
     }

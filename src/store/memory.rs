@@ -22,6 +22,18 @@ struct Entry {
     seats: HashMap<SeatId, Lease>,
 }
 
+impl Entry {
+    /// The entitlement stored here, with state `core`.
+    fn decode(
+        &self,
+        id: &EntitlementId,
+        core: &str,
+    ) -> Result<crate::domain::Entitlement, StoreError> {
+        let seats = self.seats.iter().map(|(s, l)| (s.to_string(), l.encode()));
+        decode_state(id, core.as_bytes(), self.config.as_bytes(), seats)
+    }
+}
+
 struct Inner {
     entries: HashMap<EntitlementId, Entry>,
     keys: HashMap<(EntitlementId, i64, IdempotencyKey), (String, Instant)>,
@@ -151,12 +163,7 @@ impl Store for MemoryStore {
         };
         entry.epoch += 1;
         let epoch = entry.epoch;
-        let seats = entry
-            .seats
-            .iter()
-            .map(|(s, l)| (s.to_string(), l.encode()))
-            .collect::<Vec<_>>();
-        let state = decode_state(id, core.as_bytes(), entry.config.as_bytes(), seats)?;
+        let state = entry.decode(id, &core)?;
         Ok(Loaded {
             epoch,
             claimed: true,
@@ -265,15 +272,11 @@ impl Store for MemoryStore {
         let inner = self.lock();
         ids.iter()
             .map(|id| match inner.entries.get(id) {
-                Some(Entry {
-                    core: Some(core),
-                    config,
-                    seats,
-                    ..
-                }) => {
-                    let seats = seats.iter().map(|(s, l)| (s.to_string(), l.encode()));
-                    decode_state(id, core.as_bytes(), config.as_bytes(), seats).map(Some)
-                }
+                Some(
+                    e @ Entry {
+                        core: Some(core), ..
+                    },
+                ) => e.decode(id, core).map(Some),
                 _ => Ok(None),
             })
             .collect()

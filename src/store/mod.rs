@@ -11,6 +11,7 @@ mod redis;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisSettings, RedisStore};
+pub(crate) use self::redis::{pool as redis_pool, query as redis_query, text as reply_text};
 
 use async_trait::async_trait;
 
@@ -83,7 +84,8 @@ pub struct Records {
     pub history: Vec<HistoryWrite>,
     /// Closed usage periods as JSON records, oldest first.
     pub periods: Vec<String>,
-    /// When the closed-period records expire (ms), pushed on with each one.
+    /// When the closed-period records expire (ms), pushed on with each one
+    /// (unused without `periods`).
     pub periods_expire_at: i64,
 }
 

@@ -193,23 +193,46 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A pool of Redis connections whose connect, response, wait and recycle
+/// steps are each bounded by `timeout`.
+pub(crate) fn pool(url: &str, timeout: Duration, size: usize) -> Result<Pool, StoreError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let manager = Manager::new_with_config(url, config).map_err(unavailable)?;
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(unavailable)
+}
+
+/// Runs `pipe` on a connection from `pool`, all within `timeout` (reads
+/// and bookkeeping that do not go through the committers).
+pub(crate) async fn query<T: redis::FromRedisValue>(
+    pool: &Pool,
+    timeout: Duration,
+    pipe: &redis::Pipeline,
+) -> Result<T, StoreError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut conn = tokio::time::timeout_at(deadline, pool.get())
+        .await
+        .map_err(|_| StoreError::Timeout(timeout))?
+        .map_err(unavailable)?;
+    tokio::time::timeout_at(deadline, pipe.query_async(&mut *conn))
+        .await
+        .map_err(|_| StoreError::Timeout(timeout))?
+        .map_err(unavailable)
+}
+
 impl RedisStore {
     /// Builds the pool and starts the committer. Does not need Redis to be up:
     /// calls answer 503 until it is.
     pub fn start(settings: RedisSettings) -> Result<Self, StoreError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout));
-        let manager =
-            Manager::new_with_config(settings.url.as_str(), config).map_err(unavailable)?;
-        let pool = Pool::builder(manager)
-            .max_size(settings.pool_size)
-            .wait_timeout(Some(settings.timeout))
-            .create_timeout(Some(settings.timeout))
-            .recycle_timeout(Some(settings.timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(unavailable)?;
+        let pool = pool(&settings.url, settings.timeout, settings.pool_size)?;
         let shared = Arc::new(Shared {
             id: STORE_IDS.fetch_add(1, Ordering::Relaxed),
             pool,
@@ -586,7 +609,8 @@ impl Shared {
     }
 }
 
-fn text(v: &Value) -> Option<String> {
+/// A reply's text (bulk or simple string, or an integer).
+pub(crate) fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -719,6 +743,17 @@ async fn committer(
     let _ = done.send(());
 }
 
+/// The `(seat, lease)` pairs of an `HGETALL` reply of a seats hash.
+fn seat_pairs(reply: Option<&Value>) -> Vec<(String, String)> {
+    let Some(Value::Array(fields)) = reply else {
+        return Vec::new();
+    };
+    fields
+        .chunks(2)
+        .filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?)?)))
+        .collect()
+}
+
 fn parse_load_reply(id: &EntitlementId, value: Value) -> Result<Loaded, StoreError> {
     let corrupt = |cause: &str| StoreError::Corrupt {
         id: id.to_string(),
@@ -744,15 +779,12 @@ fn parse_load_reply(id: &EntitlementId, value: Value) -> Result<Loaded, StoreErr
         .get(3)
         .and_then(text)
         .ok_or_else(|| corrupt("config"))?;
-    let mut seats = Vec::new();
-    if let Some(Value::Array(fields)) = items.get(2) {
-        for pair in fields.chunks(2) {
-            if let (Some(s), Some(l)) = (text(&pair[0]), pair.get(1).and_then(text)) {
-                seats.push((s, l));
-            }
-        }
-    }
-    let state = decode_state(id, core.as_bytes(), config.as_bytes(), seats)?;
+    let state = decode_state(
+        id,
+        core.as_bytes(),
+        config.as_bytes(),
+        seat_pairs(items.get(2)),
+    )?;
     Ok(Loaded {
         epoch,
         claimed: true,
@@ -807,16 +839,7 @@ impl RedisStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let timeout = self.shared.settings.timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut conn = tokio::time::timeout_at(deadline, self.shared.pool.get())
-            .await
-            .map_err(|_| StoreError::Timeout(timeout))?
-            .map_err(unavailable)?;
-        tokio::time::timeout_at(deadline, pipe.query_async(&mut *conn))
-            .await
-            .map_err(|_| StoreError::Timeout(timeout))?
-            .map_err(unavailable)
+        query(&self.shared.pool, self.shared.settings.timeout, pipe).await
     }
 }
 
@@ -894,20 +917,14 @@ impl Store for RedisStore {
                     _ => (None, None),
                 };
                 let Some(core) = core else { return Ok(None) };
-                let mut seats = Vec::new();
-                let fields: &[Value] = match pair.get(1) {
-                    Some(Value::Array(f)) => f,
-                    _ => &[],
-                };
-                for kv in fields.chunks(2) {
-                    if let (Some(s), Some(l)) =
-                        (kv.first().and_then(text), kv.get(1).and_then(text))
-                    {
-                        seats.push((s, l));
-                    }
-                }
                 let config = config.unwrap_or_else(|| "{}".into());
-                decode_state(id, core.as_bytes(), config.as_bytes(), seats).map(Some)
+                decode_state(
+                    id,
+                    core.as_bytes(),
+                    config.as_bytes(),
+                    seat_pairs(pair.get(1)),
+                )
+                .map(Some)
             })
             .collect()
     }

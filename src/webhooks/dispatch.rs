@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{GROUP, LOG_KEPT, LogEntry, SIGNATURE_HEADER, Stored, WebhookSettings, Webhooks, sign};
-use crate::store::StoreError;
+use crate::store::{StoreError, reply_text as text};
 
 /// Claims the deliveries whose next attempt is due, for `lease` ms: should
 /// this process die before it settles them, they fall due again.
@@ -109,7 +109,6 @@ struct Inner {
     global: Arc<Semaphore>,
     endpoints: Mutex<HashMap<String, Endpoint>>,
     acks: mpsc::UnboundedSender<String>,
-    claim: redis::Script,
 }
 
 /// The running dispatcher; stops when [`Dispatcher::stop`] is called.
@@ -127,14 +126,6 @@ fn now_ms() -> i64 {
 fn entry_id(s: &str) -> (u64, u64) {
     let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
 }
 
 /// `[[id, [field, value, ...]], ...]` → `(id, fields)`; a trimmed entry
@@ -184,7 +175,6 @@ impl Dispatcher {
             client,
             endpoints: Mutex::new(HashMap::new()),
             acks,
-            claim: redis::Script::new(CLAIM_LUA),
         });
         let tasks = vec![
             tokio::spawn(inner.clone().reader(stop.subscribe())),
@@ -506,25 +496,16 @@ impl Inner {
     async fn claim_due(self: &Arc<Self>) -> Result<(), StoreError> {
         let now = now_ms();
         let lease = now + self.settings.claim_after.as_millis() as i64;
-        let deadline = tokio::time::Instant::now() + self.api.timeout;
-        let mut conn = tokio::time::timeout_at(deadline, self.api.pool.get())
-            .await
-            .map_err(|_| StoreError::Timeout(self.api.timeout))?
-            .map_err(super::unavailable)?;
-        let claimed: Vec<String> = tokio::time::timeout_at(
-            deadline,
-            self.claim
-                .key(self.api.key("webhooks:retry"))
-                .key(self.api.key("webhooks:pending"))
-                .arg(now)
-                .arg(lease)
-                .arg(READ_COUNT)
-                .invoke_async(&mut *conn),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(self.api.timeout))?
-        .map_err(super::unavailable)?;
-        drop(conn);
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(CLAIM_LUA)
+            .arg(2)
+            .arg(self.api.key("webhooks:retry"))
+            .arg(self.api.key("webhooks:pending"))
+            .arg(now)
+            .arg(lease)
+            .arg(READ_COUNT);
+        let (claimed,): (Vec<String>,) = self.api.run(&pipe).await?;
         for raw in claimed {
             let Ok(d) = serde_json::from_str::<Delivery>(&raw) else {
                 continue;
@@ -553,11 +534,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Takes a delivery out of the retry schedule.
-    async fn unpark(&self, id: &str) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("ZREM")
+    /// Adds to `pipe` taking a delivery out of the retry schedule.
+    fn add_unpark(&self, pipe: &mut redis::Pipeline, id: &str) {
+        pipe.cmd("ZREM")
             .arg(self.api.key("webhooks:retry"))
             .arg(id)
             .ignore()
@@ -565,6 +544,12 @@ impl Inner {
             .arg(self.api.key("webhooks:pending"))
             .arg(id)
             .ignore();
+    }
+
+    /// Takes a delivery out of the retry schedule.
+    async fn unpark(&self, id: &str) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        self.add_unpark(pipe.atomic(), id);
         self.api.run(&pipe).await
     }
 
@@ -691,14 +676,7 @@ impl Inner {
             let mut pipe = redis::pipe();
             self.add_log(&mut pipe, &d.hook, &log);
             if job.parked {
-                pipe.cmd("ZREM")
-                    .arg(self.api.key("webhooks:retry"))
-                    .arg(&d.id)
-                    .ignore()
-                    .cmd("HDEL")
-                    .arg(self.api.key("webhooks:pending"))
-                    .arg(&d.id)
-                    .ignore();
+                self.add_unpark(&mut pipe, &d.id);
             }
             // Delivered either way: a lost log line does not make it undelivered.
             if let Err(e) = self.api.run::<()>(&pipe).await {
@@ -752,15 +730,8 @@ impl Inner {
             .arg(log.error.as_deref().unwrap_or_default())
             .arg("event")
             .arg(&d.event)
-            .ignore()
-            .cmd("ZREM")
-            .arg(self.api.key("webhooks:retry"))
-            .arg(&d.id)
-            .ignore()
-            .cmd("HDEL")
-            .arg(self.api.key("webhooks:pending"))
-            .arg(&d.id)
             .ignore();
+        self.add_unpark(&mut pipe, &d.id);
         self.add_log(&mut pipe, &d.hook, log);
         self.api.run(&pipe).await
     }

@@ -31,8 +31,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use deadpool_redis::{Manager, Pool, Runtime};
-use redis::AsyncConnectionConfig;
+use deadpool_redis::Pool;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{EVENT_KINDS, ValidationError};
@@ -195,10 +194,6 @@ pub struct LogEntry {
     pub duration_ms: u64,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
 /// Registrations and delivery logs in Redis; shared by the admin API and
 /// the dispatcher.
 #[derive(Clone)]
@@ -222,18 +217,7 @@ return 1
 
 impl Webhooks {
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
-        let manager = Manager::new_with_config(url, config).map_err(unavailable)?;
-        let pool = Pool::builder(manager)
-            .max_size(8)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(unavailable)?;
+        let pool = crate::store::redis_pool(url, timeout, 8)?;
         Ok(Webhooks {
             pool,
             prefix: prefix.to_string(),
@@ -259,16 +243,7 @@ impl Webhooks {
 
     /// Runs `pipe` on a pooled connection within the timeout.
     async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let timeout = || StoreError::Timeout(self.timeout);
-        let mut conn = tokio::time::timeout_at(deadline, self.pool.get())
-            .await
-            .map_err(|_| timeout())?
-            .map_err(unavailable)?;
-        tokio::time::timeout_at(deadline, pipe.query_async(&mut *conn))
-            .await
-            .map_err(|_| timeout())?
-            .map_err(unavailable)
+        crate::store::redis_query(&self.pool, self.timeout, pipe).await
     }
 
     /// Creates the consumer group at the stream's end, unless it exists.
