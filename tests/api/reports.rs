@@ -11,6 +11,21 @@ use serde_json::Value;
 use crate::helpers::*;
 use headroom::domain::BucketSize;
 
+/// The app on `store`, with the clock injected.
+async fn app_with_clock(
+    store: std::sync::Arc<dyn headroom::store::Store>,
+    clock: &std::sync::Arc<headroom::engine::ManualClock>,
+) -> TestApp {
+    TestApp::spawn_with(
+        store,
+        AppOptions {
+            clock: clock.clone(),
+            ..AppOptions::default()
+        },
+    )
+    .await
+}
+
 /// Pages through the report with `limit`, returning the ids in order and
 /// the items by id.
 async fn report_pages(app: &TestApp, query: &str, limit: usize) -> (Vec<String>, Vec<Value>) {
@@ -160,14 +175,7 @@ async fn the_report_lists_exactly_the_entitlements_in_overdraft() {
 #[actix_rt::test]
 async fn denied_recently_looks_back_the_given_hours() {
     let clock = manual_clock("2026-11-27T10:00:00Z");
-    let app = TestApp::spawn_with(
-        memory_store(),
-        AppOptions {
-            clock: clock.clone(),
-            ..AppOptions::default()
-        },
-    )
-    .await;
+    let app = app_with_clock(memory_store(), &clock).await;
     for id in ["a", "b"] {
         app.put(id, r#"{"seats": {"purchased": 1, "hard_cap": 1}}"#)
             .await;
@@ -214,14 +222,7 @@ async fn history_of_a_scripted_day() {
     let redis = RedisServer::start();
     let day = yesterday();
     let clock = manual_clock(&day.to_rfc3339());
-    let app = TestApp::spawn_with(
-        redis_store(&redis, "hist"),
-        AppOptions {
-            clock: clock.clone(),
-            ..AppOptions::default()
-        },
-    )
-    .await;
+    let app = app_with_clock(redis_store(&redis, "hist"), &clock).await;
     let at = |h: i64, m: i64| clock.set(day + Duration::hours(h) + Duration::minutes(m));
     at(0, 30);
     app.put(
@@ -487,14 +488,7 @@ async fn a_closed_period_is_a_billing_record() {
     let redis = RedisServer::start();
     let day = yesterday();
     let clock = manual_clock(&(day + Duration::hours(9)).to_rfc3339());
-    let app = TestApp::spawn_with(
-        redis_store(&redis, "bill"),
-        AppOptions {
-            clock: clock.clone(),
-            ..AppOptions::default()
-        },
-    )
-    .await;
+    let app = app_with_clock(redis_store(&redis, "bill"), &clock).await;
     app.put(
         "acme",
         r#"{"features": {"gpu": {"included": 10, "hard_cap": 20, "period": "day"},
@@ -726,14 +720,7 @@ fn history_matches_the_model_in_memory() {
 #[actix_rt::test]
 async fn the_report_expires_leases_that_ran_out() {
     let clock = manual_clock("2026-11-27T10:00:00Z");
-    let app = TestApp::spawn_with(
-        memory_store(),
-        AppOptions {
-            clock: clock.clone(),
-            ..AppOptions::default()
-        },
-    )
-    .await;
+    let app = app_with_clock(memory_store(), &clock).await;
     app.put(
         "acme",
         r#"{"seats": {"purchased": 1, "hard_cap": 3, "lease_seconds": 60}}"#,

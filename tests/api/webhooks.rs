@@ -499,6 +499,20 @@ async fn failing_and_hanging_receivers_end_in_the_dead_letter_stream_without_del
     app.stop().await;
 }
 
+/// Creates entitlements `e{n}` on the tracker at `base`.
+async fn create(http: &reqwest::Client, base: &str, ns: std::ops::Range<usize>) {
+    for n in ns {
+        let res = http
+            .put(format!("{base}/v1/entitlements/e{n}"))
+            .bearer_auth(ADMIN)
+            .body(r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#)
+            .send()
+            .await
+            .expect("put");
+        assert!(res.status().is_success());
+    }
+}
+
 /// The tracker binary is killed while its deliveries hang on a receiver
 /// (read from the stream, not acknowledged) and others wait in the retry
 /// schedule; restarted under the same consumer name, it delivers
@@ -530,21 +544,7 @@ async fn delivery_resumes_after_a_tracker_restart() {
         .await
         .expect("json");
     let secret = created["secret"].as_str().expect("secret").to_string();
-    let put = |id: &str| {
-        http.put(format!("{}/v1/entitlements/{id}", tracker.base))
-            .bearer_auth(ADMIN)
-            .body(r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#)
-            .send()
-    };
-    for i in 0..10 {
-        assert!(
-            put(&format!("e{i}"))
-                .await
-                .expect("put")
-                .status()
-                .is_success()
-        );
-    }
+    create(&http, &tracker.base, 0..10).await;
     // Let the dispatcher read them: some hang on the receiver, the rest
     // wait in its queue or in the retry schedule. Then kill it.
     for _ in 0..100 {
@@ -559,22 +559,7 @@ async fn delivery_resumes_after_a_tracker_restart() {
     receiver.delay_ms.store(0, Ordering::SeqCst);
     tracker.restart();
     // The old client's pooled connection died with the process.
-    let http = http_client();
-    let put = |id: &str| {
-        http.put(format!("{}/v1/entitlements/{id}", tracker.base))
-            .bearer_auth(ADMIN)
-            .body(r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#)
-            .send()
-    };
-    for i in 10..15 {
-        assert!(
-            put(&format!("e{i}"))
-                .await
-                .expect("put")
-                .status()
-                .is_success()
-        );
-    }
+    create(&http_client(), &tracker.base, 10..15).await;
     let want = stream_ids(&redis, "wh4", |_| true);
     assert_eq!(want.len(), 15);
     let got = receiver.wait_for(want.len(), 30).await;
