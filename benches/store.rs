@@ -12,15 +12,18 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use futures_util::StreamExt;
 use headroom::domain::{Amount, FeatureKey};
 use headroom::engine::{Engine, EngineSettings, SystemClock, UsageRequest};
-use headroom::store::{RedisSettings, RedisStore};
-use headroom_load::procs::RedisServer;
+use headroom::store::{RedisStore, StoreSettings};
+use headroom_test_support::RedisServer;
 
 fn group_commit(c: &mut Criterion) {
     // No persistence: this measures group commit, not the disk.
     let redis = RedisServer::start_with(&["--appendonly", "no"]);
     let sys = actix_rt::System::new();
     let (engine, store) = sys.block_on(async {
-        let store = Arc::new(RedisStore::start(RedisSettings::new(redis.url())).expect("store"));
+        let window = EngineSettings::default().idempotency_window;
+        let store = Arc::new(
+            RedisStore::start(&redis.url(), &StoreSettings::default(), window).expect("store"),
+        );
         let engine = Engine::new(
             store.clone(),
             Arc::new(SystemClock),

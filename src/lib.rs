@@ -13,8 +13,10 @@
 
 pub mod domain;
 pub mod engine;
+pub mod flags;
 pub mod http;
 pub mod settings;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

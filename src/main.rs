@@ -6,6 +6,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use headroom::settings::Settings;
+use headroom::startup::Application;
 
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
@@ -17,5 +18,6 @@ async fn main() -> anyhow::Result<()> {
     });
     let settings = Settings::parse();
     headroom::telemetry::init_logging(settings.log_json);
-    settings.run().await
+    Application::build(settings)?.run_until_stopped().await?;
+    Ok(())
 }

@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::Conn;
-use crate::procs::{RedisServer, Tracker};
+use headroom_test_support::{RedisServer, Tracker};
 
 const ADMIN: &str = "Bearer faults-admin";
 const CLIENT: &str = "Bearer faults-client";

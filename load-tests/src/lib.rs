@@ -24,7 +24,6 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 pub mod faults;
-pub mod procs;
 
 /// What each virtual user does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]

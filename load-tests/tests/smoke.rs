@@ -1,32 +1,35 @@
 //! The load tool against an in-process tracker for a moment, every scenario,
 //! ledger included: keeps the tool from rotting.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::web;
-use headroom::engine::{Engine, EngineSettings, SystemClock};
-use headroom::http::{self, AppState, Auth, Limits};
+use headroom::engine::SystemClock;
+use headroom::settings::Settings;
+use headroom::startup::{Application, Wiring};
 use headroom::store::MemoryStore;
 use headroom_load::{Scenario, Spec, check_ledger, read_used, run, setup};
 
 #[actix_rt::test]
 async fn every_scenario_runs_and_its_ledger_holds() {
     let store = Arc::new(MemoryStore::new(100_000, Duration::from_secs(3600)));
-    let engine = Engine::new(store, Arc::new(SystemClock), EngineSettings::default());
-    let state = web::Data::new(AppState {
-        engine: engine.clone(),
-        auth: Auth::new(vec!["adm".into()], vec!["cli".into()]),
-        limits: Limits::default(),
-        metrics: headroom::telemetry::metrics(),
+    let mut settings = Settings::default();
+    settings.http.listen = "127.0.0.1:0".parse().expect("address");
+    settings.http.workers = Some(1);
+    settings.http.shutdown_timeout = Duration::from_secs(1);
+    settings.http.auth.admin_tokens = Some("adm".into());
+    settings.http.auth.client_tokens = Some("cli".into());
+    let wiring = Wiring {
+        store,
+        clock: Arc::new(SystemClock),
         webhooks: None,
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = http::serve(listener, state, 1, Duration::from_secs(1), false).expect("serve");
-    let handle = server.handle();
-    actix_rt::spawn(server);
+        dispatch: false,
+        signals: false,
+    };
+    let app = Application::build_with(settings, wiring).expect("application");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], app.port()));
+    let handle = app.handle();
+    let running = actix_rt::spawn(app.run_until_stopped());
 
     for scenario in [Scenario::Usage, Scenario::Batch, Scenario::Seats] {
         let spec = Spec {
@@ -61,5 +64,5 @@ async fn every_scenario_runs_and_its_ledger_holds() {
         assert_eq!(ledger.entitlements_checked, 20);
     }
     handle.stop(true).await;
-    engine.shutdown().await;
+    running.await.expect("stopped").expect("ran");
 }

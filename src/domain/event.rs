@@ -143,7 +143,12 @@ pub struct CloudEvent<'a> {
 impl Event {
     /// The id is `{entitlement}:{incarnation}:{seq}`: deterministic, so that a
     /// consumer can de-duplicate, and distinct for a re-created entitlement.
-    pub fn to_cloud_event(&self, entitlement: &str, incarnation: i64, source: &str) -> String {
+    pub fn to_cloud_event(
+        &self,
+        entitlement: &str,
+        incarnation: i64,
+        source: &str,
+    ) -> Result<String, serde_json::Error> {
         let ce = CloudEvent {
             specversion: "1.0",
             id: format!("{entitlement}:{incarnation}:{}", self.seq),
@@ -154,6 +159,6 @@ impl Event {
             datacontenttype: "application/json",
             data: &self.data,
         };
-        serde_json::to_string(&ce).unwrap_or_default()
+        serde_json::to_string(&ce)
     }
 }

@@ -99,9 +99,3 @@ pub struct Effects {
     /// Whether anything at all changed (a denial counts: it bumps counters).
     pub changed: bool,
 }
-
-impl Effects {
-    pub fn is_empty(&self) -> bool {
-        !self.changed
-    }
-}

@@ -12,6 +12,58 @@ use subtle::ConstantTimeEq;
 
 use super::problem::{ApiError, Kind};
 
+/// Who may call: the tokens of each scope, and the seat churn limit.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AuthSettings {
+    /// Comma-separated admin tokens; generated and printed once when none are given.
+    #[arg(long, env = "HEADROOM_ADMIN_TOKENS", hide_env_values = true)]
+    pub admin_tokens: Option<String>,
+    /// Comma-separated client (metering) tokens; generated when none are given.
+    #[arg(long, env = "HEADROOM_CLIENT_TOKENS", hide_env_values = true)]
+    pub client_tokens: Option<String>,
+    /// Accept every call without a token (logged loudly).
+    #[arg(long, env = "HEADROOM_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub no_auth: bool,
+    /// Comma-separated scrape tokens: when given, `/metrics` answers only to
+    /// one of these or an admin token.
+    #[arg(long, env = "HEADROOM_METRICS_TOKENS", hide_env_values = true)]
+    pub metrics_tokens: Option<String>,
+    /// Seat activations and releases allowed per second per token, in bursts
+    /// of as many (429 `rate_limited` beyond); 0 = unlimited.
+    #[arg(long, env = "HEADROOM_CHURN_LIMIT", default_value_t = 0)]
+    pub churn_limit: u32,
+}
+
+fn generate_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    format!("{prefix}_{}", hex::encode(bytes))
+}
+
+impl AuthSettings {
+    /// The tokens to accept; generated ones are printed once, to stdout.
+    pub fn auth(&self) -> Auth {
+        if self.no_auth {
+            tracing::warn!("--no-auth: every call is accepted without a token");
+            return Auth::disabled().with_churn_limit(self.churn_limit);
+        }
+        let list = |s: &Option<String>| s.as_deref().map(crate::flags::list).unwrap_or_default();
+        let mut admin = list(&self.admin_tokens);
+        let mut client = list(&self.client_tokens);
+        if admin.is_empty() {
+            admin.push(generate_token("adm"));
+            println!("generated admin token (shown once): {}", admin[0]);
+        }
+        if client.is_empty() {
+            client.push(generate_token("cli"));
+            println!("generated client token (shown once): {}", client[0]);
+        }
+        Auth::new(admin, client)
+            .with_metrics_tokens(list(&self.metrics_tokens))
+            .with_churn_limit(self.churn_limit)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     Admin,

@@ -75,7 +75,7 @@ struct Results<'a> {
 }
 
 /// Encodes the results, one per event, in input order.
-pub fn encode(results: &[Result<UsageReply, ApiError>]) -> Vec<u8> {
+pub fn encode(results: &[Result<UsageReply, ApiError>]) -> Result<Vec<u8>, serde_json::Error> {
     let slots = results
         .iter()
         .map(|r| match r {
@@ -83,7 +83,7 @@ pub fn encode(results: &[Result<UsageReply, ApiError>]) -> Vec<u8> {
             Err(e) => Slot::Error { error: e.problem() },
         })
         .collect();
-    serde_json::to_vec(&Results { results: slots }).unwrap_or_default()
+    serde_json::to_vec(&Results { results: slots })
 }
 
 /// The slots of a decoded batch while its valid events are with the engine.
@@ -121,11 +121,7 @@ impl Pending {
         }
         self.slots
             .into_iter()
-            .map(|s| {
-                s.unwrap_or_else(|| {
-                    Err(ApiError::from(EngineError::Unavailable("no result".into())))
-                })
-            })
+            .map(|s| s.unwrap_or_else(|| Err(ApiError::from(EngineError::ActorUnavailable))))
             .collect()
     }
 }

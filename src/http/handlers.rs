@@ -1,81 +1,25 @@
 //! Route handlers: parse at the edge, call the engine, shape the answer.
 
 use actix_web::http::StatusCode;
-use actix_web::http::header;
-use actix_web::web::{self, BytesMut};
+use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::auth::Scope;
 use super::batch;
+use super::extract::{
+    Admin, Body, Client, Empty, EntitlementPath, Large, MetricsReader, SeatCaller, SeatPath, Usage,
+};
 use super::problem::{ApiError, Kind};
 use crate::domain::{
-    Amount, DenyReason, EntitlementConfig, EntitlementId, FeatureKey, IdempotencyKey, Outcome,
-    SeatDecision, SeatId, UsageDecision,
+    Amount, DenyReason, EntitlementConfig, FeatureKey, IdempotencyKey, Outcome, SeatDecision,
+    UsageDecision,
 };
 use crate::engine::{UsageReply, UsageRequest};
 
 type Result<T> = std::result::Result<T, ApiError>;
-
-/// Reads the body up to `limit` bytes; a longer one is refused with 413
-/// before it is buffered whole.
-/// Reads a body of at most `limit` bytes within `timeout` (a client that
-/// trickles its body does not hold a worker's call open).
-pub(super) async fn read_body(
-    req: &HttpRequest,
-    payload: web::Payload,
-    limit: usize,
-    timeout: Duration,
-) -> Result<BytesMut> {
-    tokio::time::timeout(timeout, read_body_within(req, payload, limit))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                Kind::RequestTimeout,
-                format!("the body did not arrive within {timeout:?}"),
-            )
-        })?
-}
-
-async fn read_body_within(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<BytesMut> {
-    let too_large = || {
-        ApiError::new(
-            Kind::PayloadTooLarge,
-            format!("the body limit is {limit} bytes"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::new(Kind::InvalidRequest, format!("reading the body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-fn entitlement_id(raw: &str) -> Result<EntitlementId> {
-    Ok(EntitlementId::parse(raw)?)
-}
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> HttpResponse {
     HttpResponse::build(status).json(value)
@@ -144,20 +88,11 @@ fn usage_answer(r: UsageReply, now: impl FnOnce() -> DateTime<Utc>) -> Result<Ht
 }
 
 pub async fn put_entitlement(
-    req: HttpRequest,
-    path: web::Path<String>,
-    payload: web::Payload,
+    _: Admin,
+    EntitlementPath(id): EntitlementPath,
+    Body(body, ..): Body<Large>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Admin)?;
-    let id = entitlement_id(&path)?;
-    let body = read_body(
-        &req,
-        payload,
-        state.limits.max_body_bytes,
-        state.limits.request_timeout,
-    )
-    .await?;
     let config = EntitlementConfig::from_json(&body).map_err(|e| {
         if e.field == "body" {
             match serde_json::from_slice::<serde_json::Value>(&body) {
@@ -168,45 +103,44 @@ pub async fn put_entitlement(
             ApiError::from(e)
         }
     })?;
-    let (created, view) = state.engine.put(&id, config).await?;
-    let status = if created {
+    let put = state.engine.put(&id, config).await?;
+    let status = if put.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok(json(status, &view))
+    Ok(json(status, &put.view))
 }
 
 pub async fn get_entitlement(
-    req: HttpRequest,
-    path: web::Path<String>,
+    _: Admin,
+    EntitlementPath(id): EntitlementPath,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Admin)?;
-    let id = entitlement_id(&path)?;
     Ok(json(StatusCode::OK, &state.engine.get(&id).await?))
 }
 
 pub async fn delete_entitlement(
-    req: HttpRequest,
-    path: web::Path<String>,
+    _: Admin,
+    EntitlementPath(id): EntitlementPath,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Admin)?;
-    let id = entitlement_id(&path)?;
     state.engine.delete(&id).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 pub async fn list_seats(
-    req: HttpRequest,
-    path: web::Path<String>,
+    _: Admin,
+    EntitlementPath(id): EntitlementPath,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Admin)?;
-    let id = entitlement_id(&path)?;
     let seats = state.engine.seats(&id).await?;
-    Ok(json(StatusCode::OK, &serde_json::json!({ "seats": seats })))
+    Ok(json(StatusCode::OK, &SeatList { seats }))
+}
+
+#[derive(Serialize)]
+struct SeatList {
+    seats: Vec<crate::domain::SeatView>,
 }
 
 /// The seat calls take no body, or an empty JSON object.
@@ -225,38 +159,25 @@ fn check_empty(body: &[u8]) -> Result<()> {
     }
 }
 
-/// What both seat calls check first: the token, the ids, and an empty body.
-async fn seat_call(
-    req: &HttpRequest,
-    path: &(String, String),
-    payload: web::Payload,
-    state: &AppState,
-) -> Result<(EntitlementId, SeatId)> {
-    state.auth.require(req, Scope::Client)?;
-    state.auth.churn(req)?;
-    let id = entitlement_id(&path.0)?;
-    let seat = SeatId::parse(&path.1)?;
-    check_empty(&read_body(req, payload, 1024, state.limits.request_timeout).await?)?;
-    Ok((id, seat))
-}
-
 pub async fn activate_seat(
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-    payload: web::Payload,
+    _: SeatCaller,
+    EntitlementPath(id): EntitlementPath,
+    SeatPath(seat): SeatPath,
+    Body(body, ..): Body<Empty>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let (id, seat) = seat_call(&req, &path, payload, &state).await?;
+    check_empty(&body)?;
     seat_answer(state.engine.activate(&id, seat).await?)
 }
 
 pub async fn release_seat(
-    req: HttpRequest,
-    path: web::Path<(String, String)>,
-    payload: web::Payload,
+    _: SeatCaller,
+    EntitlementPath(id): EntitlementPath,
+    SeatPath(seat): SeatPath,
+    Body(body, ..): Body<Empty>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let (id, seat) = seat_call(&req, &path, payload, &state).await?;
+    check_empty(&body)?;
     Ok(json(
         StatusCode::OK,
         &state.engine.release(&id, seat).await?,
@@ -283,14 +204,11 @@ impl From<UsageBody> for UsageRequest {
 }
 
 pub async fn record_usage(
-    req: HttpRequest,
-    path: web::Path<String>,
-    payload: web::Payload,
+    _: Client,
+    EntitlementPath(id): EntitlementPath,
+    Body(body, ..): Body<Usage>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Client)?;
-    let id = entitlement_id(&path)?;
-    let body = read_body(&req, payload, 64 * 1024, state.limits.request_timeout).await?;
     let usage: UsageBody = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
     usage_answer(state.engine.consume(&id, usage.into()).await?, || {
         state.engine.now()
@@ -298,23 +216,15 @@ pub async fn record_usage(
 }
 
 pub async fn record_batch(
-    req: HttpRequest,
-    payload: web::Payload,
+    _: Client,
+    Body(body, ..): Body<Large>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Client)?;
-    let body = read_body(
-        &req,
-        payload,
-        state.limits.max_body_bytes,
-        state.limits.request_timeout,
-    )
-    .await?;
     let (pending, valid) = batch::split(batch::decode(&body)?);
     let results = pending.fill(state.engine.consume_batch(valid).await);
     Ok(HttpResponse::Ok()
         .content_type("application/json")
-        .body(batch::encode(&results)))
+        .body(batch::encode(&results).map_err(ApiError::encoding)?))
 }
 
 pub async fn healthz() -> HttpResponse {
@@ -332,8 +242,7 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
     }
 }
 
-pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse> {
-    state.auth.require(&req, Scope::Metrics)?;
+pub async fn metrics(_: MetricsReader, state: web::Data<AppState>) -> Result<HttpResponse> {
     metrics::gauge!("headroom_entitlements_in_memory").set(state.engine.resident() as f64);
     crate::telemetry::collect_process_metrics();
     let store = state.engine.store();

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod batch;
+mod extract;
 mod handlers;
 pub mod problem;
 pub mod reports;
@@ -16,31 +17,54 @@ use actix_web::web::{self, ServiceConfig};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-pub use auth::{Auth, Scope};
+pub use auth::{Auth, AuthSettings, Scope};
 pub use batch::MAX_BATCH_EVENTS;
 
 use crate::engine::Engine;
 use problem::{ApiError, Kind};
 
-#[derive(Clone, Debug)]
+/// Where and how the HTTP server listens; each default is written here once.
+#[derive(clap::Args, Clone, Debug)]
+pub struct HttpSettings {
+    /// Address to listen on.
+    #[arg(long, env = "HEADROOM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "HEADROOM_WORKERS")]
+    pub workers: Option<usize>,
+    /// How long a graceful shutdown waits for calls in flight.
+    #[arg(long, env = "HEADROOM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = crate::flags::duration)]
+    pub shutdown_timeout: Duration,
+    #[command(flatten)]
+    pub limits: Limits,
+    #[command(flatten)]
+    pub auth: auth::AuthSettings,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        crate::flags::defaults()
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
 pub struct Limits {
-    /// Largest body of a configuration or batch request.
+    /// Largest request body (configuration and batch requests).
+    #[arg(long, env = "HEADROOM_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Longest time a client may take to send a request's head, and then
-    /// its body.
+    /// Longest time a client may take to send a request's head, and then its
+    /// body (slow clients cannot hold a worker; 408 after it).
+    #[arg(long, env = "HEADROOM_REQUEST_TIMEOUT", default_value = "10s", value_parser = crate::flags::duration)]
     pub request_timeout: Duration,
-    /// Most open connections served at once (all workers together); a
-    /// connection beyond it is answered `503 too_many_connections` and closed.
+    /// Most open connections served at once, all workers together; a connection
+    /// beyond it is answered `503 too_many_connections` and closed.
+    #[arg(long, env = "HEADROOM_MAX_CONNECTIONS", default_value_t = 25_000)]
     pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_body_bytes: 4 * 1024 * 1024,
-            request_timeout: Duration::from_secs(10),
-            max_connections: 25_000,
-        }
+        crate::flags::defaults()
     }
 }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::domain::ValidationError;
 use crate::engine::EngineError;
+use crate::store::chain;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -31,6 +32,8 @@ pub enum Kind {
     TooManyConnections,
     WebhookNotFound,
     WebhooksUnavailable,
+    StoredStateCorrupt,
+    Internal,
 }
 
 impl Kind {
@@ -103,6 +106,12 @@ impl Kind {
                 "webhooks_unavailable",
                 "Webhooks need Redis (--redis-url)",
             ),
+            Kind::StoredStateCorrupt => (
+                S::INTERNAL_SERVER_ERROR,
+                "stored_state_corrupt",
+                "The stored state of this entitlement cannot be read",
+            ),
+            Kind::Internal => (S::INTERNAL_SERVER_ERROR, "internal_error", "Internal error"),
             Kind::TooManyConnections => (
                 S::SERVICE_UNAVAILABLE,
                 "too_many_connections",
@@ -164,6 +173,12 @@ impl ApiError {
         }
     }
 
+    /// An answer that could not be encoded (a defect).
+    pub fn encoding(e: serde_json::Error) -> Self {
+        tracing::error!(error = %e, "an answer could not be encoded");
+        ApiError::new(Kind::Internal, "the answer could not be encoded")
+    }
+
     pub fn json_error(e: serde_json::Error) -> Self {
         use serde_json::error::Category;
         let kind = match e.classify() {
@@ -185,14 +200,17 @@ impl From<ValidationError> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let kind = match &e {
+            EngineError::Invalid(v) => return v.clone().into(),
             EngineError::NotFound(_) => Kind::EntitlementNotFound,
             EngineError::UnknownFeature(_) => Kind::FeatureNotFound,
             EngineError::Conflict(_) => Kind::IdempotencyConflict,
-            EngineError::Unavailable(_) => Kind::StoreUnavailable,
+            EngineError::Unavailable(_) | EngineError::ActorUnavailable => Kind::StoreUnavailable,
             EngineError::OutcomeUnknown(_) => Kind::OutcomeUnknown,
+            EngineError::Corrupt(_) => Kind::StoredStateCorrupt,
+            EngineError::Encoding(_) => Kind::Internal,
             EngineError::ShuttingDown => Kind::ShuttingDown,
         };
-        let mut err = ApiError::new(kind, e.to_string());
+        let mut err = ApiError::new(kind, chain(&e));
         if matches!(
             kind,
             Kind::StoreUnavailable | Kind::OutcomeUnknown | Kind::ShuttingDown
@@ -232,6 +250,8 @@ impl ResponseError for ApiError {
         if self.kind == Kind::TooManyConnections {
             res.force_close();
         }
-        res.body(serde_json::to_string(&self.problem()).unwrap_or_default())
+        // Keeps the problem+json type set above; a body that cannot be
+        // encoded answers actix's own 500.
+        res.json(self.problem())
     }
 }

@@ -1,21 +1,19 @@
 //! `/v1/webhooks`: the admin API of webhook endpoints.
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, HttpResponse, web};
-use serde::Deserialize;
+use actix_web::{HttpResponse, web};
+use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::auth::Scope;
-use super::handlers::read_body;
+use super::extract::{Admin, Body, Query, Registration, page_limit};
 use super::problem::{ApiError, Kind};
 use crate::engine::EngineError;
-use crate::webhooks::{LOG_KEPT, NewWebhook, RegisterError, Webhooks};
+use crate::webhooks::{LOG_KEPT, NewWebhook, RegisterError, Webhook, Webhooks};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-/// The admin check, then the registrations (which need Redis).
-fn webhooks<'a>(req: &HttpRequest, state: &'a AppState) -> Result<&'a Webhooks> {
-    state.auth.require(req, Scope::Admin)?;
+/// The registrations (which need Redis).
+fn webhooks(state: &AppState) -> Result<&Webhooks> {
     state.webhooks.as_ref().ok_or_else(|| {
         ApiError::new(
             Kind::WebhooksUnavailable,
@@ -32,40 +30,46 @@ fn not_found(id: &str) -> ApiError {
     ApiError::new(Kind::WebhookNotFound, format!("no webhook {id}"))
 }
 
+/// A new registration as answered once: with its secret.
+#[derive(Serialize)]
+struct Created<'a> {
+    #[serde(flatten)]
+    hook: &'a Webhook,
+    secret: &'a str,
+}
+
 pub async fn create(
-    req: HttpRequest,
-    payload: web::Payload,
+    _: Admin,
+    Body(body, ..): Body<Registration>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let hooks = webhooks(&req, &state)?;
-    let body = read_body(&req, payload, 16 * 1024, state.limits.request_timeout).await?;
+    let hooks = webhooks(&state)?;
     let new: NewWebhook = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
     let (hook, secret) = hooks.register(new).await.map_err(|e| match e {
         RegisterError::Invalid(v) => v.into(),
         RegisterError::Store(s) => store_error(s),
     })?;
-    let mut body = serde_json::to_value(&hook).unwrap_or_default();
-    if let Some(map) = body.as_object_mut() {
-        // Shown once: it is never answered again.
-        map.insert("secret".into(), secret.into());
-    }
+    // The secret is shown once: it is never answered again.
     Ok(HttpResponse::build(StatusCode::CREATED)
         .insert_header(("Location", format!("/v1/webhooks/{}", hook.id)))
-        .json(body))
+        .json(Created {
+            hook: &hook,
+            secret: &secret,
+        }))
 }
 
-pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse> {
-    let hooks = webhooks(&req, &state)?;
+pub async fn list(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse> {
+    let hooks = webhooks(&state)?;
     let all = hooks.list().await.map_err(store_error)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "webhooks": all })))
 }
 
 pub async fn get(
-    req: HttpRequest,
+    _: Admin,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let hooks = webhooks(&req, &state)?;
+    let hooks = webhooks(&state)?;
     match hooks.get(&path).await.map_err(store_error)? {
         Some(h) => Ok(HttpResponse::Ok().json(h)),
         None => Err(not_found(&path)),
@@ -73,11 +77,11 @@ pub async fn get(
 }
 
 pub async fn delete(
-    req: HttpRequest,
+    _: Admin,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let hooks = webhooks(&req, &state)?;
+    let hooks = webhooks(&state)?;
     if hooks.delete(&path).await.map_err(store_error)? {
         Ok(HttpResponse::NoContent().finish())
     } else {
@@ -87,18 +91,18 @@ pub async fn delete(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeliveriesQuery {
+pub struct DeliveriesQuery {
     limit: Option<usize>,
 }
 
 pub async fn deliveries(
-    req: HttpRequest,
+    _: Admin,
     path: web::Path<String>,
+    Query(q): Query<DeliveriesQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let hooks = webhooks(&req, &state)?;
-    let q: DeliveriesQuery = super::reports::query(&req)?;
-    let limit = super::reports::page_limit(q.limit, LOG_KEPT)?;
+    let hooks = webhooks(&state)?;
+    let limit = page_limit(q.limit, LOG_KEPT)?;
     if hooks.get(&path).await.map_err(store_error)?.is_none() {
         return Err(not_found(&path));
     }

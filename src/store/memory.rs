@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Commit, CommitOutcome, DENIALS_KEPT_MS, Loaded, OverdraftTotals, PERIODS_KEPT, Records, Store,
-    StoreError, Write, decode_state,
+    Commit, CommitOutcome, DENIALS_KEPT_MS, Loaded, OverdraftCounts, PERIODS_KEPT, Peeked, Records,
+    Store, StoreError, Write, decode_state,
 };
 use crate::domain::{BucketRecord, BucketSize, EntitlementId, IdempotencyKey, Lease, SeatId};
 
@@ -34,12 +34,12 @@ impl Entry {
     }
 }
 
-struct Inner {
+struct Tables {
     entries: HashMap<EntitlementId, Entry>,
     keys: HashMap<(EntitlementId, i64, IdempotencyKey), (String, Instant)>,
     events: VecDeque<StoredEvent>,
     next_purge: Instant,
-    totals: OverdraftTotals,
+    totals: OverdraftCounts,
     overdraft: BTreeSet<String>,
     denied: HashMap<String, i64>,
     /// (id, bucket size, start) → record and when it expires (ms).
@@ -50,7 +50,7 @@ struct Inner {
     history_now: i64,
 }
 
-impl Inner {
+impl Tables {
     fn apply_records(&mut self, id: &EntitlementId, deleted: bool, records: Records) {
         let key = id.to_string();
         match records.in_overdraft {
@@ -105,7 +105,7 @@ pub struct StoredEvent {
 }
 
 pub struct MemoryStore {
-    inner: Mutex<Inner>,
+    inner: Mutex<Tables>,
     stream_maxlen: usize,
     idempotency_window: Duration,
 }
@@ -113,12 +113,12 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new(stream_maxlen: usize, idempotency_window: Duration) -> Self {
         MemoryStore {
-            inner: Mutex::new(Inner {
+            inner: Mutex::new(Tables {
                 entries: HashMap::new(),
                 keys: HashMap::new(),
                 events: VecDeque::new(),
                 next_purge: Instant::now(),
-                totals: OverdraftTotals::default(),
+                totals: OverdraftCounts::default(),
                 overdraft: BTreeSet::new(),
                 denied: HashMap::new(),
                 history: HashMap::new(),
@@ -130,7 +130,7 @@ impl MemoryStore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
         // A poisoned lock only means a panic elsewhere; the data is still whole
         // because every commit is applied after all its checks passed.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -261,16 +261,14 @@ impl Store for MemoryStore {
         Ok(self.lock().events.len() as u64)
     }
 
-    async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError> {
+    async fn overdraft_totals(&self) -> Result<OverdraftCounts, StoreError> {
         Ok(self.lock().totals)
     }
 
-    async fn peek_many(
-        &self,
-        ids: &[EntitlementId],
-    ) -> Result<Vec<Option<crate::domain::Entitlement>>, StoreError> {
+    async fn peek_many(&self, ids: &[EntitlementId]) -> Result<Vec<Peeked>, StoreError> {
         let inner = self.lock();
-        ids.iter()
+        Ok(ids
+            .iter()
             .map(|id| match inner.entries.get(id) {
                 Some(
                     e @ Entry {
@@ -279,7 +277,7 @@ impl Store for MemoryStore {
                 ) => e.decode(id, core).map(Some),
                 _ => Ok(None),
             })
-            .collect()
+            .collect())
     }
 
     async fn overdraft_page(
@@ -351,10 +349,6 @@ impl Store for MemoryStore {
             .get(id)
             .map(|l| l.iter().take(limit).cloned().collect())
             .unwrap_or_default())
-    }
-
-    fn durable(&self) -> bool {
-        false
     }
 
     async fn shutdown(&self) {}

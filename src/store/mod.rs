@@ -6,12 +6,16 @@
 //! commit carries the owner epoch read by [`Store::load`]: a write from a
 //! process that is no longer the owner is refused ([`CommitOutcome::Fenced`]).
 
+mod error;
 mod memory;
 mod redis;
 
+pub use self::error::{Cause, ErrorClass, StoreError, chain};
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisSettings, RedisStore};
+pub use self::redis::{Keys, RedisStore};
 pub(crate) use self::redis::{pool as redis_pool, query as redis_query, text as reply_text};
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -19,20 +23,43 @@ use crate::domain::{
     BucketRecord, BucketSize, Entitlement, EntitlementId, FieldOp, IdempotencyKey, Lease, SeatId,
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    #[error("store timed out after {0:?}")]
-    Timeout(std::time::Duration),
-    /// Known not to have been applied: never sent (no connection, or its
-    /// deadline passed in the queue), refused by Redis before it ran (out of
-    /// memory), or run after its deadline and refused by the script.
-    #[error("store refused the operation: {0}")]
-    Refused(String),
-    #[error("stored state of {id} is unreadable: {cause}")]
-    Corrupt { id: String, cause: String },
+/// Where state lives, and how Redis is reached; each default is written
+/// here once.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreSettings {
+    /// Redis URL (redis:// or rediss://). Without one, state lives in memory only.
+    #[arg(long, env = "HEADROOM_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "HEADROOM_REDIS_PREFIX", default_value = "headroom")]
+    pub redis_prefix: String,
+    /// Approximate maximum length of the event stream (XADD MAXLEN ~).
+    #[arg(long, env = "HEADROOM_STREAM_MAXLEN", default_value_t = 1_000_000)]
+    pub stream_maxlen: u64,
+    /// Longest wait for Redis on behalf of one call (a write gets 3/4 of it,
+    /// the read-back of a write whose outcome is unknown the rest); the call
+    /// answers 503 after it.
+    #[arg(long, env = "HEADROOM_REDIS_TIMEOUT", default_value = "2s", value_parser = crate::flags::duration)]
+    pub redis_timeout: Duration,
+    /// Redis connections in the pool.
+    #[arg(long, env = "HEADROOM_REDIS_POOL_SIZE", default_value_t = 8)]
+    pub redis_pool_size: usize,
+    /// Most entitlement commits in one pipeline.
+    #[arg(skip = 512_usize)]
+    pub max_batch: usize,
+    /// Most pipelines in flight at once per worker.
+    #[arg(skip = 4_usize)]
+    pub max_flushes: usize,
 }
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        crate::flags::defaults()
+    }
+}
+
+/// One stored state read by [`Store::peek_many`].
+pub type Peeked = Result<Option<Entitlement>, StoreError>;
 
 /// What [`Store::load`] found.
 #[derive(Debug)]
@@ -58,7 +85,7 @@ pub struct Commit {
     /// Idempotency keys first used by this commit, with the record to keep.
     pub idempotency: Vec<KeyRecord>,
     /// How this commit changes the overdraft totals, written with it.
-    pub overdraft: OverdraftDelta,
+    pub overdraft: OverdraftCounts,
     /// What the overdraft report, the history and the billing records get
     /// from this write, written with it.
     pub records: Records,
@@ -100,19 +127,13 @@ pub struct HistoryWrite {
     pub day_expire_at: i64,
 }
 
-/// Changes to the totals of all entitlements: how many are in overdraft
-/// (seats or any feature) and how many seats are above what was purchased.
-/// The store keeps the totals, updated atomically with each commit, so
-/// they stay exact whichever process holds which entitlement.
+/// How many entitlements are in overdraft (seats or any feature) and how
+/// many seats are above what was purchased: the store's totals over all
+/// entitlements, and the change a commit makes to them. The store updates
+/// the totals atomically with each commit, so they stay exact whichever
+/// process holds which entitlement.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct OverdraftDelta {
-    pub entitlements: i64,
-    pub seats: i64,
-}
-
-/// The totals themselves.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct OverdraftTotals {
+pub struct OverdraftCounts {
     pub entitlements: i64,
     pub seats: i64,
 }
@@ -170,13 +191,11 @@ pub trait Store: Send + Sync + 'static {
     /// Entries in the event stream now.
     async fn stream_length(&self) -> Result<u64, StoreError>;
     /// Entitlements and seats in overdraft now, over all entitlements.
-    async fn overdraft_totals(&self) -> Result<OverdraftTotals, StoreError>;
+    async fn overdraft_totals(&self) -> Result<OverdraftCounts, StoreError>;
     /// The stored states of `ids`, read without claiming them (reports:
-    /// the owner keeps writing undisturbed); `None` for those not stored.
-    async fn peek_many(
-        &self,
-        ids: &[EntitlementId],
-    ) -> Result<Vec<Option<Entitlement>>, StoreError>;
+    /// the owner keeps writing undisturbed); `None` for those not stored,
+    /// an error for each one that cannot be read.
+    async fn peek_many(&self, ids: &[EntitlementId]) -> Result<Vec<Peeked>, StoreError>;
     /// Ids in the overdraft report's index, in id order, after `after`.
     async fn overdraft_page(
         &self,
@@ -201,8 +220,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Option<BucketRecord>>, StoreError>;
     /// Closed-period records of an entitlement, newest first.
     async fn periods(&self, id: &EntitlementId, limit: usize) -> Result<Vec<String>, StoreError>;
-    /// Whether state survives a restart.
-    fn durable(&self) -> bool;
     /// Writes what is queued and stops background work.
     async fn shutdown(&self);
 }
@@ -214,19 +231,16 @@ pub fn decode_state(
     config: &[u8],
     seats: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Entitlement, StoreError> {
-    let corrupt = |cause: String| StoreError::Corrupt {
-        id: id.to_string(),
-        cause,
-    };
-    let mut e: Entitlement = serde_json::from_slice(core).map_err(|e| corrupt(e.to_string()))?;
-    e.config = serde_json::from_slice(config).map_err(|e| corrupt(format!("config: {e}")))?;
+    let mut e: Entitlement = serde_json::from_slice(core)
+        .map_err(|e| StoreError::corrupt(id, "state", Some(e.into())))?;
+    e.config = serde_json::from_slice(config)
+        .map_err(|e| StoreError::corrupt(id, "configuration", Some(e.into())))?;
     for (seat, lease) in seats {
-        let seat = SeatId::parse(&seat).map_err(|e| corrupt(e.to_string()))?;
-        let lease = Lease::decode(&lease).ok_or_else(|| corrupt(format!("lease {lease}")))?;
+        let seat = SeatId::parse(&seat)
+            .map_err(|e| StoreError::corrupt(id, format!("seat id {seat:?}: {e}"), None))?;
+        let lease = Lease::decode(&lease)
+            .ok_or_else(|| StoreError::corrupt(id, format!("lease {lease:?}"), None))?;
         e.seats.restore(seat, lease);
     }
     Ok(e)
 }
-
-#[cfg(test)]
-mod contract_tests;

@@ -24,7 +24,7 @@
 mod dispatch;
 mod sign;
 
-pub use dispatch::Dispatcher;
+pub use dispatch::{DispatchError, Dispatcher};
 pub use sign::{SIGNATURE_HEADER, sign, verify};
 
 use std::time::Duration;
@@ -35,51 +35,65 @@ use deadpool_redis::Pool;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{EVENT_KINDS, ValidationError};
-use crate::store::StoreError;
+use crate::flags::duration;
+use crate::store::{Keys, StoreError};
 
 /// Delivery log entries kept per endpoint.
 pub const LOG_KEPT: usize = 1000;
 /// Endpoints that may be registered.
 pub const MAX_WEBHOOKS: usize = 100;
 
-#[derive(Clone, Debug)]
+/// The dispatcher's flags; each default is written here once.
+#[derive(clap::Args, Clone, Debug)]
 pub struct WebhookSettings {
-    /// Longest wait for an endpoint's answer.
+    /// Longest wait for a webhook endpoint's answer.
+    #[arg(long = "webhook-timeout", env = "HEADROOM_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub timeout: Duration,
-    /// How long a failing delivery is retried before it is dead-lettered.
+    /// How long a failing webhook delivery is retried before it goes to the
+    /// dead-letter stream.
+    #[arg(long = "webhook-retry-for", env = "HEADROOM_WEBHOOK_RETRY_FOR", default_value = "24h", value_parser = duration)]
     pub retry_for: Duration,
-    /// First retry delay; doubled per attempt, with ±20 % jitter.
+    /// First webhook retry delay (doubled per attempt, ±20 % jitter).
+    #[arg(long = "webhook-backoff", env = "HEADROOM_WEBHOOK_BACKOFF", default_value = "1s", value_parser = duration)]
     pub backoff: Duration,
-    /// Longest retry delay.
+    /// Longest webhook retry delay.
+    #[arg(long = "webhook-backoff-max", env = "HEADROOM_WEBHOOK_BACKOFF_MAX", default_value = "1h", value_parser = duration)]
     pub backoff_max: Duration,
-    /// Deliveries in flight at once, all endpoints together.
+    /// Webhook deliveries in flight at once (all endpoints together).
+    #[arg(
+        long = "webhook-concurrency",
+        env = "HEADROOM_WEBHOOK_CONCURRENCY",
+        default_value_t = 64
+    )]
     pub concurrency: usize,
-    /// Deliveries in flight at once to one endpoint.
+    /// Webhook deliveries in flight at once to one endpoint.
+    #[arg(
+        long = "webhook-per-endpoint",
+        env = "HEADROOM_WEBHOOK_PER_ENDPOINT",
+        default_value_t = 4
+    )]
     pub per_endpoint: usize,
-    /// Deliveries queued in memory per endpoint; more wait in the retry
-    /// schedule.
-    pub queue: usize,
-    /// This process's name in the consumer group: keep it stable across
-    /// restarts so that a restarted process resumes its own entries.
-    pub consumer: String,
+    /// This process's name in the webhook consumer group (default: from
+    /// the listen address); keep it stable across restarts so that a
+    /// restarted process resumes its own entries.
+    #[arg(long = "webhook-consumer", env = "HEADROOM_WEBHOOK_CONSUMER")]
+    pub consumer: Option<String>,
     /// A delivery claimed from the retry schedule, or a stream entry read
     /// and not acknowledged, is taken over by any process after this long.
+    #[arg(skip = Duration::from_secs(120))]
     pub claim_after: Duration,
 }
 
 impl Default for WebhookSettings {
     fn default() -> Self {
-        WebhookSettings {
-            timeout: Duration::from_secs(10),
-            retry_for: Duration::from_secs(24 * 3600),
-            backoff: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(3600),
-            concurrency: 64,
-            per_endpoint: 4,
-            queue: 1000,
-            consumer: "headroom".into(),
-            claim_after: Duration::from_secs(120),
-        }
+        crate::flags::defaults()
+    }
+}
+
+impl WebhookSettings {
+    /// The consumer name the dispatcher reads the stream as.
+    pub fn consumer_name(&self) -> &str {
+        self.consumer.as_deref().unwrap_or("headroom")
     }
 }
 
@@ -182,7 +196,9 @@ impl NewWebhook {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LogEntry {
     pub delivery_id: String,
-    pub event_id: String,
+    /// The CloudEvents id of the event (`null` if the stream entry
+    /// carried none).
+    pub event_id: Option<String>,
     #[serde(rename = "type")]
     pub kind: String,
     pub attempt: u32,
@@ -199,7 +215,7 @@ pub struct LogEntry {
 #[derive(Clone)]
 pub struct Webhooks {
     pool: Pool,
-    prefix: String,
+    keys: Keys,
     timeout: Duration,
 }
 
@@ -215,35 +231,29 @@ redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(hook))
 return 1
 ";
 
+/// A stored record of `what` as `T`, or why it cannot be read.
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, raw: &str) -> Result<T, StoreError> {
+    serde_json::from_str(raw)
+        .map_err(|e| StoreError::corrupt(what, "unreadable JSON", Some(e.into())))
+}
+
 impl Webhooks {
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
         let pool = crate::store::redis_pool(url, timeout, 8)?;
         Ok(Webhooks {
             pool,
-            prefix: prefix.to_string(),
+            keys: Keys::new(prefix),
             timeout,
         })
     }
 
-    fn key(&self, suffix: &str) -> String {
-        format!("{}:{suffix}", self.prefix)
-    }
-
-    fn stream(&self) -> String {
-        self.key("events")
-    }
-
-    fn hooks_key(&self) -> String {
-        self.key("webhooks")
-    }
-
-    fn log_key(&self, id: &str) -> String {
-        self.key(&format!("webhooks:{id}:deliveries"))
-    }
-
     /// Runs `pipe` on a pooled connection within the timeout.
-    async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
-        crate::store::redis_query(&self.pool, self.timeout, pipe).await
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        crate::store::redis_query(op, &self.pool, self.timeout, pipe).await
     }
 
     /// Creates the consumer group at the stream's end, unless it exists.
@@ -251,12 +261,12 @@ impl Webhooks {
         let mut pipe = redis::pipe();
         pipe.cmd("XGROUP")
             .arg("CREATE")
-            .arg(self.stream())
+            .arg(self.keys.events())
             .arg(GROUP)
             .arg("$")
             .arg("MKSTREAM");
-        match self.run::<redis::Value>(&pipe).await {
-            Err(StoreError::Unavailable(e)) if e.contains("BUSYGROUP") => Ok(()),
+        match self.run::<redis::Value>("webhook group", &pipe).await {
+            Err(e) if e.redis_code().as_deref() == Some("BUSYGROUP") => Ok(()),
             other => other.map(|_| ()),
         }
     }
@@ -264,7 +274,7 @@ impl Webhooks {
     /// Registers an endpoint; returns it and its secret (shown only now).
     pub async fn register(&self, new: NewWebhook) -> Result<(Webhook, String), RegisterError> {
         new.validate().map_err(RegisterError::Invalid)?;
-        if self.stored().await?.len() >= MAX_WEBHOOKS {
+        if self.registrations().await?.len() >= MAX_WEBHOOKS {
             return Err(RegisterError::Invalid(ValidationError::new(
                 "url",
                 format!("at most {MAX_WEBHOOKS} webhooks; delete one first"),
@@ -296,67 +306,95 @@ impl Webhooks {
         // after it is added after the registration is visible, so the
         // dispatcher, which reads the registrations after the entries,
         // never misses one.
+        let registration = serde_json::to_string(&stored).map_err(|e| {
+            StoreError::not_sent(
+                "webhook registration",
+                "could not be encoded",
+                Some(e.into()),
+            )
+        })?;
         let mut pipe = redis::pipe();
         pipe.cmd("EVAL")
             .arg(REGISTER_LUA)
             .arg(2)
-            .arg(self.hooks_key())
-            .arg(self.stream())
+            .arg(self.keys.webhooks())
+            .arg(self.keys.events())
             .arg(&id)
-            .arg(serde_json::to_string(&stored).unwrap_or_default())
+            .arg(registration)
             .ignore();
-        self.run::<()>(&pipe).await?;
+        self.run::<()>("webhook register", &pipe).await?;
         Ok((hook, secret))
     }
 
-    async fn stored(&self) -> Result<Vec<Stored>, StoreError> {
+    /// Every registration, oldest first, with an error for each one that
+    /// cannot be read.
+    async fn registrations(&self) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("HVALS").arg(self.hooks_key());
-        let (values,): (Vec<String>,) = self.run(&pipe).await?;
-        let mut hooks: Vec<Stored> = values
+        pipe.cmd("HVALS").arg(self.keys.webhooks());
+        let (values,): (Vec<String>,) = self.run("webhook list", &pipe).await?;
+        let mut hooks: Vec<Result<Stored, StoreError>> = values
             .iter()
-            .filter_map(|v| serde_json::from_str(v).ok())
+            .map(|v| decode("a webhook registration", v))
             .collect();
-        hooks.sort_by_key(|s| s.hook.created_at);
+        hooks.sort_by_key(|s| s.as_ref().map(|s| s.hook.created_at).ok());
         Ok(hooks)
     }
 
-    /// Every endpoint, oldest first.
+    /// The registrations the dispatcher delivers to; one that cannot be
+    /// read is logged and left out (the others keep their deliveries).
+    async fn stored(&self) -> Result<Vec<Stored>, StoreError> {
+        Ok(self
+            .registrations()
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                r.map_err(|e| tracing::error!(error = %crate::store::chain(&e), "skipping an unreadable webhook registration"))
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// Every endpoint, oldest first; fails when one cannot be read.
     pub async fn list(&self) -> Result<Vec<Webhook>, StoreError> {
-        Ok(self.stored().await?.into_iter().map(|s| s.hook).collect())
+        self.registrations()
+            .await?
+            .into_iter()
+            .map(|r| r.map(|s| s.hook))
+            .collect()
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("HGET").arg(self.hooks_key()).arg(id);
-        let (value,): (Option<String>,) = self.run(&pipe).await?;
-        Ok(value
-            .and_then(|v| serde_json::from_str::<Stored>(&v).ok())
-            .map(|s| s.hook))
+        pipe.cmd("HGET").arg(self.keys.webhooks()).arg(id);
+        let (value,): (Option<String>,) = self.run("webhook get", &pipe).await?;
+        value
+            .map(|v| decode::<Stored>("a webhook registration", &v).map(|s| s.hook))
+            .transpose()
     }
 
     /// Removes an endpoint and its log; its parked deliveries are dropped
     /// when they fall due. False when there was none.
     pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("HDEL").arg(self.hooks_key()).arg(id);
-        pipe.cmd("DEL").arg(self.log_key(id)).ignore();
-        let (removed,): (u64,) = self.run(&pipe).await?;
+        pipe.cmd("HDEL").arg(self.keys.webhooks()).arg(id);
+        pipe.cmd("DEL").arg(self.keys.webhook_log(id)).ignore();
+        let (removed,): (u64,) = self.run("webhook delete", &pipe).await?;
         Ok(removed > 0)
     }
 
-    /// The newest `limit` entries of an endpoint's delivery log.
+    /// The newest `limit` entries of an endpoint's delivery log; fails
+    /// when one cannot be read.
     pub async fn deliveries(&self, id: &str, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("LRANGE")
-            .arg(self.log_key(id))
+            .arg(self.keys.webhook_log(id))
             .arg(0)
             .arg(limit.saturating_sub(1));
-        let (values,): (Vec<String>,) = self.run(&pipe).await?;
-        Ok(values
+        let (values,): (Vec<String>,) = self.run("webhook deliveries", &pipe).await?;
+        values
             .iter()
-            .filter_map(|v| serde_json::from_str(v).ok())
-            .collect())
+            .map(|v| decode("a webhook delivery log entry", v))
+            .collect()
     }
 }
 

@@ -292,13 +292,13 @@ impl headroom::store::Store for CountingStore {
     }
     async fn overdraft_totals(
         &self,
-    ) -> Result<headroom::store::OverdraftTotals, headroom::store::StoreError> {
+    ) -> Result<headroom::store::OverdraftCounts, headroom::store::StoreError> {
         self.inner.overdraft_totals().await
     }
     async fn peek_many(
         &self,
         ids: &[EntitlementId],
-    ) -> Result<Vec<Option<headroom::domain::Entitlement>>, headroom::store::StoreError> {
+    ) -> Result<Vec<headroom::store::Peeked>, headroom::store::StoreError> {
         self.inner.peek_many(ids).await
     }
     async fn overdraft_page(
@@ -330,9 +330,6 @@ impl headroom::store::Store for CountingStore {
         limit: usize,
     ) -> Result<Vec<String>, headroom::store::StoreError> {
         self.inner.periods(id, limit).await
-    }
-    fn durable(&self) -> bool {
-        self.inner.durable()
     }
     async fn shutdown(&self) {
         self.inner.shutdown().await

@@ -9,7 +9,8 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use headroom::store::{RedisSettings, RedisStore, Store};
+use headroom::engine::EngineSettings;
+use headroom::store::{RedisStore, Store, StoreSettings};
 
 use crate::helpers::*;
 
@@ -258,11 +259,14 @@ async fn sigterm_finishes_calls_in_flight_and_exits_cleanly() {
 /// refused, so the call left no trace.
 async fn blocked_redis_answers_in_time_and_the_write_never_lands(block: &[&str]) {
     let redis = RedisServer::start();
-    let mut settings = RedisSettings::new(redis.url());
-    settings.prefix = "blocked".into();
-    settings.timeout = Duration::from_millis(400);
+    let settings = StoreSettings {
+        redis_prefix: "blocked".into(),
+        redis_timeout: Duration::from_millis(400),
+        ..StoreSettings::default()
+    };
+    let window = EngineSettings::default().idempotency_window;
     let store: std::sync::Arc<dyn Store> =
-        std::sync::Arc::new(RedisStore::start(settings).expect("store"));
+        std::sync::Arc::new(RedisStore::start(&redis.url(), &settings, window).expect("store"));
     let app = TestApp::spawn(store).await;
     app.put("acme", r#"{"features": {"api": {"included": 100}}}"#)
         .await;

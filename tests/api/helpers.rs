@@ -1,27 +1,39 @@
 //! Test fixtures: a private redis-server per test, the app on port 0, and
 //! the tracker binary as a child process for crash tests.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::web;
-use headroom::engine::{Clock, Engine, EngineSettings, ManualClock, SystemClock};
-use headroom::http::{self, AppState, Auth, Limits};
-use headroom::store::{MemoryStore, RedisSettings, RedisStore, Store};
+use headroom::engine::{Clock, EngineSettings, ManualClock, SystemClock};
+use headroom::http::{AuthSettings, Limits};
+use headroom::settings::Settings;
+use headroom::startup::{Application, Wiring};
+use headroom::store::{MemoryStore, RedisStore, Store, StoreSettings};
 use serde_json::Value;
 
 pub const ADMIN: &str = "test-admin-token";
 pub const CLIENT: &str = "test-client-token";
 
-pub use headroom_load::procs::{RedisServer, free_port};
+pub use headroom_test_support::{RedisServer, free_port};
 
 pub fn redis_store(redis: &RedisServer, prefix: &str) -> Arc<dyn Store> {
-    let mut s = RedisSettings::new(redis.url());
-    s.prefix = prefix.to_string();
-    // Generous: tests run in parallel on two cores, and Redis fsyncs every write.
-    s.timeout = Duration::from_secs(2);
-    Arc::new(RedisStore::start(s).expect("redis store"))
+    let s = StoreSettings {
+        redis_prefix: prefix.to_string(),
+        // Generous: tests run in parallel on two cores, and Redis fsyncs every write.
+        redis_timeout: Duration::from_secs(2),
+        ..StoreSettings::default()
+    };
+    let window = EngineSettings::default().idempotency_window;
+    Arc::new(RedisStore::start(&redis.url(), &s, window).expect("redis store"))
+}
+
+/// Who may call a test app: these admin and client tokens.
+pub fn tokens(admin: &[&str], client: &[&str]) -> AuthSettings {
+    AuthSettings {
+        admin_tokens: Some(admin.join(",")),
+        client_tokens: Some(client.join(",")),
+        ..Settings::default().http.auth
+    }
 }
 
 /// A reqwest client (after installing the process's TLS provider, which
@@ -39,14 +51,14 @@ pub fn memory_store() -> Arc<dyn Store> {
 pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
-    pub engine: Engine,
     server: actix_web::dev::ServerHandle,
+    running: actix_rt::task::JoinHandle<Result<(), headroom::startup::StartupError>>,
 }
 
 pub struct AppOptions {
     pub clock: Arc<dyn Clock>,
     pub engine: EngineSettings,
-    pub auth: Auth,
+    pub auth: AuthSettings,
     pub limits: Limits,
     pub webhooks: Option<headroom::webhooks::Webhooks>,
 }
@@ -56,7 +68,7 @@ impl Default for AppOptions {
         AppOptions {
             clock: Arc::new(SystemClock),
             engine: EngineSettings::default(),
-            auth: Auth::new(vec![ADMIN.into()], vec![CLIENT.into()]),
+            auth: tokens(&[ADMIN], &[CLIENT]),
             limits: Limits::default(),
             webhooks: None,
         }
@@ -76,19 +88,24 @@ impl TestApp {
         if std::env::var_os("TEST_LOG").is_some() {
             headroom::telemetry::init_logging(false);
         }
-        let engine = Engine::new(store, opts.clock, opts.engine);
-        let state = web::Data::new(AppState {
-            engine: engine.clone(),
-            auth: opts.auth,
-            limits: opts.limits,
-            metrics: headroom::telemetry::metrics(),
+        let mut settings = Settings::default();
+        settings.http.listen = "127.0.0.1:0".parse().expect("address");
+        settings.http.workers = Some(2);
+        settings.http.shutdown_timeout = Duration::from_secs(5);
+        settings.http.limits = opts.limits;
+        settings.http.auth = opts.auth;
+        settings.engine = opts.engine;
+        let wiring = Wiring {
+            store,
+            clock: opts.clock,
             webhooks: opts.webhooks,
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let server = http::serve(listener, state, 2, Duration::from_secs(5), false).expect("serve");
-        let handle = server.handle();
-        actix_rt::spawn(server);
+            dispatch: false,
+            signals: false,
+        };
+        let app = Application::build_with(settings, wiring).expect("application");
+        let port = app.port();
+        let handle = app.handle();
+        let running = actix_rt::spawn(app.run_until_stopped());
         TestApp {
             base: format!("http://127.0.0.1:{port}"),
             http: {
@@ -98,14 +115,15 @@ impl TestApp {
             .pool_max_idle_per_host(256)
             .build()
             .expect("client"),
-            engine,
             server: handle,
+            running,
         }
     }
 
+    /// Stops the server gracefully and waits until the engine wrote what it held.
     pub async fn stop(self) {
         self.server.stop(true).await;
-        self.engine.shutdown().await;
+        let _ = self.running.await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -202,7 +220,7 @@ impl TestApp {
 /// The tracker binary as a child process, for tests that kill it.
 pub struct TrackerProcess {
     pub base: String,
-    inner: headroom_load::procs::Tracker,
+    inner: headroom_test_support::Tracker,
 }
 
 impl TrackerProcess {
@@ -222,7 +240,7 @@ impl TrackerProcess {
         ];
         env.extend_from_slice(extra);
         let inner =
-            headroom_load::procs::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), &env)
+            headroom_test_support::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), &env)
                 .expect("start headroom");
         TrackerProcess {
             base: format!("http://{}", inner.addr()),

@@ -63,7 +63,10 @@ async fn tokens_are_generated_and_printed_once_when_none_are_configured() {
 #[actix_rt::test]
 async fn no_auth_accepts_calls_without_a_token() {
     let opts = AppOptions {
-        auth: headroom::http::Auth::disabled(),
+        auth: headroom::http::AuthSettings {
+            no_auth: true,
+            ..tokens(&[], &[])
+        },
         ..AppOptions::default()
     };
     let app = TestApp::spawn_with(memory_store(), opts).await;
@@ -174,10 +177,9 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
     );
 
     let redis = RedisServer::start();
-    let watched = headroom::domain::EntitlementId::parse("watched-1").unwrap();
     let opts = AppOptions {
         engine: headroom::engine::EngineSettings {
-            watched: std::sync::Arc::new([watched].into_iter().collect()),
+            watched: headroom::engine::Watched::parse("watched-1").unwrap(),
             ..headroom::engine::EngineSettings::default()
         },
         ..AppOptions::default()
@@ -197,10 +199,11 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
     let dispatcher = headroom::webhooks::Dispatcher::start(
         hooks,
         headroom::webhooks::WebhookSettings {
-            consumer: "catalogue".into(),
+            consumer: Some("catalogue".into()),
             ..Default::default()
         },
-    );
+    )
+    .expect("dispatcher");
     let receiver = crate::webhooks::Receiver::new(200);
     receiver.listen();
     let (status, _) = app
@@ -366,8 +369,10 @@ async fn metrics_can_be_protected_with_scrape_tokens() {
     let app = TestApp::spawn_with(
         memory_store(),
         AppOptions {
-            auth: headroom::http::Auth::new(vec![ADMIN.into()], vec![CLIENT.into()])
-                .with_metrics_tokens(vec!["scrape-me".into()]),
+            auth: headroom::http::AuthSettings {
+                metrics_tokens: Some("scrape-me".into()),
+                ..tokens(&[ADMIN], &[CLIENT])
+            },
             ..AppOptions::default()
         },
     )

@@ -101,8 +101,10 @@ async fn seat_churn_is_limited_per_token() {
     let app = TestApp::spawn_with(
         memory_store(),
         AppOptions {
-            auth: headroom::http::Auth::new(vec![ADMIN.into()], vec![CLIENT.into(), other.into()])
-                .with_churn_limit(5),
+            auth: headroom::http::AuthSettings {
+                churn_limit: 5,
+                ..tokens(&[ADMIN], &[CLIENT, other])
+            },
             ..AppOptions::default()
         },
     )

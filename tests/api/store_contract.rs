@@ -179,10 +179,14 @@ async fn contract(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(peeked.len(), 2);
-    let p = peeked[0].as_ref().expect("stored");
+    let p = peeked[0]
+        .as_ref()
+        .expect("readable")
+        .as_ref()
+        .expect("stored");
     assert_eq!((p.config.seats.purchased, p.seats.in_use()), (5, 1));
     assert!(p.seats.lease(&seat("b")).is_some());
-    assert!(peeked[1].is_none());
+    assert!(peeked[1].as_ref().expect("readable").is_none());
     let mut c = put(after.epoch, false, &e2, vec![], &[]);
     c.records = Records {
         in_overdraft: Some(true),

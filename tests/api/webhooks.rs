@@ -132,7 +132,7 @@ fn fast_settings(consumer: &str) -> WebhookSettings {
         timeout: Duration::from_secs(5),
         backoff: Duration::from_millis(100),
         backoff_max: Duration::from_millis(400),
-        consumer: consumer.into(),
+        consumer: Some(consumer.into()),
         ..WebhookSettings::default()
     }
 }
@@ -227,7 +227,7 @@ fn check_signed(r: &Received, secret: &str) {
 async fn each_matching_event_is_delivered_once_and_signed() {
     let redis = RedisServer::start();
     let (app, hooks) = app_with_webhooks(&redis, "wh1").await;
-    let dispatcher = Dispatcher::start(hooks, fast_settings("t1"));
+    let dispatcher = Dispatcher::start(hooks, fast_settings("t1")).expect("dispatcher");
     let seats_only = Receiver::new(200);
     let everything = Receiver::new(204);
     seats_only.listen();
@@ -350,7 +350,7 @@ async fn each_matching_event_is_delivered_once_and_signed() {
 async fn a_receiver_that_was_down_gets_everything_after_retries() {
     let redis = RedisServer::start();
     let (app, hooks) = app_with_webhooks(&redis, "wh2").await;
-    let dispatcher = Dispatcher::start(hooks, fast_settings("t2"));
+    let dispatcher = Dispatcher::start(hooks, fast_settings("t2")).expect("dispatcher");
     let receiver = Receiver::new(200);
     let (id, secret) = register(&app, &receiver.url(), None).await;
     traffic(&app, "acme").await;
@@ -415,7 +415,8 @@ async fn failing_and_hanging_receivers_end_in_the_dead_letter_stream_without_del
             retry_for: Duration::from_millis(1500),
             ..fast_settings("t3")
         },
-    );
+    )
+    .expect("dispatcher");
     let healthy = Receiver::new(200);
     let failing = Receiver::new(500);
     let hanging = Receiver::new(200);

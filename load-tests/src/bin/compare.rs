@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use headroom_load::procs::RedisServer;
 use headroom_load::{Conn, Report, Scenario, Spec, check_ledger, read_used, run, setup};
+use headroom_test_support::RedisServer;
 use serde::Serialize;
 
 #[derive(Parser, Debug)]

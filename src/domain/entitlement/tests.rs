@@ -1,5 +1,7 @@
 use super::*;
 use crate::domain::Period;
+use crate::domain::{DenyReason, SeatId};
+use chrono::Duration;
 use proptest::prelude::*;
 use std::collections::HashSet;
 

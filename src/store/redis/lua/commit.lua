@@ -4,25 +4,9 @@
 -- others' writes alone. One call carries a whole pipeline of commits, so
 -- Redis pays the script-call overhead once per round trip.
 --
--- KEYS: 1 event stream, 2 overdraft totals hash, 3 overdraft report index
---       (sorted set by id), 4 recent denials index (sorted set by last
---       denial ms), then per commit: epoch, state hash, seats hash, closed
---       periods list, two history hashes (hour, day) per history write, and
---       its idempotency keys.
--- ARGV: 1 commit count, 2 stream MAXLEN, 3 idempotency TTL (ms), 4 closed
---       periods kept per entitlement, 5 how long a denial stays in the recent
---       denials index (ms), then per commit: deadline (ms in Redis's clock), expected epoch, claim (0|1),
---       mode (put|replace|delete), state JSON, configuration JSON ('' when
---       unchanged), change of entitlements in overdraft, change of seats in
---       overdraft, report index ('+' in overdraft, '-' not, '' unchanged),
---       last denial ms ('' for none), closed periods' expiry ms, seat count, event count, history write
---       count, closed period count, key count, entitlement id; then per seat
---       (id, lease or ''), per event (type, CloudEvents JSON), per history
---       write (hour expiry ms, day expiry ms, then for the hour record and
---       for the day record: op count, then per op M|S|A, field, value), per
---       closed period its record, per idempotency key its record.
--- Returns one reply per commit: {'ok', epoch}, {'fenced', epoch},
--- {'keys', index, record, ...} or {'expired'}.
+-- KEYS, ARGV and the replies are laid out in scripts.rs (`CommitArgs`),
+-- the one encoder of this script's arguments; the reads below follow it
+-- field by field.
 --
 -- A commit that runs after its deadline is refused: the tracker has stopped
 -- waiting for it and answered 503, so it must leave no trace (a write that

@@ -1,6 +1,6 @@
-//! Processes the fault suite and the tests drive: a private `redis-server`
-//! and the tracker binary, each on a port of its own, killed with the
-//! suite (and on drop).
+//! Test support: the processes headroom's tests, the fault suite and the
+//! load tools drive, a private `redis-server` and the tracker binary, each
+//! on a port of its own and killed with its owner (and on drop).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,229 @@
+//! Extractors for what every handler needs before it starts: the caller's
+//! scope, the entitlement id of the path, and a body read within its limit
+//! and the request timeout. Handlers list them in the order they are
+//! checked: a wrong token is refused before a bad id, a bad id before the
+//! body is read.
+
+use std::future::{Ready, ready};
+use std::marker::PhantomData;
+use std::pin::Pin;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::web::{self, BytesMut};
+use actix_web::{FromRequest, HttpRequest};
+use futures_util::StreamExt;
+
+use super::AppState;
+use super::auth::Scope;
+use super::problem::{ApiError, Kind};
+use crate::domain::{EntitlementId, SeatId, ValidationError};
+
+/// The application's state, or a 500 if a route was mounted without it.
+pub(super) fn state(req: &HttpRequest) -> Result<&web::Data<AppState>, ApiError> {
+    req.app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::new(Kind::Internal, "the application state is missing"))
+}
+
+/// The caller holds an admin token.
+pub struct Admin;
+
+/// The caller holds a client (metering) or admin token.
+pub struct Client;
+
+/// A client allowed one more seat activation or release under the churn limit.
+pub struct SeatCaller;
+
+/// The caller may read `/metrics`.
+pub struct MetricsReader;
+
+fn guard<T>(req: &HttpRequest, scope: Scope, churn: bool, ok: T) -> Ready<Result<T, ApiError>> {
+    ready(state(req).and_then(|s| {
+        s.auth.require(req, scope)?;
+        if churn {
+            s.auth.churn(req)?;
+        }
+        Ok(ok)
+    }))
+}
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        guard(req, Scope::Admin, false, Admin)
+    }
+}
+
+impl FromRequest for Client {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        guard(req, Scope::Client, false, Client)
+    }
+}
+
+impl FromRequest for SeatCaller {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        guard(req, Scope::Client, true, SeatCaller)
+    }
+}
+
+impl FromRequest for MetricsReader {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        guard(req, Scope::Metrics, false, MetricsReader)
+    }
+}
+
+/// The `{id}` of the path, parsed (400 for one that is not an id).
+pub struct EntitlementPath(pub EntitlementId);
+
+impl FromRequest for EntitlementPath {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let raw = req.match_info().get("id").unwrap_or_default();
+        ready(
+            EntitlementId::parse(raw)
+                .map(EntitlementPath)
+                .map_err(ApiError::from),
+        )
+    }
+}
+
+/// The `{seat_id}` of the path, parsed (400 for one that is not an id).
+pub struct SeatPath(pub SeatId);
+
+impl FromRequest for SeatPath {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let raw = req.match_info().get("seat_id").unwrap_or_default();
+        ready(SeatId::parse(raw).map(SeatPath).map_err(ApiError::from))
+    }
+}
+
+/// The query string as `T` (unknown parameters refused, field `query`).
+pub struct Query<T>(pub T);
+
+impl<T: for<'de> serde::Deserialize<'de>> FromRequest for Query<T> {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            web::Query::<T>::from_query(req.query_string())
+                .map(|q| Query(q.into_inner()))
+                .map_err(|e| ValidationError::new("query", e.to_string()).into()),
+        )
+    }
+}
+
+/// A page size: 100 by default, 1 to `max`.
+pub fn page_limit(limit: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ValidationError::new("limit", format!("must be 1 to {max}")).into())
+    }
+}
+
+/// How large a body a route takes.
+pub trait BodyLimit {
+    fn limit(state: &AppState) -> usize;
+}
+
+/// A configuration or a batch: `--max-body-bytes`.
+pub struct Large;
+/// One usage call: 64 KiB.
+pub struct Usage;
+/// A webhook registration: 16 KiB.
+pub struct Registration;
+/// A seat call: no body, or an empty JSON object.
+pub struct Empty;
+
+impl BodyLimit for Large {
+    fn limit(state: &AppState) -> usize {
+        state.limits.max_body_bytes
+    }
+}
+
+impl BodyLimit for Usage {
+    fn limit(_: &AppState) -> usize {
+        64 * 1024
+    }
+}
+
+impl BodyLimit for Registration {
+    fn limit(_: &AppState) -> usize {
+        16 * 1024
+    }
+}
+
+impl BodyLimit for Empty {
+    fn limit(_: &AppState) -> usize {
+        1024
+    }
+}
+
+/// The whole body, at most `L`'s limit (a longer one is refused with 413
+/// before it is buffered whole), within the request timeout (408: a client
+/// that trickles its body does not hold a worker's call open).
+pub struct Body<L>(pub BytesMut, pub PhantomData<L>);
+
+impl<L: BodyLimit + 'static> FromRequest for Body<L> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let limits = state(req).map(|s| (L::limit(s), s.limits.request_timeout));
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let payload = payload.take();
+        Box::pin(async move {
+            let (limit, timeout) = limits?;
+            let body = tokio::time::timeout(timeout, read(payload, declared, limit))
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        Kind::RequestTimeout,
+                        format!("the body did not arrive within {timeout:?}"),
+                    )
+                })??;
+            Ok(Body(body, PhantomData))
+        })
+    }
+}
+
+async fn read(
+    mut payload: Payload,
+    declared: Option<usize>,
+    limit: usize,
+) -> Result<BytesMut, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            Kind::PayloadTooLarge,
+            format!("the body limit is {limit} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::new(Kind::InvalidRequest, format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}

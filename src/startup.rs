@@ -1,0 +1,179 @@
+//! The composition root: [`Application::build`] wires settings into a
+//! store, an engine, the HTTP server and the webhook dispatcher; `main`
+//! and the tests both build the application here.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::web;
+
+use crate::engine::{Clock, Engine, SystemClock};
+use crate::http::{self, AppState};
+use crate::settings::Settings;
+use crate::store::{MemoryStore, RedisStore, Store, StoreError, chain};
+use crate::webhooks::{DispatchError, Dispatcher, Webhooks};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the store cannot start")]
+    Store(#[from] StoreError),
+    #[error("the webhook dispatcher cannot start")]
+    Dispatcher(#[from] DispatchError),
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// What the application is built from besides its settings. `main` builds
+/// it from the settings ([`Wiring::from_settings`]); tests inject a store
+/// and a clock of their own.
+pub struct Wiring {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    /// Webhook registrations (with Redis only).
+    pub webhooks: Option<Webhooks>,
+    /// Start the dispatcher that delivers to the registered webhooks.
+    pub dispatch: bool,
+    /// Stop gracefully on SIGINT/SIGTERM.
+    pub signals: bool,
+}
+
+impl Wiring {
+    /// The store the settings name (Redis, or the in-memory default), the
+    /// system clock, webhooks and the dispatcher with Redis, and signals.
+    pub fn from_settings(settings: &Settings) -> Result<Self, StartupError> {
+        let window = settings.engine.idempotency_window;
+        let (store, webhooks): (Arc<dyn Store>, _) = match &settings.store.redis_url {
+            Some(url) => {
+                tracing::info!(prefix = %settings.store.redis_prefix, "persisting to Redis");
+                let store = RedisStore::start(url, &settings.store, window)?;
+                let hooks = Webhooks::new(
+                    url,
+                    &settings.store.redis_prefix,
+                    settings.store.redis_timeout,
+                )?;
+                (Arc::new(store), Some(hooks))
+            }
+            None => {
+                tracing::warn!(
+                    "no --redis-url: running on the embedded in-memory store; NOTHING SURVIVES A RESTART"
+                );
+                let store = MemoryStore::new(settings.store.stream_maxlen as usize, window);
+                (Arc::new(store), None)
+            }
+        };
+        Ok(Wiring {
+            store,
+            clock: Arc::new(SystemClock),
+            webhooks,
+            dispatch: true,
+            signals: true,
+        })
+    }
+}
+
+/// The tracker, bound and ready to run.
+pub struct Application {
+    server: Server,
+    port: u16,
+    engine: Engine,
+    dispatcher: Option<Dispatcher>,
+}
+
+impl Application {
+    /// Builds everything from the settings.
+    pub fn build(settings: Settings) -> Result<Self, StartupError> {
+        let wiring = Wiring::from_settings(&settings)?;
+        Self::build_with(settings, wiring)
+    }
+
+    /// Builds the application on the given wiring: binds the listener
+    /// first, then prints any generated token, then starts the server.
+    pub fn build_with(settings: Settings, wiring: Wiring) -> Result<Self, StartupError> {
+        let addr = settings.http.listen;
+        let listener =
+            TcpListener::bind(addr).map_err(|source| StartupError::Listen { addr, source })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen { addr, source })?
+            .port();
+        let engine = Engine::new(wiring.store, wiring.clock, settings.engine.clone());
+        let dispatcher = match (&wiring.webhooks, wiring.dispatch) {
+            (Some(hooks), true) => {
+                let mut webhooks = settings.webhooks.clone();
+                webhooks.backoff_max = webhooks.backoff_max.max(webhooks.backoff);
+                webhooks.concurrency = webhooks.concurrency.max(1);
+                webhooks.per_endpoint = webhooks.per_endpoint.max(1);
+                webhooks
+                    .consumer
+                    .get_or_insert_with(|| format!("headroom@{addr}"));
+                Some(Dispatcher::start(hooks.clone(), webhooks)?)
+            }
+            _ => None,
+        };
+        let mut limits = settings.http.limits.clone();
+        limits.max_connections = limits.max_connections.max(1);
+        let state = web::Data::new(AppState {
+            engine: engine.clone(),
+            auth: settings.http.auth.auth(),
+            limits,
+            metrics: crate::telemetry::metrics(),
+            webhooks: wiring.webhooks,
+        });
+        let workers = settings
+            .http
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        tracing::info!(listen = %addr, port, workers, "headroom is listening");
+        let server = http::serve(
+            listener,
+            state,
+            workers,
+            settings.http.shutdown_timeout,
+            wiring.signals,
+        )
+        .map_err(StartupError::Serve)?;
+        Ok(Application {
+            server,
+            port,
+            engine,
+            dispatcher,
+        })
+    }
+
+    /// The port it listens on (the one the OS chose for port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Stops the server (from a test) as SIGTERM would.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until the server stops (a signal, or [`Application::handle`]),
+    /// then stops the dispatcher and writes what the engine holds.
+    pub async fn run_until_stopped(self) -> Result<(), StartupError> {
+        let served = self.server.await.map_err(StartupError::Serve);
+        if let Err(e) = &served {
+            tracing::error!(error = %chain(e), "the HTTP server failed");
+        }
+        tracing::info!("HTTP stopped; writing what is left");
+        if let Some(d) = self.dispatcher {
+            d.stop().await;
+        }
+        self.engine.shutdown().await;
+        tracing::info!("stopped");
+        served
+    }
+}
