@@ -2,14 +2,48 @@
 //! to what was purchased are granted, calls between purchased and the hard cap
 //! are allowed but flagged, and calls past the cap are denied.
 //!
-//! Where things live, each layer depending only on those below it:
-//! - [`http`]: actix-web routes, auth, problem+json errors, `/metrics`.
-//! - [`engine`]: one actix actor per entitlement, a `dashmap` registry,
-//!   group commit, passivation and the lease sweep.
-//! - [`store`]: persistence behind the [`store::Store`] trait, in memory or
-//!   in Redis, writing state and events atomically.
-//! - [`domain`]: the pure rules, with `now` as an argument and no I/O.
-//! - [`settings`] and [`telemetry`]: flags, environment and logging for `main`.
+//! # Layers
+//! Each depends only on those below it: [`http`] → [`engine`] → [`store`]
+//! and [`domain`]. [`startup`] wires them together for `main` and for the
+//! tests; [`settings`] is the command line, made of the flag groups each
+//! layer declares ([`flags`] holds what those share).
+//!
+//! # Where things live
+//! - **The rules** (overdraft band, hard and customer caps, leases, periods,
+//!   thresholds, events): [`domain`], pure functions of the state and `now`.
+//!   Seats in `domain/entitlement/seats.rs`, metered usage in
+//!   `domain/entitlement/meters.rs`, housekeeping (lease expiry, period
+//!   ends) in `domain/entitlement/mod.rs`, configuration validation in
+//!   `domain/config.rs`, the history a decision adds in `domain/history.rs`.
+//! - **The routes**: registered in `http::routes` (`http/mod.rs`); handlers
+//!   in `http/handlers.rs` (entitlements, seats, usage, batch, health,
+//!   metrics), `http/reports.rs` (report, history, periods) and
+//!   `http/webhooks.rs`; the caller's scope, path ids, queries and bounded
+//!   bodies are extractors in `http/extract.rs`; every error becomes
+//!   problem+json in `http/problem.rs`, the one table of status and `code`.
+//! - **One call, end to end**: the handler calls [`engine::Engine`], which
+//!   finds the entitlement's actor in the registry (`engine/registry.rs`)
+//!   and sends it a typed request (`engine/actor/requests.rs`); the actor
+//!   decides it on its in-memory state and the call waits for the write
+//!   (`engine/actor/commit.rs`); the store writes it (`store/redis/`), and
+//!   only then is the call answered.
+//! - **Two levels of batching**: (1) an actor's calls that arrive while its
+//!   write is in flight share its next write (`engine/actor/commit.rs`,
+//!   `PendingWrite`); (2) each worker thread's committer sends the writes
+//!   of all its actors as one pipeline with one script call
+//!   (`store/redis/committer.rs`).
+//! - **Redis keys**: every one is built in `store/redis/keys.rs`, which
+//!   lists them; the scripts (`store/redis/lua/`) and the layout of their
+//!   arguments (`store/redis/scripts.rs`) beside it.
+//! - **Errors**: each layer has its own (`store::StoreError` with a class
+//!   decided where the cause is known, [`engine::EngineError`],
+//!   `http::problem::ApiError`), each keeping its cause as `source`.
+//! - **Metrics**: described once in `telemetry/catalog.rs` (METRICS.md is
+//!   generated from it); what the actors publish per decision in
+//!   `telemetry/engine.rs`.
+//! - **Webhooks**: registrations and signing in [`webhooks`], the
+//!   dispatcher (stream reader, delivery workers, retry schedule) in
+//!   `webhooks/dispatch/`.
 
 pub mod domain;
 pub mod engine;

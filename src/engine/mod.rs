@@ -8,8 +8,8 @@
 //! is answered only after its write succeeded. The HTTP layer sees only
 //! [`Engine`]; actix stays in here.
 //!
-//! - [`registry`]: resident entitlements (live or dormant) and the sweeper.
-//! - [`actor`]: the entitlement actor, its typed requests, its commit
+//! - `registry`: resident entitlements (live or dormant) and the sweeper.
+//! - `actor`: the entitlement actor, its typed requests, its commit
 //!   cycle, its idempotency cache and the evidence its writes carry.
 //! - [`reports`]: the overdraft report, history and closed periods, read
 //!   from the store for the HTTP layer.

@@ -64,14 +64,14 @@ pub fn decode(body: &[u8]) -> Result<Vec<DecodedEvent>, ApiError> {
 
 #[derive(Serialize)]
 #[serde(untagged)]
-enum Slot<'a> {
+enum BatchResult<'a> {
     Decision(&'a UsageDecision),
     Error { error: super::problem::Problem<'a> },
 }
 
 #[derive(Serialize)]
 struct Results<'a> {
-    results: Vec<Slot<'a>>,
+    results: Vec<BatchResult<'a>>,
 }
 
 /// Encodes the results, one per event, in input order.
@@ -79,8 +79,8 @@ pub fn encode(results: &[Result<UsageReply, ApiError>]) -> Result<Vec<u8>, serde
     let slots = results
         .iter()
         .map(|r| match r {
-            Ok(reply) => Slot::Decision(&reply.decision),
-            Err(e) => Slot::Error { error: e.problem() },
+            Ok(reply) => BatchResult::Decision(&reply.decision),
+            Err(e) => BatchResult::Error { error: e.problem() },
         })
         .collect();
     serde_json::to_vec(&Results { results: slots })

@@ -25,87 +25,72 @@ pub(super) fn state(req: &HttpRequest) -> Result<&web::Data<AppState>, ApiError>
         .ok_or_else(|| ApiError::new(Kind::Internal, "the application state is missing"))
 }
 
-/// The caller holds an admin token.
-pub struct Admin;
+/// Declares a guard: an extractor that succeeds when the caller's token
+/// has `$scope` (and, with `churn`, the token's seat churn allowance).
+macro_rules! guard {
+    ($(#[$doc:meta])* $name:ident, $scope:expr, $churn:expr) => {
+        $(#[$doc])*
+        pub struct $name;
 
-/// The caller holds a client (metering) or admin token.
-pub struct Client;
-
-/// A client allowed one more seat activation or release under the churn limit.
-pub struct SeatCaller;
-
-/// The caller may read `/metrics`.
-pub struct MetricsReader;
-
-fn guard<T>(req: &HttpRequest, scope: Scope, churn: bool, ok: T) -> Ready<Result<T, ApiError>> {
-    ready(state(req).and_then(|s| {
-        s.auth.require(req, scope)?;
-        if churn {
-            s.auth.churn(req)?;
+        impl FromRequest for $name {
+            type Error = ApiError;
+            type Future = Ready<Result<Self, ApiError>>;
+            fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+                ready(state(req).and_then(|s| {
+                    s.auth.require(req, $scope)?;
+                    if $churn {
+                        s.auth.churn(req)?;
+                    }
+                    Ok($name)
+                }))
+            }
         }
-        Ok(ok)
-    }))
+    };
 }
 
-impl FromRequest for Admin {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        guard(req, Scope::Admin, false, Admin)
-    }
+guard!(
+    /// The caller holds an admin token.
+    Admin, Scope::Admin, false
+);
+guard!(
+    /// The caller holds a client (metering) or admin token.
+    Client, Scope::Client, false
+);
+guard!(
+    /// A client allowed one more seat activation or release under the churn limit.
+    SeatCaller, Scope::Client, true
+);
+guard!(
+    /// The caller may read `/metrics`.
+    MetricsReader, Scope::Metrics, false
+);
+
+/// Declares an extractor of one path segment, parsed by `$ty::parse`
+/// (400 naming the field for one that does not parse).
+macro_rules! path_id {
+    ($(#[$doc:meta])* $name:ident($ty:ty), $segment:literal) => {
+        $(#[$doc])*
+        pub struct $name(pub $ty);
+
+        impl FromRequest for $name {
+            type Error = ApiError;
+            type Future = Ready<Result<Self, ApiError>>;
+            fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+                let raw = req.match_info().get($segment).unwrap_or_default();
+                ready(<$ty>::parse(raw).map($name).map_err(ApiError::from))
+            }
+        }
+    };
 }
 
-impl FromRequest for Client {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        guard(req, Scope::Client, false, Client)
-    }
-}
-
-impl FromRequest for SeatCaller {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        guard(req, Scope::Client, true, SeatCaller)
-    }
-}
-
-impl FromRequest for MetricsReader {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        guard(req, Scope::Metrics, false, MetricsReader)
-    }
-}
-
-/// The `{id}` of the path, parsed (400 for one that is not an id).
-pub struct EntitlementPath(pub EntitlementId);
-
-impl FromRequest for EntitlementPath {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let raw = req.match_info().get("id").unwrap_or_default();
-        ready(
-            EntitlementId::parse(raw)
-                .map(EntitlementPath)
-                .map_err(ApiError::from),
-        )
-    }
-}
-
-/// The `{seat_id}` of the path, parsed (400 for one that is not an id).
-pub struct SeatPath(pub SeatId);
-
-impl FromRequest for SeatPath {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let raw = req.match_info().get("seat_id").unwrap_or_default();
-        ready(SeatId::parse(raw).map(SeatPath).map_err(ApiError::from))
-    }
-}
+path_id!(
+    /// The `{id}` of the path.
+    EntitlementPath(EntitlementId), "id"
+);
+path_id!(
+    /// The `{seat_id}` of the path.
+    SeatPath(SeatId), "seat_id"
+);
 
 /// The query string as `T` (unknown parameters refused, field `query`).
 pub struct Query<T>(pub T);

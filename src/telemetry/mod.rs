@@ -1,6 +1,6 @@
 //! Logging, the Prometheus recorder, and what the engine publishes.
 //!
-//! Every metric is described once, in [`catalog`]; [`engine`] holds the
+//! Every metric is described once, in `catalog`; `engine` holds the
 //! series the entitlement actors update on each decision.
 
 use std::sync::OnceLock;

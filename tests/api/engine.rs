@@ -259,11 +259,21 @@ proptest! {
     }
 }
 
-/// Counts the commits that reach the store.
-struct CountingStore {
+/// Counts the commits and loads that reach the store.
+pub(crate) struct CountingStore {
     inner: Arc<dyn headroom::store::Store>,
-    commits: std::sync::atomic::AtomicUsize,
-    loads: std::sync::atomic::AtomicUsize,
+    pub(crate) commits: std::sync::atomic::AtomicUsize,
+    pub(crate) loads: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingStore {
+    pub(crate) fn new(inner: Arc<dyn headroom::store::Store>) -> Self {
+        CountingStore {
+            inner,
+            commits: Default::default(),
+            loads: Default::default(),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -339,11 +349,7 @@ impl headroom::store::Store for CountingStore {
 #[actix_rt::test]
 async fn concurrent_calls_share_writes() {
     let redis = RedisServer::start();
-    let store = Arc::new(CountingStore {
-        inner: redis_store(&redis, "group"),
-        commits: Default::default(),
-        loads: Default::default(),
-    });
+    let store = Arc::new(CountingStore::new(redis_store(&redis, "group")));
     let engine = Engine::new(
         store.clone(),
         Arc::new(SystemClock),

@@ -324,6 +324,81 @@ async fn client_pause_past_the_timeout_answers_in_time_and_leaves_no_trace() {
 /// is SIGKILLed and restarted, Redis is SIGKILLed, stopped and restarted,
 /// paused, put to sleep and filled to maxmemory; then every call is sent
 /// again with its key and the ledger must hold exactly.
+/// What Redis holds for an entitlement cannot be read: its calls answer
+/// `500 stored_state_corrupt` without `Retry-After`, at once and without
+/// reading the store again for each; other entitlements are served; the
+/// overdraft report and the closed periods list what they could not read.
+#[actix_rt::test]
+async fn corrupt_state_answers_500_once_and_is_reported() {
+    let redis = RedisServer::start();
+    let first = TestApp::spawn(redis_store(&redis, "corrupt")).await;
+    for id in ["bad", "good"] {
+        let (status, _) = first
+            .put(id, r#"{"seats": {"purchased": 1, "hard_cap": 3}}"#)
+            .await;
+        assert_eq!(status, 201);
+        for seat in ["s1", "s2"] {
+            assert_eq!(first.activate(id, seat).await.0, 200);
+        }
+    }
+    first.stop().await;
+    let mut c = redis.conn();
+    redis::cmd("HSET")
+        .arg("corrupt:{bad}:state")
+        .arg("core")
+        .arg("{not json")
+        .query::<()>(&mut c)
+        .expect("HSET");
+    redis::cmd("LPUSH")
+        .arg("corrupt:{good}:periods")
+        .arg("{not json")
+        .query::<()>(&mut c)
+        .expect("LPUSH");
+
+    let store = std::sync::Arc::new(crate::engine::CountingStore::new(redis_store(
+        &redis, "corrupt",
+    )));
+    let app = TestApp::spawn(store.clone()).await;
+    for _ in 0..5 {
+        let res = app
+            .http
+            .get(app.url("/v1/entitlements/bad"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status().as_u16(), 500);
+        assert!(res.headers().get("retry-after").is_none());
+        let body: Value = res.json().await.expect("problem");
+        assert_eq!(body["code"], "stored_state_corrupt", "{body}");
+    }
+    let loads = store.loads.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(loads, 1, "five calls read the corrupt state {loads} times");
+    assert_eq!(app.activate("bad", "s3").await.0, 500);
+    assert_eq!(app.get("good").await.0, 200);
+
+    let (status, report) = app.read("/v1/reports/overdraft", ADMIN).await;
+    assert_eq!(status, 200, "{report}");
+    let listed: Vec<&str> = report["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["entitlement"].as_str())
+        .collect();
+    assert_eq!(listed, ["good"], "{report}");
+    assert_eq!(report["unreadable"][0]["entitlement"], "bad", "{report}");
+
+    let (status, periods) = app.read("/v1/entitlements/good/periods", CLIENT).await;
+    assert_eq!(status, 200, "{periods}");
+    assert_eq!(periods["periods"].as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        periods["unreadable"].as_array().map(Vec::len),
+        Some(1),
+        "{periods}"
+    );
+    app.stop().await;
+}
+
 #[actix_rt::test]
 async fn every_fault_under_load_keeps_the_ledger_and_the_caps() {
     use headroom_load::faults::{self, Fault, Plan};

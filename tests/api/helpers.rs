@@ -155,6 +155,12 @@ impl TestApp {
         )
     }
 
+    /// `GET path` with `token`.
+    pub async fn read(&self, path: &str, token: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, Some(token), None)
+            .await
+    }
+
     /// The text of `/metrics`.
     pub async fn scrape(&self) -> String {
         let res = self

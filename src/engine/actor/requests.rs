@@ -23,7 +23,7 @@ use crate::engine::{Configured, EngineError, UsageReply, UsageRequest};
 use crate::telemetry;
 
 /// A request to an entitlement's actor.
-pub(crate) trait Request: Send + 'static + Sized {
+pub(crate) trait Request: Filed + Send + 'static + Sized {
     type Answer: Send + 'static;
     /// Applies the request to the actor's state (in memory; the write
     /// follows).
@@ -32,8 +32,6 @@ pub(crate) trait Request: Send + 'static + Sized {
         act: &mut EntitlementActor,
         now: DateTime<Utc>,
     ) -> Result<Self::Answer, EngineError>;
-    /// Files the decided call among those waiting for the write.
-    fn wait(decided: Decided<Self>) -> Waiting;
     /// The usage a granted answer adds to the history.
     fn usage(_answer: &Self::Answer) -> impl Iterator<Item = &UsageReply> {
         std::iter::empty()
@@ -105,9 +103,6 @@ impl Request for Activate {
         let (e, fx) = act.state_and_effects()?;
         Ok(e.activate(&self.0, now, fx))
     }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::Activate(d)
-    }
     fn count(d: &SeatDecision) {
         telemetry::engine::decision("activate", d.outcome, d.reason);
     }
@@ -122,9 +117,6 @@ impl Request for Release {
     ) -> Result<ReleaseResult, EngineError> {
         let (e, fx) = act.state_and_effects()?;
         Ok(e.release(&self.0, now, fx))
-    }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::Release(d)
     }
 }
 
@@ -142,9 +134,6 @@ impl Request for Consume {
         now: DateTime<Utc>,
     ) -> Result<UsageReply, EngineError> {
         act.usage(&self.0, now)
-    }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::Consume(d)
     }
     fn usage(answer: &UsageReply) -> impl Iterator<Item = &UsageReply> {
         std::iter::once(answer)
@@ -164,9 +153,6 @@ impl Request for ConsumeBatch {
         found(act)?;
         Ok(self.0.iter().map(|r| act.usage(r, now)).collect())
     }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::ConsumeBatch(d)
-    }
     fn usage(answer: &Self::Answer) -> impl Iterator<Item = &UsageReply> {
         answer.iter().flatten()
     }
@@ -184,18 +170,12 @@ impl Request for Configure {
     ) -> Result<Configured, EngineError> {
         Ok(act.configure(&self.0, now))
     }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::Configure(d)
-    }
 }
 
 impl Request for Delete {
     type Answer = ();
     fn apply(&self, act: &mut EntitlementActor, now: DateTime<Utc>) -> Result<(), EngineError> {
         act.delete(now)
-    }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::Delete(d)
     }
 }
 
@@ -210,9 +190,6 @@ impl Request for Get {
         e.housekeeping(now, fx);
         Ok(Box::new(e.view()))
     }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::Get(d)
-    }
 }
 
 impl Request for ListSeats {
@@ -226,9 +203,6 @@ impl Request for ListSeats {
         e.housekeeping(now, fx);
         Ok(e.seat_list())
     }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::ListSeats(d)
-    }
 }
 
 impl Request for Sweep {
@@ -238,9 +212,6 @@ impl Request for Sweep {
             e.housekeeping(now, fx);
         }
         Ok(())
-    }
-    fn wait(d: Decided<Self>) -> Waiting {
-        Waiting::Sweep(d)
     }
 }
 
@@ -319,35 +290,50 @@ impl<R: Request> Decided<R> {
     }
 }
 
-/// A call waiting for its write, of any request type.
-pub(crate) enum Waiting {
-    Activate(Decided<Activate>),
-    Release(Decided<Release>),
-    Consume(Decided<Consume>),
-    ConsumeBatch(Decided<ConsumeBatch>),
-    Configure(Decided<Configure>),
-    Delete(Decided<Delete>),
-    Get(Decided<Get>),
-    ListSeats(Decided<ListSeats>),
-    Sweep(Decided<Sweep>),
+/// Files a decided call among those waiting for the write (declared for
+/// each request type by `waiting!`).
+pub(crate) trait Filed: Sized {
+    fn wait(decided: Decided<Self>) -> Waiting
+    where
+        Self: Request;
 }
 
-/// Runs `$body` with `$d` bound to the [`Decided`] inside any [`Waiting`].
-macro_rules! each_waiting {
-    ($w:expr, $d:ident => $body:expr) => {
-        match $w {
-            Waiting::Activate($d) => $body,
-            Waiting::Release($d) => $body,
-            Waiting::Consume($d) => $body,
-            Waiting::ConsumeBatch($d) => $body,
-            Waiting::Configure($d) => $body,
-            Waiting::Delete($d) => $body,
-            Waiting::Get($d) => $body,
-            Waiting::ListSeats($d) => $body,
-            Waiting::Sweep($d) => $body,
+/// Declares [`Waiting`], a call waiting for its write of any of these
+/// request types, and `each_waiting!`, which runs code on the [`Decided`]
+/// inside whichever it is.
+macro_rules! waiting {
+    ($($kind:ident),* $(,)?) => {
+        pub(crate) enum Waiting {
+            $($kind(Decided<$kind>),)*
+        }
+
+        $(impl Filed for $kind {
+            fn wait(d: Decided<Self>) -> Waiting {
+                Waiting::$kind(d)
+            }
+        })*
+
+        macro_rules! each_waiting {
+            ($w:expr, $d:ident => $body:expr) => {
+                match $w {
+                    $(Waiting::$kind($d) => $body,)*
+                }
+            };
         }
     };
 }
+
+waiting!(
+    Activate,
+    Release,
+    Consume,
+    ConsumeBatch,
+    Configure,
+    Delete,
+    Get,
+    ListSeats,
+    Sweep,
+);
 
 impl Waiting {
     /// Sends the answer (its write is durable) and counts its decisions.
