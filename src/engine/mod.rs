@@ -273,7 +273,7 @@ impl Engine {
         id: &EntitlementId,
         config: EntitlementConfig,
     ) -> Result<Configured, EngineError> {
-        self.call(id, Configure(Box::new(config))).await
+        self.call(id, Configure(Box::new(config))).await.map(|c| *c)
     }
 
     pub async fn delete(&self, id: &EntitlementId) -> Result<(), EngineError> {

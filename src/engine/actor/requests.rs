@@ -162,13 +162,15 @@ impl Request for ConsumeBatch {
 }
 
 impl Request for Configure {
-    type Answer = Configured;
+    /// Boxed: a view is large, and every waiting call is as large as the
+    /// largest answer.
+    type Answer = Box<Configured>;
     fn apply(
         &self,
         act: &mut EntitlementActor,
         now: DateTime<Utc>,
-    ) -> Result<Configured, EngineError> {
-        Ok(act.configure(&self.0, now))
+    ) -> Result<Box<Configured>, EngineError> {
+        Ok(Box::new(act.configure(&self.0, now)))
     }
 }
 
