@@ -88,11 +88,6 @@ impl Message for Drain {
     type Result = Result<(), EngineError>;
 }
 
-fn found(act: &mut EntitlementActor) -> Result<&mut crate::domain::Entitlement, EngineError> {
-    let id = act.id.clone();
-    act.state.as_mut().ok_or(EngineError::NotFound(id))
-}
-
 impl Request for Activate {
     type Answer = SeatDecision;
     fn apply(
@@ -150,7 +145,7 @@ impl Request for ConsumeBatch {
         act: &mut EntitlementActor,
         now: DateTime<Utc>,
     ) -> Result<Self::Answer, EngineError> {
-        found(act)?;
+        act.state_and_effects()?;
         Ok(self.0.iter().map(|r| act.usage(r, now)).collect())
     }
     fn usage(answer: &Self::Answer) -> impl Iterator<Item = &UsageReply> {
@@ -355,11 +350,12 @@ impl Waiting {
 }
 
 /// A call received while the entitlement's state is unknown: decided once
-/// it is read back.
+/// it is read back (its placeholder answer is never sent; a read that fails
+/// answers it with the read's error).
 pub(crate) fn undecided<R: Request>(request: R, reply: Reply<R::Answer>) -> Waiting {
     R::wait(Decided {
         request,
         reply,
-        answer: Err(EngineError::ShuttingDown),
+        answer: Err(EngineError::ActorUnavailable),
     })
 }
