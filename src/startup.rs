@@ -131,14 +131,19 @@ impl Application {
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         tracing::info!(listen = %addr, port, workers, "headroom is listening");
+        // actix stops at once on SIGINT; headroom's own handler drains on
+        // both signals instead (see `stop_on_signals`).
         let server = http::serve(
             listener,
             state,
             workers,
             settings.http.shutdown_timeout,
-            wiring.signals,
+            false,
         )
         .map_err(StartupError::Serve)?;
+        if wiring.signals {
+            actix_rt::spawn(stop_on_signals(server.handle()));
+        }
         Ok(Application {
             server,
             port,
@@ -176,4 +181,38 @@ impl Application {
         tracing::info!("stopped");
         served
     }
+}
+
+/// The first SIGINT (Ctrl-C) or SIGTERM stops the server gracefully: no new
+/// connections, the calls in flight finish (each answered once durable),
+/// then the engine writes what it holds. A second signal exits at once:
+/// every call answered so far was durable, calls still in flight get no
+/// answer.
+async fn stop_on_signals(server: ServerHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::error!("signal handlers could not be installed; stop the tracker with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    tracing::info!(
+        signal = name,
+        "stopping: finishing the calls in flight (send it again to stop at once)"
+    );
+    actix_rt::spawn(server.stop(true));
+    let name = tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    tracing::warn!(
+        signal = name,
+        "second signal: exiting without waiting for the calls in flight"
+    );
+    std::process::exit(130);
 }

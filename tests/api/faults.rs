@@ -253,6 +253,51 @@ async fn sigterm_finishes_calls_in_flight_and_exits_cleanly() {
     check_ledger(&http, &tracker.base, &ledger).await;
 }
 
+/// Ctrl-C (SIGINT) and SIGTERM both drain: a call held in flight (Redis
+/// paused for writes) when the signal arrives is answered 200 once Redis
+/// takes the write, and the process exits cleanly.
+async fn a_signal_finishes_a_call_held_in_flight(sig: &'static str) {
+    let redis = RedisServer::start();
+    let mut tracker = TrackerProcess::start(&redis.url(), "drain").await;
+    let http = http_client();
+    create_acme(&http, &tracker.base).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("WRITE")
+        .query(&mut redis.conn())
+        .expect("CLIENT PAUSE");
+    let (client, base) = (http.clone(), tracker.base.clone());
+    let call = actix_rt::spawn(async move { usage_call(&client, &base, "held").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = tokio::task::spawn_blocking(move || tracker.stop_with(sig))
+        .await
+        .expect("signal");
+    let answer = call.await.expect("call");
+    let Ok((200, false, decision)) = answer else {
+        panic!("the call in flight at {sig} was answered {answer:?}");
+    };
+    assert!(stopped, "headroom exits with status 0 after {sig}");
+    let tracker = TrackerProcess::start(&redis.url(), "drain").await;
+    let ledger = Ledger::new();
+    ledger
+        .0
+        .lock()
+        .expect("ledger")
+        .insert("held".into(), Seen::Acknowledged(decision));
+    check_ledger(&http, &tracker.base, &ledger).await;
+}
+
+#[actix_rt::test]
+async fn ctrl_c_finishes_a_call_held_in_flight() {
+    a_signal_finishes_a_call_held_in_flight("-INT").await;
+}
+
+#[actix_rt::test]
+async fn sigterm_finishes_a_call_held_in_flight() {
+    a_signal_finishes_a_call_held_in_flight("-TERM").await;
+}
+
 /// Redis blocked (`DEBUG SLEEP`, `CLIENT PAUSE`) past the store timeout: the
 /// call is answered within that timeout (503, or 504 when its write was sent
 /// and could not be read back), and the write Redis runs when it wakes is

@@ -260,6 +260,12 @@ impl TrackerProcess {
         self.inner.terminate()
     }
 
+    /// Sends `sig` (`-INT` is Ctrl-C), then waits for the process to exit;
+    /// returns whether it exited cleanly.
+    pub fn stop_with(&mut self, sig: &str) -> bool {
+        self.inner.stop_with(sig)
+    }
+
     /// SIGKILL: no shutdown hook runs.
     pub fn kill(&mut self) {
         self.inner.kill();

@@ -252,10 +252,16 @@ impl Tracker {
 
     /// SIGTERM, then waits; answers whether it exited with status 0.
     pub fn terminate(&mut self) -> bool {
+        self.stop_with("-TERM")
+    }
+
+    /// Sends `sig` (`-INT`, `-TERM`), then waits; answers whether it exited
+    /// with status 0.
+    pub fn stop_with(&mut self, sig: &str) -> bool {
         let Some(mut c) = self.child.take() else {
             return false;
         };
-        signal(&c, "-TERM");
+        signal(&c, sig);
         c.wait().is_ok_and(|s| s.success())
     }
 
