@@ -16,9 +16,54 @@ pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
         .unwrap_or_else(|e| unreachable!("the defaults of a settings group parse: {e}"))
 }
 
-/// A duration flag: `500ms`, `30s`, `24h`, `35days`.
+/// A duration flag, more than zero: `500ms`, `30s`, `24h`, `35days`.
 pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 24h, 35days)"))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write a duration such as 500ms, 30s, 24h or 35days"))?;
+    if d.is_zero() {
+        return Err("must be more than 0; write a duration such as 500ms, 30s or 24h".into());
+    }
+    Ok(d)
+}
+
+/// A count flag: a whole number of at least 1.
+pub fn count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}; write a whole number of at least 1")),
+    }
+}
+
+/// [`count`] as a `u64`.
+pub fn count_u64(s: &str) -> Result<u64, String> {
+    count(s).map(|n| n as u64)
+}
+
+/// An address to listen on: `host:port`, where host may be a name
+/// (`localhost:8080`) or an IPv4/IPv6 address (`[::1]:8080`).
+pub fn address(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let mut found = s.to_socket_addrs().map_err(|e| {
+        format!("{e}; write host:port, e.g. 127.0.0.1:8080, localhost:8080 or [::1]:8080")
+    })?;
+    found
+        .next()
+        .ok_or_else(|| format!("{s} resolves to no address; write host:port"))
+}
+
+/// A Redis URL, checked as Redis will read it: `redis://host:port/db` or
+/// `rediss://` for TLS (a password may be given as `redis://:pw@host`).
+pub fn redis_url(s: &str) -> Result<String, String> {
+    use redis::IntoConnectionInfo;
+    s.into_connection_info().map_err(|e| {
+        let detail = e.detail().unwrap_or("not a Redis URL");
+        format!("{detail}; write redis://host:port/ or rediss://host:port/ for TLS")
+    })?;
+    Ok(s.to_string())
 }
 
 /// A comma-separated list, blanks left out.

@@ -38,6 +38,101 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// This process's settings from its arguments and environment. A bad
+    /// one is reported in one line that names the flag, its environment
+    /// variable, the value (a password masked) and what to write instead,
+    /// and the process exits with status 2; `--help` and `--version` print
+    /// and exit as usual.
+    pub fn from_env_or_exit() -> Settings {
+        use clap::error::ErrorKind;
+        let parsed = Settings::try_parse().map_err(|e| match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => one_line(&e),
+        });
+        match parsed.and_then(|s| s.check().map(|()| s)) {
+            Ok(s) => s,
+            Err(line) => {
+                eprintln!("headroom: {line}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// What no single flag can check.
+    pub fn check(&self) -> Result<(), String> {
+        let w = &self.webhooks;
+        if w.backoff_max < w.backoff {
+            return Err(format!(
+                "--webhook-backoff-max (HEADROOM_WEBHOOK_BACKOFF_MAX) = {:?} is shorter than \
+                 --webhook-backoff (HEADROOM_WEBHOOK_BACKOFF) = {:?}; make it at least as long",
+                humantime::format_duration(w.backoff_max).to_string(),
+                humantime::format_duration(w.backoff).to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A clap error as one line: `--flag (HEADROOM_FLAG) = "value": reason`.
+fn one_line(e: &clap::Error) -> String {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let first_line = || {
+        let rendered = e.to_string();
+        let line = rendered.lines().next().unwrap_or_default();
+        line.trim_start_matches("error: ").to_string()
+    };
+    let Some(arg) = text(ContextKind::InvalidArg) else {
+        return first_line();
+    };
+    let flag = arg.split_whitespace().next().unwrap_or(&arg).to_string();
+    let long = flag.trim_start_matches('-');
+    let command = Settings::command();
+    let env = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|v| format!(" ({})", v.to_string_lossy()))
+        .unwrap_or_default();
+    let reason = std::error::Error::source(e)
+        .map(|s| s.to_string())
+        .unwrap_or_else(first_line);
+    match text(ContextKind::InvalidValue) {
+        Some(value) => {
+            let shown = if long == "redis-url" {
+                masked_url(&value)
+            } else {
+                value
+            };
+            format!("{flag}{env} = {shown:?}: {reason}")
+        }
+        None => format!("{flag}{env}: {reason}"),
+    }
+}
+
+/// A URL with its password, if any, replaced by `***`.
+pub fn masked_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        // Not a URL: it may still hold a secret, so show only its scheme.
+        Err(_) => raw
+            .split("://")
+            .next()
+            .map_or_else(String::new, |s| format!("{s}://…")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

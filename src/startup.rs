@@ -9,24 +9,28 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::web;
 
 use crate::engine::{Clock, Engine, SystemClock};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Generated};
 use crate::settings::Settings;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError, chain};
 use crate::webhooks::{DispatchError, Dispatcher, Webhooks};
 
+/// Why the tracker could not start (or its server failed); each message is
+/// one line that names the setting concerned and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("cannot listen on {addr}")]
+    #[error(
+        "--listen (HEADROOM_LISTEN) = \"{addr}\": cannot listen there ({source}); stop what listens on it or choose another address"
+    )]
     Listen {
         addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("the store cannot start")]
+    #[error("--redis-url (HEADROOM_REDIS_URL): the store cannot start ({})", chain(.0))]
     Store(#[from] StoreError),
-    #[error("the webhook dispatcher cannot start")]
+    #[error("the webhook dispatcher cannot start ({})", chain(.0))]
     Dispatcher(#[from] DispatchError),
-    #[error("the HTTP server failed")]
+    #[error("the HTTP server failed ({0})")]
     Serve(#[source] std::io::Error),
 }
 
@@ -87,18 +91,30 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds everything from the settings.
+    /// Builds everything from the settings: binds the listener first (so
+    /// that a port in use is the first and only thing reported), then the
+    /// store, then the rest.
     pub fn build(settings: Settings) -> Result<Self, StartupError> {
+        let listener = bind(settings.http.listen)?;
         let wiring = Wiring::from_settings(&settings)?;
-        Self::build_with(settings, wiring)
+        Self::build_on(listener, settings, wiring)
     }
 
-    /// Builds the application on the given wiring: binds the listener
-    /// first, then prints any generated token, then starts the server.
+    /// Builds the application on the given wiring (tests: a store and a
+    /// clock of their own).
     pub fn build_with(settings: Settings, wiring: Wiring) -> Result<Self, StartupError> {
+        let listener = bind(settings.http.listen)?;
+        Self::build_on(listener, settings, wiring)
+    }
+
+    /// Starts the application on a bound listener; generated tokens are
+    /// printed only now, once nothing can fail any more.
+    fn build_on(
+        listener: TcpListener,
+        settings: Settings,
+        wiring: Wiring,
+    ) -> Result<Self, StartupError> {
         let addr = settings.http.listen;
-        let listener =
-            TcpListener::bind(addr).map_err(|source| StartupError::Listen { addr, source })?;
         let port = listener
             .local_addr()
             .map_err(|source| StartupError::Listen { addr, source })?
@@ -107,9 +123,6 @@ impl Application {
         let dispatcher = match (&wiring.webhooks, wiring.dispatch) {
             (Some(hooks), true) => {
                 let mut webhooks = settings.webhooks.clone();
-                webhooks.backoff_max = webhooks.backoff_max.max(webhooks.backoff);
-                webhooks.concurrency = webhooks.concurrency.max(1);
-                webhooks.per_endpoint = webhooks.per_endpoint.max(1);
                 webhooks
                     .consumer
                     .get_or_insert_with(|| format!("headroom@{addr}"));
@@ -117,12 +130,12 @@ impl Application {
             }
             _ => None,
         };
-        let mut limits = settings.http.limits.clone();
-        limits.max_connections = limits.max_connections.max(1);
+        let (auth, generated) = settings.http.auth.auth();
+        show_next_step(&generated, &local_url(addr, port));
         let state = web::Data::new(AppState {
             engine: engine.clone(),
-            auth: settings.http.auth.auth(),
-            limits,
+            auth,
+            limits: settings.http.limits.clone(),
             metrics: crate::telemetry::metrics(),
             webhooks: wiring.webhooks,
         });
@@ -180,6 +193,38 @@ impl Application {
         self.engine.shutdown().await;
         tracing::info!("stopped");
         served
+    }
+}
+
+fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr).map_err(|source| StartupError::Listen { addr, source })
+}
+
+/// The base URL a client on this machine reaches the tracker at.
+fn local_url(addr: std::net::SocketAddr, port: u16) -> String {
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+        ip if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    format!("http://{host}:{port}")
+}
+
+/// Shows the generated tokens once, on stdout, with a first call to try.
+fn show_next_step(generated: &Generated, base: &str) {
+    if let Some(t) = &generated.admin {
+        println!("generated admin token (shown once): {t}");
+    }
+    if let Some(t) = &generated.client {
+        println!("generated client token (shown once): {t}");
+    }
+    if let (Some(admin), Some(client)) = (&generated.admin, &generated.client) {
+        println!(
+            "try it: curl -s -X PUT {base}/v1/entitlements/demo -H 'Authorization: Bearer {admin}' \
+             -d '{{\"seats\": {{\"purchased\": 2, \"hard_cap\": 3}}}}' && \
+             curl -s -X POST {base}/v1/entitlements/demo/seats/alice -H 'Authorization: Bearer {client}'"
+        );
     }
 }
 

@@ -40,27 +40,46 @@ fn generate_token(prefix: &str) -> String {
     format!("{prefix}_{}", hex::encode(bytes))
 }
 
+/// Tokens generated at start because none were configured: shown once.
+#[derive(Default)]
+pub struct Generated {
+    pub admin: Option<String>,
+    pub client: Option<String>,
+}
+
 impl AuthSettings {
-    /// The tokens to accept; generated ones are printed once, to stdout.
-    pub fn auth(&self) -> Auth {
+    /// The tokens to accept, and those generated because none were given
+    /// (the caller shows them once).
+    pub fn auth(&self) -> (Auth, Generated) {
         if self.no_auth {
             tracing::warn!("--no-auth: every call is accepted without a token");
-            return Auth::disabled().with_churn_limit(self.churn_limit);
+            let auth = Auth::disabled().with_churn_limit(self.churn_limit);
+            return (auth, Generated::default());
         }
         let list = |s: &Option<String>| s.as_deref().map(crate::flags::list).unwrap_or_default();
         let mut admin = list(&self.admin_tokens);
         let mut client = list(&self.client_tokens);
+        if client.iter().any(|c| admin.contains(c)) {
+            tracing::warn!(
+                "a token is listed in both --admin-tokens and --client-tokens: it has admin rights; \
+                 give metering clients tokens of their own"
+            );
+        }
+        let mut generated = Generated::default();
         if admin.is_empty() {
-            admin.push(generate_token("adm"));
-            println!("generated admin token (shown once): {}", admin[0]);
+            let token = generate_token("adm");
+            admin.push(token.clone());
+            generated.admin = Some(token);
         }
         if client.is_empty() {
-            client.push(generate_token("cli"));
-            println!("generated client token (shown once): {}", client[0]);
+            let token = generate_token("cli");
+            client.push(token.clone());
+            generated.client = Some(token);
         }
-        Auth::new(admin, client)
+        let auth = Auth::new(admin, client)
             .with_metrics_tokens(list(&self.metrics_tokens))
-            .with_churn_limit(self.churn_limit)
+            .with_churn_limit(self.churn_limit);
+        (auth, generated)
     }
 }
 

@@ -17,7 +17,7 @@ use actix_web::web::{self, ServiceConfig};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-pub use auth::{Auth, AuthSettings, Scope};
+pub use auth::{Auth, AuthSettings, Generated, Scope};
 pub use batch::MAX_BATCH_EVENTS;
 
 use crate::engine::Engine;
@@ -27,10 +27,10 @@ use problem::{ApiError, Kind};
 #[derive(clap::Args, Clone, Debug)]
 pub struct HttpSettings {
     /// Address to listen on.
-    #[arg(long, env = "HEADROOM_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "HEADROOM_LISTEN", default_value = "127.0.0.1:8080", value_parser = crate::flags::address)]
     pub listen: std::net::SocketAddr,
     /// HTTP worker threads (default: one per core).
-    #[arg(long, env = "HEADROOM_WORKERS")]
+    #[arg(long, env = "HEADROOM_WORKERS", value_parser = crate::flags::count)]
     pub workers: Option<usize>,
     /// How long a graceful shutdown waits for calls in flight.
     #[arg(long, env = "HEADROOM_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = crate::flags::duration)]
@@ -50,7 +50,7 @@ impl Default for HttpSettings {
 #[derive(clap::Args, Clone, Debug)]
 pub struct Limits {
     /// Largest request body (configuration and batch requests).
-    #[arg(long, env = "HEADROOM_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "HEADROOM_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = crate::flags::count)]
     pub max_body_bytes: usize,
     /// Longest time a client may take to send a request's head, and then its
     /// body (slow clients cannot hold a worker; 408 after it).
@@ -58,7 +58,7 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Most open connections served at once, all workers together; a connection
     /// beyond it is answered `503 too_many_connections` and closed.
-    #[arg(long, env = "HEADROOM_MAX_CONNECTIONS", default_value_t = 25_000)]
+    #[arg(long, env = "HEADROOM_MAX_CONNECTIONS", default_value_t = 25_000, value_parser = crate::flags::count)]
     pub max_connections: usize,
 }
 

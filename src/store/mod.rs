@@ -28,13 +28,13 @@ use crate::domain::{
 #[derive(clap::Args, Clone, Debug)]
 pub struct StoreSettings {
     /// Redis URL (redis:// or rediss://). Without one, state lives in memory only.
-    #[arg(long, env = "HEADROOM_REDIS_URL", hide_env_values = true)]
+    #[arg(long, env = "HEADROOM_REDIS_URL", hide_env_values = true, value_parser = crate::flags::redis_url)]
     pub redis_url: Option<String>,
     /// Prefix of every Redis key.
     #[arg(long, env = "HEADROOM_REDIS_PREFIX", default_value = "headroom")]
     pub redis_prefix: String,
     /// Approximate maximum length of the event stream (XADD MAXLEN ~).
-    #[arg(long, env = "HEADROOM_STREAM_MAXLEN", default_value_t = 1_000_000)]
+    #[arg(long, env = "HEADROOM_STREAM_MAXLEN", default_value_t = 1_000_000, value_parser = crate::flags::count_u64)]
     pub stream_maxlen: u64,
     /// Longest wait for Redis on behalf of one call (a write gets 3/4 of it,
     /// the read-back of a write whose outcome is unknown the rest); the call
@@ -42,7 +42,7 @@ pub struct StoreSettings {
     #[arg(long, env = "HEADROOM_REDIS_TIMEOUT", default_value = "2s", value_parser = crate::flags::duration)]
     pub redis_timeout: Duration,
     /// Redis connections in the pool.
-    #[arg(long, env = "HEADROOM_REDIS_POOL_SIZE", default_value_t = 8)]
+    #[arg(long, env = "HEADROOM_REDIS_POOL_SIZE", default_value_t = 8, value_parser = crate::flags::count)]
     pub redis_pool_size: usize,
     /// Most entitlement commits in one pipeline.
     #[arg(skip = 512_usize)]

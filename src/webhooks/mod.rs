@@ -63,14 +63,16 @@ pub struct WebhookSettings {
     #[arg(
         long = "webhook-concurrency",
         env = "HEADROOM_WEBHOOK_CONCURRENCY",
-        default_value_t = 64
+        default_value_t = 64,
+        value_parser = crate::flags::count
     )]
     pub concurrency: usize,
     /// Webhook deliveries in flight at once to one endpoint.
     #[arg(
         long = "webhook-per-endpoint",
         env = "HEADROOM_WEBHOOK_PER_ENDPOINT",
-        default_value_t = 4
+        default_value_t = 4,
+        value_parser = crate::flags::count
     )]
     pub per_endpoint: usize,
     /// This process's name in the webhook consumer group (default: from

@@ -11,6 +11,7 @@ mod ops;
 mod readme;
 mod reports;
 mod seats;
+mod startup;
 mod store_contract;
 mod usage;
 mod webhooks;

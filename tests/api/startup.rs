@@ -1,0 +1,185 @@
+//! Starting the tracker binary as an operator would: a bad setting or a
+//! port in use is one line naming the setting, nothing else; good settings
+//! start it and print a first call to try.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+/// The binary with only `env` (and `PATH`): nothing from this process's
+/// environment leaks in. Backtraces are asked for, to show there are none.
+fn headroom(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_headroom"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_BACKTRACE", "1")
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Everything it printed, stdout and stderr, as non-empty lines.
+fn lines(out: &Output) -> Vec<String> {
+    [&out.stdout, &out.stderr]
+        .iter()
+        .flat_map(|b| {
+            String::from_utf8_lossy(b)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| !l.trim().is_empty())
+        .collect()
+}
+
+/// Runs a start that must fail; answers its one line and exit code.
+fn refused(args: &[&str], env: &[(&str, &str)]) -> (String, i32) {
+    let out = headroom(args, env).output().expect("run headroom");
+    let lines = lines(&out);
+    assert!(!out.status.success(), "started with {args:?} {env:?}");
+    assert_eq!(lines.len(), 1, "one line, got:\n{}", lines.join("\n"));
+    (lines[0].clone(), out.status.code().unwrap_or(-1))
+}
+
+#[test]
+fn a_port_in_use_is_one_line_naming_the_setting_and_no_token_is_printed() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (line, code) = refused(&[], &[("HEADROOM_LISTEN", &addr)]);
+    assert_eq!(code, 1);
+    for part in ["--listen", "HEADROOM_LISTEN", addr.as_str(), "in use"] {
+        assert!(line.contains(part), "`{part}` missing from: {line}");
+    }
+}
+
+#[test]
+fn bad_settings_are_one_line_each_naming_flag_variable_and_value() {
+    for (args, env, names, value) in [
+        (
+            vec!["--redis-timeout", "0s"],
+            vec![],
+            ["--redis-timeout", "HEADROOM_REDIS_TIMEOUT"],
+            "0s",
+        ),
+        (
+            vec![],
+            vec![("HEADROOM_WORKERS", "0")],
+            ["--workers", "HEADROOM_WORKERS"],
+            "0",
+        ),
+        (
+            vec!["--redis-url", "http://127.0.0.1:6379"],
+            vec![],
+            ["--redis-url", "HEADROOM_REDIS_URL"],
+            "http://127.0.0.1:6379",
+        ),
+        (
+            vec!["--listen", "no-such-host.invalid:80"],
+            vec![],
+            ["--listen", "HEADROOM_LISTEN"],
+            "no-such-host.invalid:80",
+        ),
+        (
+            vec!["--webhook-backoff", "10s", "--webhook-backoff-max", "1s"],
+            vec![],
+            ["--webhook-backoff-max", "--webhook-backoff"],
+            "1s",
+        ),
+    ] {
+        let (line, code) = refused(&args, &env);
+        assert_eq!(code, 2, "{line}");
+        for part in names.iter().chain([&value]) {
+            assert!(line.contains(part), "`{part}` missing from: {line}");
+        }
+        assert!(!line.contains("backtrace"), "{line}");
+    }
+}
+
+#[test]
+fn a_redis_password_never_appears_in_an_error() {
+    let (line, _) = refused(&["--redis-url", "redis://:s3cret@127.0.0.1:notaport/"], &[]);
+    assert!(line.contains("--redis-url"), "{line}");
+    assert!(!line.contains("s3cret"), "password shown: {line}");
+}
+
+/// Waits until `/healthz` answers on `addr`.
+fn healthy(addr: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let req = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+            let mut answer = String::new();
+            if s.write_all(req.as_bytes()).is_ok()
+                && s.read_to_string(&mut answer).is_ok()
+                && answer.starts_with("HTTP/1.1 200")
+            {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn a_host_name_is_accepted_and_a_first_call_is_printed_with_the_generated_tokens() {
+    let port = free_port();
+    let mut child = headroom(&[], &[("HEADROOM_LISTEN", &format!("localhost:{port}"))])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let up = healthy(&format!("127.0.0.1:{port}"));
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    assert!(up, "did not serve on localhost:{port}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let token = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no `{prefix}` in:\n{stdout}"))
+    };
+    let admin = token("generated admin token (shown once): ");
+    let client = token("generated client token (shown once): ");
+    let next = token("try it: ");
+    assert!(next.contains(&admin) && next.contains(&client), "{next}");
+    assert!(
+        next.contains(&format!(":{port}/v1/entitlements/")),
+        "{next}"
+    );
+}
+
+#[test]
+fn a_token_that_is_both_admin_and_client_is_warned_about() {
+    let port = free_port();
+    let mut child = headroom(
+        &[],
+        &[
+            ("HEADROOM_LISTEN", &format!("127.0.0.1:{port}")),
+            ("HEADROOM_ADMIN_TOKENS", "same-token"),
+            ("HEADROOM_CLIENT_TOKENS", "same-token,other"),
+            ("RUST_LOG", "warn"),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start");
+    let up = healthy(&format!("127.0.0.1:{port}"));
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    assert!(up);
+    let all = lines(&out).join("\n");
+    assert!(
+        all.contains("both --admin-tokens and --client-tokens"),
+        "{all}"
+    );
+    assert!(!all.contains("same-token"), "a token was printed: {all}");
+}
