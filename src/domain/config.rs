@@ -267,10 +267,11 @@ pub struct EntitlementConfig {
 
 impl EntitlementConfig {
     /// Parses and validates a configuration document (the body of a PUT).
-    pub fn from_json(body: &[u8]) -> Result<Self, ValidationError> {
-        let mut cfg: EntitlementConfig = serde_json::from_slice(body)
-            .map_err(|e| ValidationError::new("body", e.to_string()))?;
-        cfg.validate()?;
+    /// A configuration from a request body, validated; the error names the
+    /// field at fault.
+    pub fn from_json(body: &[u8]) -> Result<Self, super::json::JsonError> {
+        let mut cfg: EntitlementConfig = super::json::decode(body)?;
+        cfg.validate().map_err(super::json::JsonError::Invalid)?;
         Ok(cfg)
     }
 
@@ -304,7 +305,7 @@ impl EntitlementConfig {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<EntitlementConfig, ValidationError> {
+    fn parse(s: &str) -> Result<EntitlementConfig, crate::domain::json::JsonError> {
         EntitlementConfig::from_json(s.as_bytes())
     }
 

@@ -8,6 +8,7 @@ mod entitlement;
 mod event;
 mod history;
 mod ids;
+pub mod json;
 mod keymap;
 mod period;
 mod view;

@@ -49,7 +49,7 @@ pub fn decode(body: &[u8]) -> Result<Vec<DecodedEvent>, ApiError> {
         .events
         .iter()
         .map(|raw| {
-            let ev: BatchEvent = serde_json::from_str(raw.get()).map_err(ApiError::json_error)?;
+            let ev: BatchEvent = crate::domain::json::decode(raw.get().as_bytes())?;
             Ok((
                 ev.entitlement,
                 UsageRequest {

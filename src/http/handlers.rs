@@ -13,6 +13,7 @@ use super::extract::{
     Admin, Body, Client, Empty, EntitlementPath, Large, MetricsReader, SeatCaller, SeatPath, Usage,
 };
 use super::problem::{ApiError, Kind};
+use crate::domain::json;
 use crate::domain::{
     Amount, DenyReason, EntitlementConfig, FeatureKey, IdempotencyKey, Outcome, SeatDecision,
     UsageDecision,
@@ -93,16 +94,7 @@ pub async fn put_entitlement(
     Body(body, ..): Body<Large>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let config = EntitlementConfig::from_json(&body).map_err(|e| {
-        if e.field == "body" {
-            match serde_json::from_slice::<serde_json::Value>(&body) {
-                Err(j) => ApiError::json_error(j),
-                Ok(_) => ApiError::from(e),
-            }
-        } else {
-            ApiError::from(e)
-        }
-    })?;
+    let config = EntitlementConfig::from_json(&body)?;
     let put = state.engine.put(&id, config).await?;
     let status = if put.created {
         StatusCode::CREATED
@@ -209,7 +201,7 @@ pub async fn record_usage(
     Body(body, ..): Body<Usage>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let usage: UsageBody = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
+    let usage: UsageBody = json::decode(&body)?;
     usage_answer(state.engine.consume(&id, usage.into()).await?, || {
         state.engine.now()
     })

@@ -7,6 +7,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::domain::ValidationError;
+use crate::domain::json::JsonError;
 use crate::engine::EngineError;
 use crate::store::chain;
 
@@ -179,13 +180,19 @@ impl ApiError {
         ApiError::new(Kind::Internal, "the answer could not be encoded")
     }
 
+    /// A body that is not the JSON a route takes, named in the product's words.
     pub fn json_error(e: serde_json::Error) -> Self {
-        use serde_json::error::Category;
-        let kind = match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => Kind::InvalidJson,
-            Category::Data => Kind::InvalidRequest,
-        };
-        ApiError::new(kind, e.to_string())
+        crate::domain::json::from_serde(e).into()
+    }
+
+}
+
+impl From<JsonError> for ApiError {
+    fn from(e: JsonError) -> Self {
+        match e {
+            JsonError::Syntax(message) => ApiError::new(Kind::InvalidJson, message),
+            JsonError::Invalid(v) => v.into(),
+        }
     }
 }
 

@@ -44,7 +44,7 @@ pub async fn create(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
     let hooks = webhooks(&state)?;
-    let new: NewWebhook = serde_json::from_slice(&body).map_err(ApiError::json_error)?;
+    let new: NewWebhook = crate::domain::json::decode(&body)?;
     let (hook, secret) = hooks.register(new).await.map_err(|e| match e {
         RegisterError::Invalid(v) => v.into(),
         RegisterError::Store(s) => store_error(s),

@@ -425,3 +425,35 @@ async fn connections_beyond_the_limit_get_a_clear_503() {
     assert!(served, "a slot freed by a closed connection was not reused");
     app.stop().await;
 }
+
+/// A body error names the field at fault, in the product's words: its path
+/// in the body, and no Rust type names.
+#[actix_rt::test]
+async fn body_errors_name_the_field_without_rust_type_names() {
+    let app = app_with_acme().await;
+    for (body, field) in [
+        (r#"{"seats": 5}"#, "seats"),
+        (r#"{"seats": {"purchased": "ten"}}"#, "seats.purchased"),
+        (r#"{"seats": {"purchased": 1, "colour": 2}}"#, "seats.colour"),
+        (r#"{"features": {"api": {"included": "x"}}}"#, "features.api.included"),
+        (r#"{"seats": {"purchased": 10, "hard_cap": 9}}"#, "seats.hard_cap"),
+    ] {
+        let (status, problem) = app.put("acme", body).await;
+        assert_eq!(status, 400, "{body}: {problem}");
+        assert_eq!(problem["field"], field, "{body}: {problem}");
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        for rust in ["struct", "SeatConfig", "FeatureConfig", "u64", "enum "] {
+            assert!(!detail.contains(rust), "{body}: `{rust}` in {detail}");
+        }
+    }
+    for (body, field) in [
+        (r#"{"feature": "api", "amount": "x"}"#, "amount"),
+        (r#"{"amount": 1}"#, "feature"),
+        (r#"{"feature": "api", "amount": 1, "colour": 2}"#, "colour"),
+    ] {
+        let (status, problem) = app.usage("acme", body).await;
+        assert_eq!(status, 400, "{body}: {problem}");
+        assert_eq!(problem["field"], field, "{body}: {problem}");
+    }
+    unchanged(&app).await;
+}

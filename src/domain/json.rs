@@ -1,0 +1,134 @@
+//! Reading a JSON body so that a client learns which field is wrong, in the
+//! product's words: the path of the field (`seats.hard_cap`,
+//! `features.api.included`) and a reason without Rust type names.
+
+use serde::de::DeserializeOwned;
+
+use super::ValidationError;
+
+/// Why a body could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// Not JSON at all (or cut short).
+    #[error("{0}")]
+    Syntax(String),
+    /// JSON, but a field is missing, unknown, of the wrong type or breaks a rule.
+    #[error(transparent)]
+    Invalid(ValidationError),
+}
+
+/// Decodes `body` as `T`, naming the field at fault.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, JsonError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        classify(&path, e.into_inner())
+    })
+}
+
+/// serde_json's error of a document read as a whole (no path known).
+pub fn from_serde(e: serde_json::Error) -> JsonError {
+    classify(".", e)
+}
+
+fn classify(path: &str, e: serde_json::Error) -> JsonError {
+    use serde_json::error::Category;
+    let message = in_product_words(&e.to_string());
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => JsonError::Syntax(message),
+        Category::Data => JsonError::Invalid(ValidationError::new(field(path, &message), message)),
+    }
+}
+
+/// The field a message is about: the path, and for a missing or unknown
+/// field, that field below it.
+fn field(path: &str, message: &str) -> String {
+    let base = if path == "." { "" } else { path };
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|p| message.split_once(p).and_then(|(_, rest)| rest.split_once('`')))
+        .map(|(name, _)| name);
+    match (base, named) {
+        ("", Some(n)) => n.to_string(),
+        ("", None) => "body".to_string(),
+        (b, Some(n)) if !b.ends_with(n) => format!("{b}.{n}"),
+        (b, _) => b.to_string(),
+    }
+}
+
+/// serde's message with Rust's type names replaced by what a client sends,
+/// and without the position (which is of the whole body).
+fn in_product_words(message: &str) -> String {
+    let mut out = message.to_string();
+    if let Some(i) = out.find(" at line ") {
+        out.truncate(i);
+    }
+    for (rust, words) in [
+        ("u64", "a whole number of at least 0"),
+        ("u32", "a whole number of at least 0"),
+        ("u16", "a whole number of at least 0"),
+        ("u8", "a whole number of at least 0"),
+        ("usize", "a whole number of at least 0"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("f64", "a number"),
+    ] {
+        out = out.replace(&format!("expected {rust}"), &format!("expected {words}"));
+    }
+    // `expected struct SeatConfig`, `expected enum Period`, `expected a map`.
+    for (prefix, words) in [("expected struct ", "an object"), ("expected enum ", "one of the documented values")] {
+        while let Some(i) = out.find(prefix) {
+            let start = i + "expected ".len();
+            let end = out[i + prefix.len()..]
+                .find(|c: char| !c.is_alphanumeric() && c != '_')
+                .map_or(out.len(), |e| i + prefix.len() + e);
+            out.replace_range(start..end, words);
+        }
+    }
+    out.replace("expected a map", "expected an object")
+        .replace("expected a sequence", "expected an array")
+        .replace("invalid type: map", "invalid type: object")
+        .replace("invalid type: sequence", "invalid type: array")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        purchased: u64,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        seats: Inner,
+    }
+
+    fn invalid(body: &str) -> ValidationError {
+        match decode::<Outer>(body.as_bytes()) {
+            Err(JsonError::Invalid(v)) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_field_is_named_and_no_rust_type_leaks() {
+        let e = invalid(r#"{"seats": {"purchased": "ten"}}"#);
+        assert_eq!(e.field, "seats.purchased");
+        assert!(e.message.contains("a whole number"), "{}", e.message);
+        let e = invalid(r#"{"seats": 5}"#);
+        assert_eq!(e.field, "seats");
+        assert!(!e.message.contains("Inner"), "{}", e.message);
+        assert!(e.message.contains("an object"), "{}", e.message);
+        let e = invalid(r#"{"seats": {"purchased": 1, "colour": 2}}"#);
+        assert_eq!(e.field, "seats.colour");
+        let e = invalid(r#"{}"#);
+        assert_eq!(e.field, "seats");
+        assert!(matches!(decode::<Outer>(b"{"), Err(JsonError::Syntax(_))));
+    }
+}
