@@ -46,7 +46,11 @@ fn field(path: &str, message: &str) -> String {
     let base = if path == "." { "" } else { path };
     let named = ["missing field `", "unknown field `"]
         .iter()
-        .find_map(|p| message.split_once(p).and_then(|(_, rest)| rest.split_once('`')))
+        .find_map(|p| {
+            message
+                .split_once(p)
+                .and_then(|(_, rest)| rest.split_once('`'))
+        })
         .map(|(name, _)| name);
     match (base, named) {
         ("", Some(n)) => n.to_string(),
@@ -76,7 +80,10 @@ fn in_product_words(message: &str) -> String {
         out = out.replace(&format!("expected {rust}"), &format!("expected {words}"));
     }
     // `expected struct SeatConfig`, `expected enum Period`, `expected a map`.
-    for (prefix, words) in [("expected struct ", "an object"), ("expected enum ", "one of the documented values")] {
+    for (prefix, words) in [
+        ("expected struct ", "an object"),
+        ("expected enum ", "one of the documented values"),
+    ] {
         while let Some(i) = out.find(prefix) {
             let start = i + "expected ".len();
             let end = out[i + prefix.len()..]

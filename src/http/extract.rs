@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use super::AppState;
 use super::auth::Scope;
 use super::problem::{ApiError, Kind};
-use crate::domain::{EntitlementId, SeatId, ValidationError};
+use crate::domain::{EntitlementId, IdempotencyKey, SeatId, ValidationError};
 
 /// The application's state, or a 500 if a route was mounted without it.
 pub(super) fn state(req: &HttpRequest) -> Result<&web::Data<AppState>, ApiError> {
@@ -91,6 +91,39 @@ path_id!(
     /// The `{seat_id}` of the path.
     SeatPath(SeatId), "seat_id"
 );
+
+/// The standard `Idempotency-Key` header (IETF httpapi draft), parsed
+/// like the body's `idempotency_key` (400 naming the header if it is not
+/// a valid key).
+pub struct IdempotencyHeader(pub Option<IdempotencyKey>);
+
+/// The header's name, as clients send it.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+impl FromRequest for IdempotencyHeader {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let Some(raw) = req.headers().get(IDEMPOTENCY_KEY) else {
+            return ready(Ok(IdempotencyHeader(None)));
+        };
+        let invalid = |m: String| ValidationError::new(IDEMPOTENCY_KEY, m).into();
+        ready(
+            raw.to_str()
+                .map_err(|_| invalid("not visible ASCII".into()))
+                .and_then(|s| {
+                    // A structured-field string may come quoted.
+                    let s = s.trim();
+                    let s = s
+                        .strip_prefix('"')
+                        .and_then(|s| s.strip_suffix('"'))
+                        .unwrap_or(s);
+                    IdempotencyKey::parse(s).map_err(|e| invalid(e.message))
+                })
+                .map(|k| IdempotencyHeader(Some(k))),
+        )
+    }
+}
 
 /// The query string as `T` (unknown parameters refused, field `query`).
 pub struct Query<T>(pub T);

@@ -10,14 +10,15 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::batch;
 use super::extract::{
-    Admin, Body, Client, Empty, EntitlementPath, Large, MetricsReader, SeatCaller, SeatPath, Usage,
+    Admin, Body, Client, Empty, EntitlementPath, IDEMPOTENCY_KEY, IdempotencyHeader, Large,
+    MetricsReader, SeatCaller, SeatPath, Usage,
 };
 use super::problem::{ApiError, Kind};
-use crate::domain::json;
 use crate::domain::{
     Amount, DenyReason, EntitlementConfig, FeatureKey, IdempotencyKey, Outcome, SeatDecision,
     UsageDecision,
 };
+use crate::domain::{ValidationError, json};
 use crate::engine::{UsageReply, UsageRequest};
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -198,10 +199,22 @@ impl From<UsageBody> for UsageRequest {
 pub async fn record_usage(
     _: Client,
     EntitlementPath(id): EntitlementPath,
+    IdempotencyHeader(header): IdempotencyHeader,
     Body(body, ..): Body<Usage>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let usage: UsageBody = json::decode(&body)?;
+    let mut usage: UsageBody = json::decode(&body)?;
+    match (&usage.idempotency_key, header) {
+        (Some(in_body), Some(in_header)) if *in_body != in_header => {
+            return Err(ValidationError::new(
+                IDEMPOTENCY_KEY,
+                "differs from the body's idempotency_key; send one of them, or the same key in both",
+            )
+            .into());
+        }
+        (None, Some(in_header)) => usage.idempotency_key = Some(in_header),
+        _ => {}
+    }
     usage_answer(state.engine.consume(&id, usage.into()).await?, || {
         state.engine.now()
     })
@@ -209,9 +222,17 @@ pub async fn record_usage(
 
 pub async fn record_batch(
     _: Client,
+    IdempotencyHeader(header): IdempotencyHeader,
     Body(body, ..): Body<Large>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
+    if header.is_some() {
+        return Err(ValidationError::new(
+            IDEMPOTENCY_KEY,
+            "a batch takes a key per event (each event's idempotency_key), not one for the request",
+        )
+        .into());
+    }
     let (pending, valid) = batch::split(batch::decode(&body)?);
     let results = pending.fill(state.engine.consume_batch(valid).await);
     Ok(HttpResponse::Ok()

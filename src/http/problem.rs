@@ -184,7 +184,6 @@ impl ApiError {
     pub fn json_error(e: serde_json::Error) -> Self {
         crate::domain::json::from_serde(e).into()
     }
-
 }
 
 impl From<JsonError> for ApiError {

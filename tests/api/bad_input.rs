@@ -434,9 +434,18 @@ async fn body_errors_name_the_field_without_rust_type_names() {
     for (body, field) in [
         (r#"{"seats": 5}"#, "seats"),
         (r#"{"seats": {"purchased": "ten"}}"#, "seats.purchased"),
-        (r#"{"seats": {"purchased": 1, "colour": 2}}"#, "seats.colour"),
-        (r#"{"features": {"api": {"included": "x"}}}"#, "features.api.included"),
-        (r#"{"seats": {"purchased": 10, "hard_cap": 9}}"#, "seats.hard_cap"),
+        (
+            r#"{"seats": {"purchased": 1, "colour": 2}}"#,
+            "seats.colour",
+        ),
+        (
+            r#"{"features": {"api": {"included": "x"}}}"#,
+            "features.api.included",
+        ),
+        (
+            r#"{"seats": {"purchased": 10, "hard_cap": 9}}"#,
+            "seats.hard_cap",
+        ),
     ] {
         let (status, problem) = app.put("acme", body).await;
         assert_eq!(status, 400, "{body}: {problem}");

@@ -2,6 +2,8 @@ use chrono::Duration;
 use futures_util::future::join_all;
 use headroom::engine::EngineSettings;
 
+use serde_json::Value;
+
 use crate::helpers::*;
 
 #[actix_rt::test]
@@ -418,5 +420,71 @@ async fn a_replayed_denial_carries_the_replay_header() {
             .and_then(|v| v.to_str().ok()),
         Some("true")
     );
+    app.stop().await;
+}
+
+/// The standard `Idempotency-Key` header means what the body's
+/// `idempotency_key` means; the two disagreeing, a malformed header, or
+/// the header on a batch (whose events carry keys of their own) are 400
+/// and change nothing.
+#[actix_rt::test]
+async fn the_idempotency_key_header_is_honoured() {
+    let app = TestApp::spawn(memory_store()).await;
+    app.put("acme", r#"{"features": {"api": {"included": 100}}}"#)
+        .await;
+    let call = |key: &'static str, body: &'static str| {
+        let req = app
+            .http
+            .post(app.url("/v1/entitlements/acme/usage"))
+            .bearer_auth(CLIENT)
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", key)
+            .body(body);
+        async move {
+            let res = req.send().await.expect("request");
+            let replayed = res.headers().contains_key("idempotency-replayed");
+            let status = res.status().as_u16();
+            let body: Value = res.json().await.expect("json");
+            (status, replayed, body)
+        }
+    };
+    let first = call("order-1", r#"{"feature": "api", "amount": 3}"#).await;
+    assert_eq!((first.0, first.1), (200, false), "{}", first.2);
+    let again = call("order-1", r#"{"feature": "api", "amount": 3}"#).await;
+    assert_eq!((again.0, again.1), (200, true), "{}", again.2);
+    assert_eq!(again.2, first.2);
+    // The same key in the header and in the body is one key.
+    let both = call(
+        "order-1",
+        r#"{"feature": "api", "amount": 3, "idempotency_key": "order-1"}"#,
+    )
+    .await;
+    assert_eq!((both.0, both.1), (200, true));
+    let (_, view) = app.get("acme").await;
+    assert_eq!(view["features"]["api"]["used"], 3);
+
+    for (key, body) in [
+        (
+            "order-2",
+            r#"{"feature": "api", "amount": 1, "idempotency_key": "other"}"#,
+        ),
+        ("", r#"{"feature": "api", "amount": 1}"#),
+    ] {
+        let (status, _, problem) = call(key, body).await;
+        assert_eq!(status, 400, "{problem}");
+        assert_eq!(problem["field"], "Idempotency-Key", "{problem}");
+    }
+    let res = app
+        .http
+        .post(app.url("/v1/usage/batch"))
+        .bearer_auth(CLIENT)
+        .header("Idempotency-Key", "batch-1")
+        .body(r#"{"events": [{"entitlement": "acme", "feature": "api", "amount": 1}]}"#)
+        .send()
+        .await
+        .expect("batch");
+    assert_eq!(res.status().as_u16(), 400);
+    let (_, view) = app.get("acme").await;
+    assert_eq!(view["features"]["api"]["used"], 3, "nothing changed");
     app.stop().await;
 }
