@@ -85,11 +85,20 @@ pub fn collect_process_metrics() {
 }
 
 /// Logs to stderr, as text or JSON, filtered by `RUST_LOG` (default `info`).
+/// Without `RUST_LOG`, headroom's own events from `info` and the HTTP
+/// framework's only from `warn` (its start-up chatter says nothing an
+/// operator needs). Colour only on a terminal, and never with `NO_COLOR`.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,actix_server=warn,actix_web=warn,actix_http=warn,actix=warn")
+    });
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()

@@ -539,3 +539,17 @@ async fn redis_over_tls_with_a_password_works_and_the_password_is_never_logged()
     assert!(!logs.is_empty(), "debug logs were written");
     assert!(!logs.contains(password), "the password is in the logs");
 }
+
+/// Times the tracker answers have the precision the store keeps (ms), so
+/// they read the same before and after a restart.
+#[actix_rt::test]
+async fn times_are_answered_to_the_millisecond() {
+    let app = TestApp::spawn(memory_store()).await;
+    let (_, view) = app.put("acme", r#"{"seats": {"purchased": 1}}"#).await;
+    for field in ["created_at", "updated_at"] {
+        let t = view[field].as_str().unwrap_or_default();
+        let fraction = t.split_once('.').map_or("", |(_, f)| f.trim_end_matches('Z'));
+        assert!(fraction.len() <= 3, "{field} = {t}");
+    }
+    app.stop().await;
+}

@@ -183,3 +183,23 @@ fn a_token_that_is_both_admin_and_client_is_warned_about() {
     );
     assert!(!all.contains("same-token"), "a token was printed: {all}");
 }
+
+/// Written to a file (here a pipe), the log has no colour codes, and the
+/// HTTP framework's start-up chatter stays below the default level.
+#[test]
+fn logs_to_a_file_are_plain_and_quiet() {
+    let port = free_port();
+    let mut child = headroom(&[], &[("HEADROOM_LISTEN", &format!("127.0.0.1:{port}"))])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let up = healthy(&format!("127.0.0.1:{port}"));
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    assert!(up);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("headroom is listening"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a file: {log:?}");
+    assert!(!log.contains("actix_server"), "framework chatter at info: {log}");
+}
