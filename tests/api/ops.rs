@@ -548,7 +548,9 @@ async fn times_are_answered_to_the_millisecond() {
     let (_, view) = app.put("acme", r#"{"seats": {"purchased": 1}}"#).await;
     for field in ["created_at", "updated_at"] {
         let t = view[field].as_str().unwrap_or_default();
-        let fraction = t.split_once('.').map_or("", |(_, f)| f.trim_end_matches('Z'));
+        let fraction = t
+            .split_once('.')
+            .map_or("", |(_, f)| f.trim_end_matches('Z'));
         assert!(fraction.len() <= 3, "{field} = {t}");
     }
     app.stop().await;

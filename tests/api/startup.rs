@@ -201,5 +201,71 @@ fn logs_to_a_file_are_plain_and_quiet() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("headroom is listening"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a file: {log:?}");
-    assert!(!log.contains("actix_server"), "framework chatter at info: {log}");
+    assert!(
+        !log.contains("actix_server"),
+        "framework chatter at info: {log}"
+    );
+}
+
+/// Redis going away and coming back is logged as it changes: once
+/// unreachable (naming host and port), once reachable again, not once per
+/// failed call.
+#[actix_rt::test]
+async fn redis_outages_are_logged_once_as_state_changes() {
+    let mut redis = RedisServer::start();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = headroom(
+        &[],
+        &[
+            ("HEADROOM_LISTEN", &format!("127.0.0.1:{port}")),
+            ("HEADROOM_REDIS_URL", &redis.url()),
+            ("HEADROOM_REDIS_TIMEOUT", "300ms"),
+            ("HEADROOM_ADMIN_TOKENS", ADMIN),
+            ("HEADROOM_CLIENT_TOKENS", CLIENT),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start");
+    assert!(healthy(&format!("127.0.0.1:{port}")));
+    let http = http_client();
+    let put = |id: String| {
+        http.put(format!("{base}/v1/entitlements/{id}"))
+            .bearer_auth(ADMIN)
+            .body(r#"{"seats": {"purchased": 1}}"#)
+            .send()
+    };
+    assert_eq!(put("before".into()).await.expect("put").status(), 201);
+    redis.kill();
+    for i in 0..40 {
+        let res = put(format!("down-{i}")).await.expect("answer");
+        assert_eq!(res.status().as_u16(), 503);
+    }
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while put("after".into())
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+        != 201
+    {
+        assert!(Instant::now() < deadline, "did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let count = |s: &str| log.lines().filter(|l| l.contains(s)).count();
+    assert_eq!(count("Redis is unreachable"), 1, "{log}");
+    assert_eq!(count("Redis is reachable again"), 1, "{log}");
+    let at = format!("127.0.0.1:{}", redis.port);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Redis is unreachable") && l.contains(&at)),
+        "{log}"
+    );
+    let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(warnings <= 3, "{warnings} warnings for one outage:\n{log}");
 }

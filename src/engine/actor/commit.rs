@@ -316,7 +316,8 @@ impl EntitlementActor {
         inflight: Box<InFlightWrite>,
         ctx: &mut Context<Self>,
     ) {
-        tracing::warn!(entitlement = %self.id, error = %crate::store::chain(&e), "write failed; reloading");
+        // Redis being down is logged once, by the store, not per entitlement.
+        tracing::debug!(entitlement = %self.id, error = %crate::store::chain(&e), "write failed; reloading");
         let pending = self.take_unwritten(&inflight);
         if e.class() == ErrorClass::Refused {
             let e = EngineError::from(e);
@@ -419,7 +420,7 @@ impl EntitlementActor {
             // actor leaves memory and a later call reads the store again.
             tracing::error!(entitlement = %self.id, error = %crate::store::chain(&e), "stored state is unreadable");
         } else {
-            tracing::warn!(entitlement = %self.id, error = %crate::store::chain(&e), "loading entitlement failed");
+            tracing::debug!(entitlement = %self.id, error = %crate::store::chain(&e), "loading entitlement failed");
         }
         // A write that was sent and could not be settled may have landed:
         // 504, retry with the key. Calls never sent: 503 (or 500, corrupt).

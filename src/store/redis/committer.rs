@@ -19,6 +19,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::keys::Keys;
+use super::reachability::Reachability;
 use super::scripts::{
     COMMIT_LUA, CommitArgs, CommitLimits, LOAD_LUA, parse_commit_reply, parse_load_reply,
     push_commit_call, push_load_call,
@@ -155,6 +156,7 @@ pub(super) struct CommitterCore {
     pub pool: deadpool_redis::Pool,
     pub settings: StoreSettings,
     idempotency_window: Duration,
+    reach: Reachability,
     pub keys: Keys,
     pub commit_sha: String,
     pub load_sha: String,
@@ -176,9 +178,11 @@ impl CommitterCore {
         pool: deadpool_redis::Pool,
         settings: StoreSettings,
         idempotency_window: Duration,
+        reach: Reachability,
     ) -> Self {
         CommitterCore {
             pool,
+            reach,
             keys: Keys::new(settings.redis_prefix.clone()),
             idempotency_window,
             settings,
@@ -324,6 +328,10 @@ impl CommitterCore {
         let work: Vec<Work> = queued.into_iter().map(|q| q.work).collect();
         let results = self.run_scripts(conn, &pipe, until).await;
         let healthy = results.is_ok();
+        match &results {
+            Ok(_) => self.reach.answered(),
+            Err(e) => self.reach.failed(e),
+        }
         metrics::histogram!("headroom_store_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("headroom_store_batch_size").record(work.len() as f64);
@@ -335,7 +343,7 @@ impl CommitterCore {
             }
             Err(e) => {
                 metrics::counter!("headroom_store_errors_total", "op" => "pipeline").increment(1);
-                tracing::warn!(error = %crate::store::chain(&e), calls = work.len(), "store pipeline failed");
+                tracing::debug!(error = %crate::store::chain(&e), calls = work.len(), "store pipeline failed");
                 for w in work {
                     w.fail(e.clone());
                 }
@@ -442,6 +450,7 @@ pub(super) async fn committer(
             match core.conn(until).await {
                 Ok(c) => held = Some(c),
                 Err(e) => {
+                    core.reach.failed(&e);
                     metrics::counter!("headroom_store_errors_total", "op" => "connect")
                         .increment(1);
                     // Nothing was sent.

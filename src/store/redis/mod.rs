@@ -10,6 +10,7 @@
 
 mod committer;
 mod keys;
+mod reachability;
 mod reads;
 mod scripts;
 
@@ -119,6 +120,7 @@ impl RedisStore {
                 pool,
                 settings.clone(),
                 idempotency_window,
+                reachability::Reachability::new(url),
             )),
             store_id: STORE_IDS.fetch_add(1, Ordering::Relaxed),
             stop,

@@ -29,6 +29,7 @@ impl DispatchState {
     pub(super) async fn reader(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let block = (self.api.timeout / 2).min(Duration::from_secs(1));
         let mut ready = false;
+        let mut failing = false;
         // Entries this consumer read before a restart and never finished.
         let mut backlog = Some("0-0".to_string());
         let mut last_refresh = Instant::now() - Duration::from_secs(60);
@@ -114,8 +115,22 @@ impl DispatchState {
                 Ok(())
             }
             .await;
-            if let Err(e) = step {
-                tracing::warn!(error = %crate::store::chain(&e), "webhook dispatcher cannot read the stream");
+            match step {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("webhook dispatcher reads the stream again");
+                }
+                Ok(()) => {}
+                // Once per outage: the store logs Redis's reachability.
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %crate::store::chain(&e), "webhook dispatcher cannot read the stream");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %crate::store::chain(&e), "webhook dispatcher still cannot read the stream");
+                }
+            }
+            if failing {
                 ready = false;
                 if stopped(&mut stop, Duration::from_secs(1)).await {
                     return;
