@@ -161,40 +161,51 @@ fn timed(
         })
 }
 
-/// Every route of the API; shared by `main` and the tests.
-pub fn routes(cfg: &mut ServiceConfig) {
-    cfg.service(
-        timed("/v1/entitlements/{id}")
-            .route(web::put().to(handlers::put_entitlement))
-            .route(web::get().to(handlers::get_entitlement))
-            .route(web::delete().to(handlers::delete_entitlement)),
-    )
-    .service(timed("/v1/entitlements/{id}/seats").route(web::get().to(handlers::list_seats)))
-    .service(
-        timed("/v1/entitlements/{id}/seats/{seat_id}")
-            .route(web::post().to(handlers::activate_seat))
-            .route(web::delete().to(handlers::release_seat)),
-    )
-    .service(timed("/v1/entitlements/{id}/usage").route(web::post().to(handlers::record_usage)))
-    .service(timed("/v1/usage/batch").route(web::post().to(handlers::record_batch)))
-    .service(timed("/v1/entitlements/{id}/history").route(web::get().to(reports::history)))
-    .service(timed("/v1/entitlements/{id}/periods").route(web::get().to(reports::periods)))
-    .service(timed("/v1/reports/overdraft").route(web::get().to(reports::overdraft_report)))
-    .service(
-        timed("/v1/webhooks")
-            .route(web::post().to(webhooks::create))
-            .route(web::get().to(webhooks::list)),
-    )
-    .service(
-        timed("/v1/webhooks/{id}")
-            .route(web::get().to(webhooks::get))
-            .route(web::delete().to(webhooks::delete)),
-    )
-    .service(timed("/v1/webhooks/{id}/deliveries").route(web::get().to(webhooks::deliveries)))
-    .service(timed("/healthz").route(web::get().to(handlers::healthz)))
-    .service(timed("/readyz").route(web::get().to(handlers::readyz)))
-    .service(timed("/metrics").route(web::get().to(handlers::metrics)))
-    .default_service(web::to(handlers::not_found));
+/// Declares the route table once: [`ROUTES`] (what the API reference
+/// must list, checked by a test) and [`routes`] (what the server
+/// registers) come from the same lines.
+macro_rules! api {
+    ($($pattern:literal => { $($method:ident => $handler:path),+ $(,)? }),+ $(,)?) => {
+        /// Every route: its pattern and its methods.
+        pub const ROUTES: &[(&str, &[&str])] = &[
+            $(($pattern, &[$(api!(@name $method)),+]),)+
+        ];
+
+        /// Every route of the API, each timed under its pattern; shared by
+        /// `main` and the tests.
+        pub fn routes(cfg: &mut ServiceConfig) {
+            $(cfg.service(timed($pattern)$(.route(web::$method().to($handler)))+);)+
+            cfg.default_service(web::to(handlers::not_found));
+        }
+    };
+    (@name get) => { "GET" };
+    (@name put) => { "PUT" };
+    (@name post) => { "POST" };
+    (@name delete) => { "DELETE" };
+}
+
+api! {
+    "/v1/entitlements/{id}" => {
+        put => handlers::put_entitlement,
+        get => handlers::get_entitlement,
+        delete => handlers::delete_entitlement,
+    },
+    "/v1/entitlements/{id}/seats" => { get => handlers::list_seats },
+    "/v1/entitlements/{id}/seats/{seat_id}" => {
+        post => handlers::activate_seat,
+        delete => handlers::release_seat,
+    },
+    "/v1/entitlements/{id}/usage" => { post => handlers::record_usage },
+    "/v1/usage/batch" => { post => handlers::record_batch },
+    "/v1/entitlements/{id}/history" => { get => reports::history },
+    "/v1/entitlements/{id}/periods" => { get => reports::periods },
+    "/v1/reports/overdraft" => { get => reports::overdraft_report },
+    "/v1/webhooks" => { post => webhooks::create, get => webhooks::list },
+    "/v1/webhooks/{id}" => { get => webhooks::get, delete => webhooks::delete },
+    "/v1/webhooks/{id}/deliveries" => { get => webhooks::deliveries },
+    "/healthz" => { get => handlers::healthz },
+    "/readyz" => { get => handlers::readyz },
+    "/metrics" => { get => handlers::metrics },
 }
 
 /// Counts the open connections of all workers. A connection accepted while

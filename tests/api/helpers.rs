@@ -234,6 +234,21 @@ impl TrackerProcess {
         Self::start_with(redis_url, prefix, &[]).await
     }
 
+    /// On its embedded in-memory store, with the test tokens.
+    pub async fn start_in_memory() -> Self {
+        let env = [
+            ("HEADROOM_ADMIN_TOKENS", ADMIN),
+            ("HEADROOM_CLIENT_TOKENS", CLIENT),
+        ];
+        let inner =
+            headroom_test_support::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), &env)
+                .expect("start headroom");
+        TrackerProcess {
+            base: format!("http://{}", inner.addr()),
+            inner,
+        }
+    }
+
     /// With more environment settings.
     pub async fn start_with(redis_url: &str, prefix: &str, extra: &[(&str, &str)]) -> Self {
         let mut env = vec![

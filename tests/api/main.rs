@@ -9,6 +9,7 @@ mod grafana;
 mod helpers;
 mod ops;
 mod readme;
+mod reference;
 mod reports;
 mod seats;
 mod startup;

@@ -1,70 +1,116 @@
-//! Runs the README's walk-through verbatim against the tracker binary and a
-//! private Redis, and checks what it prints.
+//! Runs the runnable blocks of the README and the guides verbatim against
+//! the tracker binary (and a private Redis where the guide needs one), and
+//! checks what they print.
 
 use std::process::Command;
 
 use crate::helpers::*;
 
-/// The code block of the README between `<!-- {name}:start -->` and
-/// `<!-- {name}:end -->`, fenced as `lang`.
-fn block(name: &str, lang: &str) -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let start = readme
+/// The code block of `file` (relative to the repository) between
+/// `<!-- {name}:start -->` and `<!-- {name}:end -->`, fenced as `lang`.
+fn block(file: &str, name: &str, lang: &str) -> String {
+    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let start = text
         .find(&format!("<!-- {name}:start -->"))
         .expect("start marker");
-    let end = readme
+    let end = text
         .find(&format!("<!-- {name}:end -->"))
         .expect("end marker");
-    let block = &readme[start..end];
+    let block = &text[start..end];
     let fence = format!("```{lang}\n");
     let code_start = block.find(&fence).expect("code block") + fence.len();
     let code_end = block[code_start..].find("```").expect("block end") + code_start;
     block[code_start..code_end].to_string()
 }
 
-fn walkthrough() -> String {
-    block("walkthrough", "sh")
-}
-
-#[actix_rt::test]
-async fn the_readme_walkthrough_works_verbatim() {
-    let redis = RedisServer::start();
-    let tracker = TrackerProcess::start(&redis.url(), "headroom").await;
-    let script = walkthrough();
+/// Runs a shell block with `env`; answers its output lines, blanks folded.
+fn run_block(script: &str, env: &[(&str, &str)]) -> Vec<String> {
     let out = Command::new("bash")
-        .args(["-eo", "pipefail", "-c", &script])
-        .env("HEADROOM", &tracker.base)
-        .env("HEADROOM_REDIS_URL", redis.url())
-        .env("ADMIN_TOKEN", ADMIN)
-        .env("CLIENT_TOKEN", CLIENT)
+        .args(["-eo", "pipefail", "-c", script])
+        .envs(env.iter().copied())
         .output()
         .expect("bash");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "walk-through failed:\n{stdout}\n{}",
+        "block failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<String> = stdout
+    stdout
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect();
-    for expected in [
+        .collect()
+}
+
+/// The README's first walk-through, on the in-memory tracker right after
+/// the first command, prints exactly what the README says, every time.
+#[actix_rt::test]
+async fn the_readme_walkthrough_works_verbatim_on_the_in_memory_tracker() {
+    let tracker = TrackerProcess::start_in_memory().await;
+    let script = block("README.md", "walkthrough", "sh");
+    let env = [
+        ("HEADROOM", tracker.base.as_str()),
+        ("ADMIN_TOKEN", ADMIN),
+        ("CLIENT_TOKEN", CLIENT),
+    ];
+    let expected = [
         "PUT 201",
-        "100 granted 200",
-        "20 overdraft 200",
-        "1 denied 429",
-        "1 seat.overdraft_entered",
-        "1 seat.hard_cap_reached",
-        "1 seat.denied",
-    ] {
+        "ann granted 200",
+        "bob granted 200",
+        "cem granted 200",
+        "dee overdraft 200",
+        "eve denied 429",
+        "exports 11 overdraft 200",
+        "exports 2 denied 429",
+        "\"entitlement\":\"demo\"",
+    ];
+    for round in 1..=2 {
+        assert_eq!(run_block(&script, &env), expected, "round {round}");
+    }
+}
+
+/// The Redis guide's walk-through, twice against the same Redis: the same
+/// output each time.
+#[actix_rt::test]
+async fn the_redis_walkthrough_works_verbatim_and_twice() {
+    let redis = RedisServer::start();
+    let tracker = TrackerProcess::start(&redis.url(), "headroom").await;
+    let script = block("docs/redis.md", "redis-walkthrough", "sh");
+    let url = redis.url();
+    let env = [
+        ("HEADROOM", tracker.base.as_str()),
+        ("HEADROOM_REDIS_URL", url.as_str()),
+        ("ADMIN_TOKEN", ADMIN),
+        ("CLIENT_TOKEN", CLIENT),
+    ];
+    for round in 1..=2 {
+        let lines = run_block(&script, &env);
+        for expected in [
+            "PUT 201",
+            "100 granted 200",
+            "20 overdraft 200",
+            "1 denied 429",
+            "1 entitlement.updated",
+            "1 seat.overdraft_entered",
+            "1 seat.hard_cap_reached",
+            "1 seat.denied",
+        ] {
+            assert!(
+                lines.iter().any(|l| l == expected),
+                "round {round}: missing `{expected}` in:\n{}",
+                lines.join("\n")
+            );
+        }
         assert!(
-            lines.iter().any(|l| l == expected),
-            "missing `{expected}` in:\n{stdout}"
+            lines.iter().any(|l| l.contains(r#""in_use":120"#)),
+            "round {round}"
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("entitlement.deleted")),
+            "round {round}: the stream was not started afresh"
         );
     }
-    assert!(stdout.contains(r#""in_use":120"#), "{stdout}");
 }
 
 /// The README's webhook receiver, run as printed: it verifies the
@@ -95,7 +141,8 @@ async fn the_readme_webhook_receiver_verifies_deliveries() {
     let secret = created["secret"].as_str().expect("secret");
     let dir = tempfile::tempdir().expect("tempdir");
     let script = dir.path().join("receiver.py");
-    std::fs::write(&script, block("receiver", "python")).expect("write receiver.py");
+    std::fs::write(&script, block("docs/webhooks.md", "receiver", "python"))
+        .expect("write receiver.py");
     let mut receiver = Command::new("python3")
         .arg(&script)
         .arg(port.to_string())
