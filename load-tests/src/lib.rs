@@ -245,6 +245,26 @@ pub async fn setup(spec: &Spec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes the entitlements [`setup`] created (`--cleanup`).
+pub async fn cleanup(spec: &Spec) -> anyhow::Result<usize> {
+    let token = auth(&spec.admin_token);
+    let mut conn = Conn::open(spec.addr).await?;
+    let mut deleted = 0;
+    for i in 0..spec.entitlements {
+        let path = format!("/v1/entitlements/{}", entitlement_id(&spec.prefix, i));
+        let (status, body) = conn
+            .call("DELETE", &path, token.as_deref(), Bytes::new())
+            .await?;
+        anyhow::ensure!(
+            status == 204 || status == 404,
+            "cleanup DELETE {path}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+        deleted += usize::from(status == 204);
+    }
+    Ok(deleted)
+}
+
 /// Runs the load; returns its report and what the client saw acknowledged.
 pub async fn run(spec: Spec) -> anyhow::Result<(Report, Tally)> {
     let n = spec.entitlements.max(1);
