@@ -131,7 +131,6 @@ impl Application {
             _ => None,
         };
         let (auth, generated) = settings.http.auth.auth();
-        show_next_step(&generated, &local_url(addr, port));
         let state = web::Data::new(AppState {
             engine: engine.clone(),
             auth,
@@ -143,17 +142,10 @@ impl Application {
             .http
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let server = http::serve(listener, state, workers, settings.http.shutdown_timeout)
+            .map_err(StartupError::Serve)?;
+        show_next_step(&generated, &local_url(addr, port));
         tracing::info!(listen = %addr, port, workers, "headroom is listening");
-        // actix stops at once on SIGINT; headroom's own handler drains on
-        // both signals instead (see `stop_on_signals`).
-        let server = http::serve(
-            listener,
-            state,
-            workers,
-            settings.http.shutdown_timeout,
-            false,
-        )
-        .map_err(StartupError::Serve)?;
         if wiring.signals {
             actix_rt::spawn(stop_on_signals(server.handle()));
         }

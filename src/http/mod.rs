@@ -253,18 +253,18 @@ impl Drop for ConnectionSlot {
 /// them; past this they wait in the listen backlog.
 const EXCESS_CONNECTIONS: usize = 1024;
 
-/// Starts the HTTP server on `listener`. The caller awaits the returned
-/// server; it stops gracefully on SIGINT/SIGTERM (unless `signals` is false).
+/// Starts the HTTP server on `listener`; the caller awaits the returned
+/// server and stops it through its handle (actix's own signal handling is
+/// off: it stops at once on SIGINT, see `startup::stop_on_signals`).
 pub fn serve(
     listener: TcpListener,
     state: web::Data<AppState>,
     workers: usize,
     shutdown_timeout: Duration,
-    signals: bool,
 ) -> std::io::Result<Server> {
     let limits = state.limits.clone();
     let gate = ConnectionGate::new(limits.max_connections);
-    let mut server = HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         // Runs once on each worker thread as it starts: open this thread's
         // store connection now, so that the first calls do not pay for it.
         let store = state.engine.store().clone();
@@ -309,9 +309,7 @@ pub fn serve(
     .shutdown_timeout(shutdown_timeout.as_secs())
     .client_request_timeout(limits.request_timeout)
     .max_connections(limits.max_connections.saturating_add(EXCESS_CONNECTIONS))
+    .disable_signals()
     .listen(listener)?;
-    if !signals {
-        server = server.disable_signals();
-    }
     Ok(server.run())
 }
