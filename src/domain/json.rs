@@ -17,13 +17,23 @@ pub enum JsonError {
     Invalid(ValidationError),
 }
 
-/// Decodes `body` as `T`, naming the field at fault.
+/// Decodes `body` as `T`, naming the field at fault. The body is decoded
+/// as usual first; only a body that fails is decoded again with the path
+/// tracked (which costs on every field), so a good call pays nothing.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, JsonError> {
+    let first = match serde_json::from_slice(body) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        classify(&path, e.into_inner())
-    })
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Err(e) => {
+            let path = e.path().to_string();
+            Err(classify(&path, e.into_inner()))
+        }
+        // Cannot happen (the same input, the same decoder); keep the first error.
+        Ok(_) => Err(from_serde(first)),
+    }
 }
 
 /// serde_json's error of a document read as a whole (no path known).
