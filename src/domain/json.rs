@@ -36,6 +36,14 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, JsonError> {
     }
 }
 
+/// [`decode`] of text already known to be UTF-8 (a batch's events).
+pub fn decode_str<T: DeserializeOwned>(body: &str) -> Result<T, JsonError> {
+    match serde_json::from_str(body) {
+        Ok(v) => Ok(v),
+        Err(_) => decode(body.as_bytes()),
+    }
+}
+
 /// serde_json's error of a document read as a whole (no path known).
 pub fn from_serde(e: serde_json::Error) -> JsonError {
     classify(".", e)

@@ -49,7 +49,7 @@ pub fn decode(body: &[u8]) -> Result<Vec<DecodedEvent>, ApiError> {
         .events
         .iter()
         .map(|raw| {
-            let ev: BatchEvent = crate::domain::json::decode(raw.get().as_bytes())?;
+            let ev: BatchEvent = crate::domain::json::decode_str(raw.get())?;
             Ok((
                 ev.entitlement,
                 UsageRequest {
