@@ -2,7 +2,7 @@
 //! product's words: the path of the field (`seats.hard_cap`,
 //! `features.api.included`) and a reason without Rust type names.
 
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 use super::ValidationError;
 
@@ -20,7 +20,7 @@ pub enum JsonError {
 /// Decodes `body` as `T`, naming the field at fault. The body is decoded
 /// as usual first; only a body that fails is decoded again with the path
 /// tracked (which costs on every field), so a good call pays nothing.
-pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, JsonError> {
+pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, JsonError> {
     let first = match serde_json::from_slice(body) {
         Ok(v) => return Ok(v),
         Err(e) => e,
@@ -37,11 +37,34 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, JsonError> {
 }
 
 /// [`decode`] of text already known to be UTF-8 (a batch's events).
-pub fn decode_str<T: DeserializeOwned>(body: &str) -> Result<T, JsonError> {
+pub fn decode_str<'de, T: Deserialize<'de>>(body: &'de str) -> Result<T, JsonError> {
     match serde_json::from_str(body) {
         Ok(v) => Ok(v),
         Err(_) => decode(body.as_bytes()),
     }
+}
+
+/// A query string as `T`, naming the parameter at fault (an unknown one
+/// too) in the product's words.
+pub fn decode_query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, ValidationError> {
+    let pairs = form_urlencoded_pairs(query);
+    let de = serde_urlencoded::Deserializer::new(pairs);
+    serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+        let path = e.path().to_string();
+        let message = in_product_words(&e.into_inner().to_string());
+        let message = message.replace("invalid digit found in string", "not a whole number");
+        let named = field(&path, &message);
+        let named = if named == "body" {
+            "query".to_string()
+        } else {
+            named
+        };
+        ValidationError::new(named, message)
+    })
+}
+
+fn form_urlencoded_pairs(query: &str) -> url::form_urlencoded::Parse<'_> {
+    url::form_urlencoded::parse(query.as_bytes())
 }
 
 /// serde_json's error of a document read as a whole (no path known).
@@ -155,5 +178,22 @@ mod tests {
         let e = invalid(r#"{}"#);
         assert_eq!(e.field, "seats");
         assert!(matches!(decode::<Outer>(b"{"), Err(JsonError::Syntax(_))));
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Page {
+        limit: Option<usize>,
+    }
+
+    #[test]
+    fn a_query_error_names_the_parameter() {
+        let e = decode_query::<Page>("limit=abc").expect_err("not a number");
+        assert_eq!(e.field, "limit");
+        assert!(e.message.contains("not a whole number"), "{}", e.message);
+        let e = decode_query::<Page>("colour=red").expect_err("unknown");
+        assert_eq!(e.field, "colour");
+        assert!(decode_query::<Page>("limit=5").is_ok());
     }
 }

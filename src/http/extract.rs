@@ -133,9 +133,9 @@ impl<T: for<'de> serde::Deserialize<'de>> FromRequest for Query<T> {
     type Future = Ready<Result<Self, ApiError>>;
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready(
-            web::Query::<T>::from_query(req.query_string())
-                .map(|q| Query(q.into_inner()))
-                .map_err(|e| ValidationError::new("query", e.to_string()).into()),
+            crate::domain::json::decode_query(req.query_string())
+                .map(Query)
+                .map_err(ApiError::from),
         )
     }
 }
