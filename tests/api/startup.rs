@@ -269,3 +269,40 @@ async fn redis_outages_are_logged_once_as_state_changes() {
     let warnings = log.lines().filter(|l| l.contains("WARN")).count();
     assert!(warnings <= 3, "{warnings} warnings for one outage:\n{log}");
 }
+
+/// On a terminal the log is coloured, unless `NO_COLOR` is set (the
+/// terminal is a pseudo-terminal made by `script`, from util-linux).
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let on_a_terminal = |no_color: bool| {
+        let port = free_port();
+        // Started, then stopped by Ctrl-C after a second.
+        let cmd = format!(
+            "timeout -s INT 1 {} --listen 127.0.0.1:{port} --admin-tokens a --client-tokens c",
+            env!("CARGO_BIN_EXE_headroom")
+        );
+        let mut script = Command::new("script");
+        script
+            .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TERM", "xterm");
+        if no_color {
+            script.env("NO_COLOR", "1");
+        }
+        let out = script.output().expect("script (util-linux) runs");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let coloured = on_a_terminal(false);
+    assert!(coloured.contains("headroom is listening"), "{coloured}");
+    assert!(
+        coloured.contains('\u{1b}'),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = on_a_terminal(true);
+    assert!(plain.contains("headroom is listening"), "{plain}");
+    assert!(
+        !plain.contains("\u{1b}["),
+        "colour with NO_COLOR: {plain:?}"
+    );
+}
