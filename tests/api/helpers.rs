@@ -236,17 +236,10 @@ impl TrackerProcess {
 
     /// On its embedded in-memory store, with the test tokens.
     pub async fn start_in_memory() -> Self {
-        let env = [
+        Self::spawn(&[
             ("HEADROOM_ADMIN_TOKENS", ADMIN),
             ("HEADROOM_CLIENT_TOKENS", CLIENT),
-        ];
-        let inner =
-            headroom_test_support::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), &env)
-                .expect("start headroom");
-        TrackerProcess {
-            base: format!("http://{}", inner.addr()),
-            inner,
-        }
+        ])
     }
 
     /// With more environment settings.
@@ -260,8 +253,12 @@ impl TrackerProcess {
             ("HEADROOM_WATCH_ENTITLEMENTS", "acme"),
         ];
         env.extend_from_slice(extra);
+        Self::spawn(&env)
+    }
+
+    fn spawn(env: &[(&str, &str)]) -> Self {
         let inner =
-            headroom_test_support::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), &env)
+            headroom_test_support::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), env)
                 .expect("start headroom");
         TrackerProcess {
             base: format!("http://{}", inner.addr()),

@@ -125,18 +125,25 @@ fn healthy(addr: &str) -> bool {
     false
 }
 
-#[test]
-fn a_host_name_is_accepted_and_a_first_call_is_printed_with_the_generated_tokens() {
-    let port = free_port();
-    let mut child = headroom(&[], &[("HEADROOM_LISTEN", &format!("localhost:{port}"))])
-        .env("RUST_LOG", "warn")
+/// Starts `cmd` (listening on 127.0.0.1:`port`), waits until it serves,
+/// stops it; answers whether it served, and everything it printed.
+fn serve_briefly(mut cmd: Command, port: u16) -> (bool, Output) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start");
     let up = healthy(&format!("127.0.0.1:{port}"));
     let _ = child.kill();
-    let out = child.wait_with_output().expect("output");
+    (up, child.wait_with_output().expect("output"))
+}
+
+#[test]
+fn a_host_name_is_accepted_and_a_first_call_is_printed_with_the_generated_tokens() {
+    let port = free_port();
+    let mut cmd = headroom(&[], &[("HEADROOM_LISTEN", &format!("localhost:{port}"))]);
+    cmd.env("RUST_LOG", "warn");
+    let (up, out) = serve_briefly(cmd, port);
     assert!(up, "did not serve on localhost:{port}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let token = |prefix: &str| {
@@ -159,7 +166,7 @@ fn a_host_name_is_accepted_and_a_first_call_is_printed_with_the_generated_tokens
 #[test]
 fn a_token_that_is_both_admin_and_client_is_warned_about() {
     let port = free_port();
-    let mut child = headroom(
+    let cmd = headroom(
         &[],
         &[
             ("HEADROOM_LISTEN", &format!("127.0.0.1:{port}")),
@@ -167,14 +174,8 @@ fn a_token_that_is_both_admin_and_client_is_warned_about() {
             ("HEADROOM_CLIENT_TOKENS", "same-token,other"),
             ("RUST_LOG", "warn"),
         ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start");
-    let up = healthy(&format!("127.0.0.1:{port}"));
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("output");
+    );
+    let (up, out) = serve_briefly(cmd, port);
     assert!(up);
     let all = lines(&out).join("\n");
     assert!(
@@ -189,14 +190,8 @@ fn a_token_that_is_both_admin_and_client_is_warned_about() {
 #[test]
 fn logs_to_a_file_are_plain_and_quiet() {
     let port = free_port();
-    let mut child = headroom(&[], &[("HEADROOM_LISTEN", &format!("127.0.0.1:{port}"))])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start");
-    let up = healthy(&format!("127.0.0.1:{port}"));
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("output");
+    let cmd = headroom(&[], &[("HEADROOM_LISTEN", &format!("127.0.0.1:{port}"))]);
+    let (up, out) = serve_briefly(cmd, port);
     assert!(up);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("headroom is listening"), "{log}");
