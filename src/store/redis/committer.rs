@@ -63,7 +63,7 @@ pub(super) enum Work {
 impl Work {
     fn fail(self, e: StoreError) {
         match self {
-            Work::Commit { reply, .. } => drop(reply.send(Err(e.sent_write()))),
+            Work::Commit { reply, .. } => drop(reply.send(Err(e))),
             Work::Load { reply, .. } => drop(reply.send(Err(e))),
             Work::Ping { reply } => drop(reply.send(Err(e))),
             Work::StreamLength { reply } => drop(reply.send(Err(e))),
@@ -87,7 +87,7 @@ impl Work {
         match self {
             Work::Commit { commit, reply } => {
                 let outcome = value
-                    .map_err(|e| StoreError::redis("commit", e).sent_write())
+                    .map_err(|e| StoreError::redis("commit", e))
                     .and_then(|v| parse_commit_reply(&commit, v));
                 if outcome.is_err() {
                     metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
@@ -376,8 +376,7 @@ fn spread_replies(
             return Err(StoreError::reply(
                 "commit",
                 format!("{ncommits} commits answered {other:?}"),
-            )
-            .sent_write());
+            ));
         }
         Err(e) => (0..ncommits).map(|_| Err(e.clone())).collect(),
     };

@@ -215,7 +215,9 @@ impl Store for RedisStore {
             commit: Box::new(commit),
             reply,
         };
-        // A commit whose answer did not come in time may still land.
+        // The one place a commit's failure is classed as a write: whatever
+        // did not refuse it up front (no answer in time, a broken
+        // connection, an error reply) leaves its outcome unknown.
         self.submit("commit", work, rx, budget)
             .await
             .map_err(StoreError::sent_write)
