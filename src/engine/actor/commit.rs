@@ -214,9 +214,7 @@ impl EntitlementActor {
     ) {
         tracing::error!(entitlement = %self.id, error = %e, "a write could not be encoded; reloading");
         let e = EngineError::Encoding(std::sync::Arc::new(e));
-        self.seats_written = None;
-        self.indexed = false;
-        self.keys.forget(pending.keys.iter().map(|k| &k.key));
+        self.forget_unwritten(pending.keys.iter().map(|k| &k.key));
         for w in pending.calls {
             w.fail(&e);
         }
@@ -255,18 +253,23 @@ impl EntitlementActor {
     /// be): their calls must be decided again or found in the store, not
     /// replayed from the cache.
     fn take_unwritten(&mut self, inflight: &InFlightWrite) -> Vec<Waiting> {
-        // The write may or may not have landed: what this actor knew of
-        // the stored history and index no longer holds.
-        self.seats_written = None;
-        self.indexed = false;
         let pending = std::mem::take(&mut self.pending);
-        self.keys.forget(
+        self.forget_unwritten(
             inflight
                 .keys
                 .iter()
                 .chain(pending.keys.iter().map(|k| &k.key)),
         );
         pending.calls
+    }
+
+    /// A write that did not land, or may not have: what this actor knew of
+    /// the stored history and index no longer holds, and the decisions of
+    /// `keys` are not known to be stored.
+    fn forget_unwritten<'a>(&mut self, keys: impl IntoIterator<Item = &'a IdempotencyKey>) {
+        self.seats_written = None;
+        self.indexed = false;
+        self.keys.forget(keys);
     }
 
     /// The store refused the write as a whole, because another owner took
