@@ -118,7 +118,7 @@ fn one_line(e: &clap::Error) -> String {
 }
 
 /// A URL with its password, if any, replaced by `***`.
-pub fn masked_url(raw: &str) -> String {
+fn masked_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
