@@ -35,6 +35,15 @@ pub fn count(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A bucket count for the Redis key layout: 1 to the most there may be.
+pub fn buckets(s: &str) -> Result<u32, String> {
+    let max = crate::store::MAX_BUCKETS;
+    match count(s)? {
+        n if n <= max as usize => Ok(n as u32),
+        _ => Err(format!("must be at most {max}")),
+    }
+}
+
 /// [`count`] as a `u64`.
 pub fn count_u64(s: &str) -> Result<u64, String> {
     count(s).map(|n| n as u64)

@@ -20,7 +20,7 @@ async fn main() -> ExitCode {
     });
     let settings = Settings::from_env_or_exit();
     headroom::telemetry::init_logging(settings.log_json);
-    let served = match Application::build(settings) {
+    let served = match Application::build(settings).await {
         Ok(app) => app.run_until_stopped().await,
         Err(e) => Err(e),
     };

@@ -51,17 +51,27 @@ pub struct Wiring {
 impl Wiring {
     /// The store the settings name (Redis, or the in-memory default), the
     /// system clock, webhooks and the dispatcher with Redis, and signals.
-    pub fn from_settings(settings: &Settings) -> Result<Self, StartupError> {
+    pub async fn from_settings(settings: &Settings) -> Result<Self, StartupError> {
         let window = settings.engine.idempotency_window;
         let (store, webhooks): (Arc<dyn Store>, _) = match &settings.store.redis_url {
             Some(url) => {
-                tracing::info!(prefix = %settings.store.redis_prefix, "persisting to Redis");
                 let store = RedisStore::start(url, &settings.store, window)?;
-                let hooks = Webhooks::new(
-                    url,
-                    &settings.store.redis_prefix,
-                    settings.store.redis_timeout,
-                )?;
+                match store.verify_layout().await {
+                    Err(e @ (StoreError::Layout(_) | StoreError::Corrupt { .. })) => {
+                        return Err(e.into());
+                    }
+                    // Checked again on every connection, once Redis is up.
+                    Err(e) => {
+                        tracing::warn!(error = %chain(&e), "could not check the Redis key layout at start")
+                    }
+                    Ok(()) => {}
+                }
+                tracing::info!(
+                    prefix = %settings.store.redis_prefix,
+                    buckets = settings.store.redis_buckets,
+                    "persisting to Redis"
+                );
+                let hooks = Webhooks::new(url, store.keys().clone(), settings.store.redis_timeout)?;
                 (Arc::new(store), Some(hooks))
             }
             None => {
@@ -94,9 +104,9 @@ impl Application {
     /// Builds everything from the settings: binds the listener first (so
     /// that a port in use is the first and only thing reported), then the
     /// store, then the rest.
-    pub fn build(settings: Settings) -> Result<Self, StartupError> {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let listener = bind(settings.http.listen)?;
-        let wiring = Wiring::from_settings(&settings)?;
+        let wiring = Wiring::from_settings(&settings).await?;
         Self::build_on(listener, settings, wiring)
     }
 

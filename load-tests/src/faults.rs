@@ -299,7 +299,8 @@ fn checker(
     states: Arc<AtomicU64>,
     events: Arc<AtomicU64>,
 ) {
-    let mut last_id = "0-0".to_string();
+    let keys = headroom::store::Keys::new(PREFIX, headroom::store::DEFAULT_BUCKETS);
+    let mut last_ids = vec!["0-0".to_string(); keys.buckets()];
     let mut conn: Option<redis::Connection> = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
@@ -313,30 +314,33 @@ fn checker(
                 .ok();
         }
         let Some(c) = conn.as_mut() else { continue };
-        if check_once(c, entitlements, &mut last_id, &violations, &states, &events).is_err() {
+        let seen = (&mut last_ids[..], &*states, &*events);
+        if check_once(c, &keys, entitlements, seen, &violations).is_err() {
             // Redis is down or blocked; a timed-out connection is not reused.
             conn = None;
         }
     }
 }
 
+/// Where the checker has read each bucket's stream to, and what it has
+/// checked so far (states, events).
+type Seen<'a> = (&'a mut [String], &'a AtomicU64, &'a AtomicU64);
+
 fn check_once(
     c: &mut redis::Connection,
+    keys: &headroom::store::Keys,
     entitlements: usize,
-    last_id: &mut String,
+    (last_ids, states, events): Seen<'_>,
     violations: &Mutex<Vec<String>>,
-    states: &AtomicU64,
-    events: &AtomicU64,
 ) -> redis::RedisResult<()> {
     for i in (0..entitlements).filter(|i| capped(*i)) {
         let id = entitlement(i);
+        let eid = headroom::domain::EntitlementId::parse(&id).expect("a valid id");
         let core: Option<String> = redis::cmd("HGET")
-            .arg(format!("{PREFIX}:{{{id}}}:state"))
+            .arg(keys.state(&eid))
             .arg("core")
             .query(c)?;
-        let seats: u64 = redis::cmd("HLEN")
-            .arg(format!("{PREFIX}:{{{id}}}:seats"))
-            .query(c)?;
+        let seats: u64 = redis::cmd("HLEN").arg(keys.seats(&eid)).query(c)?;
         states.fetch_add(1, Ordering::Relaxed);
         let used = core
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
@@ -347,19 +351,28 @@ fn check_once(
         }
     }
     type Entries = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
+    let streams = keys.all_events();
     loop {
         let read: Option<Entries> = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(1000)
             .arg("STREAMS")
-            .arg(format!("{PREFIX}:events"))
-            .arg(last_id.as_str())
+            .arg(&streams)
+            .arg(&*last_ids)
             .query(c)?;
-        let entries: Vec<_> = read.into_iter().flatten().flat_map(|(_, e)| e).collect();
-        if entries.is_empty() {
+        let read = read.unwrap_or_default();
+        if read.iter().all(|(_, e)| e.is_empty()) {
             return Ok(());
         }
-        for (id, fields) in &entries {
+        for (stream, entries) in &read {
+            let Some(b) = streams.iter().position(|s| s == stream) else {
+                continue;
+            };
+            if let Some((id, _)) = entries.last() {
+                last_ids[b] = id.clone();
+            }
+        }
+        for (id, fields) in read.iter().flat_map(|(_, e)| e) {
             events.fetch_add(1, Ordering::Relaxed);
             let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
             let ent = get("entitlement").unwrap_or("");
@@ -375,7 +388,6 @@ fn check_once(
             if capped(i) && (used > CAP_HARD || in_use > 8) {
                 lock(violations).push(format!("{ent}: event {id} {data}"));
             }
-            *last_id = id.clone();
         }
     }
 }

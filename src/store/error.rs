@@ -68,6 +68,11 @@ pub enum StoreError {
         #[source]
         source: Option<Cause>,
     },
+    /// The data under the prefix was written in another key layout (another
+    /// bucket count, or the layout before buckets): nothing is read or
+    /// written, so that two layouts never mix.
+    #[error("{0}")]
+    Layout(String),
     #[error("the store is shutting down")]
     ShuttingDown,
 }
@@ -76,7 +81,9 @@ impl StoreError {
     pub fn class(&self) -> ErrorClass {
         match self {
             StoreError::Redis { class, .. } | StoreError::Timeout { class, .. } => *class,
-            StoreError::Refused { .. } | StoreError::ShuttingDown => ErrorClass::Refused,
+            StoreError::Refused { .. } | StoreError::Layout(_) | StoreError::ShuttingDown => {
+                ErrorClass::Refused
+            }
             StoreError::Corrupt { .. } => ErrorClass::Corrupt,
         }
     }

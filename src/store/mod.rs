@@ -12,7 +12,7 @@ mod redis;
 
 pub use self::error::{Cause, ErrorClass, StoreError, chain};
 pub use self::memory::MemoryStore;
-pub use self::redis::{Keys, RedisStore};
+pub use self::redis::{DEFAULT_BUCKETS, Keys, MAX_BUCKETS, RedisStore};
 pub(crate) use self::redis::{pool as redis_pool, query as redis_query, text as reply_text};
 
 use std::time::Duration;
@@ -33,7 +33,13 @@ pub struct StoreSettings {
     /// Prefix of every Redis key.
     #[arg(long, env = "HEADROOM_REDIS_PREFIX", default_value = "headroom")]
     pub redis_prefix: String,
-    /// Approximate maximum length of the event stream (XADD MAXLEN ~).
+    /// Buckets the entitlements are spread over in Redis (each a hash slot
+    /// with its own event stream and report indexes); recorded at first
+    /// start, and every later process must use the same.
+    #[arg(long, env = "HEADROOM_REDIS_BUCKETS", default_value_t = DEFAULT_BUCKETS, value_parser = crate::flags::buckets)]
+    pub redis_buckets: u32,
+    /// Approximate maximum length of the event streams together (each
+    /// bucket's stream is kept to its share, XADD MAXLEN ~).
     #[arg(long, env = "HEADROOM_STREAM_MAXLEN", default_value_t = 1_000_000, value_parser = crate::flags::count_u64)]
     pub stream_maxlen: u64,
     /// Longest wait for Redis on behalf of one call (a write gets 3/4 of it,

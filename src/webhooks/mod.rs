@@ -1,25 +1,24 @@
 //! Webhooks: endpoints registered by the vendor, and the dispatcher that
-//! pushes matching events from `{prefix}:events` to them.
+//! pushes matching events from the buckets' event streams to them.
 //!
-//! The dispatcher reads the stream through the consumer group
-//! `headroom-webhooks`, so several tracker processes share the work and a
-//! restarted one resumes with the entries it had read but not finished. An
+//! The dispatcher reads every bucket's stream through the consumer group
+//! `headroom-webhooks` (one group per stream), so several tracker processes
+//! share the work and a restarted one resumes with the entries it had read
+//! but not finished. An
 //! entry is acknowledged once each matching endpoint either got it or has
-//! it parked in the retry schedule in Redis (`{prefix}:webhooks:retry`, a
+//! it parked in the retry schedule in Redis (`{prefix}:{webhooks}:retry`, a
 //! sorted set by next attempt, with the deliveries in
-//! `{prefix}:webhooks:pending`), so no acknowledged entry is lost by a crash.
+//! `{prefix}:{webhooks}:pending`), so no acknowledged entry is lost by a crash.
 //! Each endpoint has its own queue and a cap on its requests in flight, all
 //! endpoints share a cap on concurrent deliveries, and every request has a
 //! timeout: one slow or failing endpoint only fills its own queue (the
 //! overflow goes to the retry schedule) and never delays the others.
 //! Failed deliveries are retried with exponential backoff and jitter for
 //! `retry_for` (24 h by default); then they are parked in the dead-letter
-//! stream `{prefix}:webhooks:dead`.
+//! stream `{prefix}:{webhooks}:dead`.
 //!
-//! Keys: `{prefix}:webhooks` (hash id → registration, with its secret),
-//! `{prefix}:webhooks:{id}:deliveries` (delivery log, newest first),
-//! `{prefix}:webhooks:retry`, `{prefix}:webhooks:pending`,
-//! `{prefix}:webhooks:dead`.
+//! Keys: see `store::redis::keys` (`{prefix}:{webhooks}…`, all in one
+//! hash slot).
 
 mod dispatch;
 mod sign;
@@ -111,14 +110,23 @@ pub struct Webhook {
     pub created_at: DateTime<Utc>,
 }
 
-/// An endpoint as stored: with its secret and the last stream entry before
-/// it was registered (it gets only later ones).
+/// An endpoint as stored: with its secret and, per bucket, the last stream
+/// entry before it was registered (it gets only later ones).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Stored {
     #[serde(flatten)]
     hook: Webhook,
     secret: String,
-    after_entry: String,
+    after_entries: Vec<String>,
+}
+
+impl Stored {
+    /// Where this endpoint's entries of `bucket`'s stream start.
+    fn after(&self, bucket: usize) -> (u64, u64) {
+        self.after_entries
+            .get(bucket)
+            .map_or((0, 0), |e| dispatch::entry_id(e))
+    }
 }
 
 impl Webhook {
@@ -223,16 +231,6 @@ pub struct Webhooks {
 
 pub(crate) const GROUP: &str = "headroom-webhooks";
 
-/// KEYS: 1 registrations, 2 event stream; ARGV: 1 id, 2 registration JSON.
-/// Stores the registration with the stream's last entry as its start.
-const REGISTER_LUA: &str = r"
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-local hook = cjson.decode(ARGV[2])
-hook['after_entry'] = last[1] and last[1][1] or '0-0'
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(hook))
-return 1
-";
-
 /// A stored record of `what` as `T`, or why it cannot be read.
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, raw: &str) -> Result<T, StoreError> {
     serde_json::from_str(raw)
@@ -240,11 +238,13 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, raw: &str) -> Result<T, Stor
 }
 
 impl Webhooks {
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+    /// Registrations under `keys` (their prefix and bucket count) in Redis
+    /// at `url`.
+    pub fn new(url: &str, keys: Keys, timeout: Duration) -> Result<Self, StoreError> {
         let pool = crate::store::redis_pool(url, timeout, 8)?;
         Ok(Webhooks {
             pool,
-            keys: Keys::new(prefix),
+            keys,
             timeout,
         })
     }
@@ -258,19 +258,45 @@ impl Webhooks {
         crate::store::redis_query(op, &self.pool, self.timeout, pipe).await
     }
 
-    /// Creates the consumer group at the stream's end, unless it exists.
+    /// Creates the consumer group at the end of each bucket's stream, where
+    /// it does not exist yet.
     async fn ensure_group(&self) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("XGROUP")
-            .arg("CREATE")
-            .arg(self.keys.events())
-            .arg(GROUP)
-            .arg("$")
-            .arg("MKSTREAM");
-        match self.run::<redis::Value>("webhook group", &pipe).await {
-            Err(e) if e.redis_code().as_deref() == Some("BUSYGROUP") => Ok(()),
-            other => other.map(|_| ()),
+        for stream in self.keys.all_events() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(GROUP)
+                .arg("$")
+                .arg("MKSTREAM");
+            match self.run::<redis::Value>("webhook group", &pipe).await {
+                Err(e) if e.redis_code().as_deref() == Some("BUSYGROUP") => {}
+                other => other.map(|_| ())?,
+            }
         }
+        Ok(())
+    }
+
+    /// The last entry of each bucket's stream (`0-0` for an empty one).
+    async fn last_entries(&self) -> Result<Vec<String>, StoreError> {
+        let mut pipe = redis::pipe();
+        for stream in self.keys.all_events() {
+            pipe.cmd("XREVRANGE")
+                .arg(stream)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
+        }
+        let lasts: Vec<Vec<(String, redis::Value)>> = self.run("webhook start", &pipe).await?;
+        Ok(lasts
+            .into_iter()
+            .map(|l| {
+                l.into_iter()
+                    .next()
+                    .map_or_else(|| "0-0".into(), |(id, _)| id)
+            })
+            .collect())
     }
 
     /// Registers an endpoint; returns it and its secret (shown only now).
@@ -299,15 +325,15 @@ impl Webhooks {
             description: new.description,
             created_at: Utc::now(),
         };
+        // Each stream's last entry is read before the registration is
+        // stored: every entry added after the registration (after this
+        // call answers) comes after it, and the dispatcher, which reads the
+        // registrations after the entries, never misses one.
         let stored = Stored {
             hook: hook.clone(),
             secret: secret.clone(),
-            after_entry: String::new(),
+            after_entries: self.last_entries().await?,
         };
-        // The starting point and the registration in one step: every entry
-        // after it is added after the registration is visible, so the
-        // dispatcher, which reads the registrations after the entries,
-        // never misses one.
         let registration = serde_json::to_string(&stored).map_err(|e| {
             StoreError::not_sent(
                 "webhook registration",
@@ -316,11 +342,8 @@ impl Webhooks {
             )
         })?;
         let mut pipe = redis::pipe();
-        pipe.cmd("EVAL")
-            .arg(REGISTER_LUA)
-            .arg(2)
+        pipe.cmd("HSET")
             .arg(self.keys.webhooks())
-            .arg(self.keys.events())
             .arg(&id)
             .arg(registration)
             .ignore();

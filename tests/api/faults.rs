@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde_json::Value;
 
+use headroom::domain::EntitlementId;
 use headroom::engine::EngineSettings;
 use headroom::store::{RedisStore, Store, StoreSettings};
 
@@ -389,13 +390,13 @@ async fn corrupt_state_answers_500_once_and_is_reported() {
     first.stop().await;
     let mut c = redis.conn();
     redis::cmd("HSET")
-        .arg("corrupt:{bad}:state")
+        .arg(keys("corrupt").state(&EntitlementId::parse("bad").unwrap()))
         .arg("core")
         .arg("{not json")
         .query::<()>(&mut c)
         .expect("HSET");
     redis::cmd("LPUSH")
-        .arg("corrupt:{good}:periods")
+        .arg(keys("corrupt").periods(&EntitlementId::parse("good").unwrap()))
         .arg("{not json")
         .query::<()>(&mut c)
         .expect("LPUSH");

@@ -16,6 +16,12 @@ pub const CLIENT: &str = "test-client-token";
 
 pub use headroom_test_support::{RedisServer, free_port};
 
+/// The Redis key names the tests' stores write under `prefix` (the default
+/// bucket count).
+pub fn keys(prefix: &str) -> headroom::store::Keys {
+    headroom::store::Keys::new(prefix, headroom::store::DEFAULT_BUCKETS)
+}
+
 pub fn redis_store(redis: &RedisServer, prefix: &str) -> Arc<dyn Store> {
     let s = StoreSettings {
         redis_prefix: prefix.to_string(),

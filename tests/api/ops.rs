@@ -186,7 +186,7 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
     };
     let hooks = headroom::webhooks::Webhooks::new(
         &redis.url(),
-        "catalogue",
+        keys("catalogue"),
         std::time::Duration::from_secs(2),
     )
     .expect("webhooks");

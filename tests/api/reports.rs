@@ -361,9 +361,10 @@ async fn history_of_a_scripted_day() {
 
     // The buckets are Redis hashes that expire by themselves.
     let mut c = redis.conn();
-    let key = format!(
-        "hist:{{acme}}:history:hour:{}",
-        (day + Duration::hours(3)).timestamp_millis()
+    let key = keys("hist").history(
+        &headroom::domain::EntitlementId::parse("acme").expect("id"),
+        headroom::domain::BucketSize::Hour,
+        (day + Duration::hours(3)).timestamp_millis(),
     );
     let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut c).expect("PTTL");
     let expected = Duration::days(35) + Duration::hours(4) - (Utc::now() - day);

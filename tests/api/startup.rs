@@ -54,6 +54,71 @@ fn a_port_in_use_is_one_line_naming_the_setting_and_no_token_is_printed() {
     }
 }
 
+/// The key layout is recorded at first start; a process with another
+/// bucket count, or data in the layout before buckets, is refused with one
+/// line saying what to do, and nothing is written.
+#[test]
+fn another_bucket_count_or_the_old_layout_is_refused_in_one_line() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let env = |buckets: &'static str, prefix: &'static str| {
+        [
+            ("HEADROOM_LISTEN", listen.clone()),
+            ("HEADROOM_REDIS_URL", url.clone()),
+            ("HEADROOM_REDIS_PREFIX", prefix.to_string()),
+            ("HEADROOM_REDIS_BUCKETS", buckets.to_string()),
+            ("HEADROOM_NO_AUTH", "true".to_string()),
+        ]
+    };
+    let run = |e: [(&'static str, String); 5]| {
+        let pairs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        refused(&[], &pairs)
+    };
+    // The first start records 16 buckets.
+    let first = env("16", "lay");
+    let pairs: Vec<(&str, &str)> = first.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (up, _) = serve_briefly(headroom(&[], &pairs), port.parse().expect("port"));
+    assert!(up, "the first start serves");
+    let mut c = redis.conn();
+    let recorded: Option<String> = redis::cmd("HGET")
+        .arg("lay:meta")
+        .arg("buckets")
+        .query(&mut c)
+        .expect("HGET");
+    assert_eq!(recorded.as_deref(), Some("16"));
+
+    let (line, code) = run(env("32", "lay"));
+    assert_eq!(code, 1);
+    for part in ["16 buckets", "uses 32", "HEADROOM_REDIS_BUCKETS", "`lay`"] {
+        assert!(line.contains(part), "`{part}` missing from: {line}");
+    }
+
+    // Data written before buckets existed.
+    redis::cmd("XADD")
+        .arg("old:events")
+        .arg("*")
+        .arg("type")
+        .arg("seat.denied")
+        .query::<String>(&mut c)
+        .expect("XADD");
+    let (line, code) = run(env("64", "old"));
+    assert_eq!(code, 1);
+    for part in [
+        "layout before buckets",
+        "old:events",
+        "HEADROOM_REDIS_PREFIX",
+    ] {
+        assert!(line.contains(part), "`{part}` missing from: {line}");
+    }
+    let meta: bool = redis::cmd("EXISTS")
+        .arg("old:meta")
+        .query(&mut c)
+        .expect("EXISTS");
+    assert!(!meta, "nothing recorded over the old layout");
+}
+
 #[test]
 fn bad_settings_are_one_line_each_naming_flag_variable_and_value() {
     for (args, env, names, value) in [

@@ -293,20 +293,33 @@ async fn memory_store_keeps_the_contract() {
 async fn redis_store_keeps_the_contract() {
     let redis = RedisServer::start();
     contract(redis_store(&redis, "contract")).await;
-    // Keys carry the prefix and one hash tag per entitlement.
+    // Keys carry the prefix and the hash tag of the entitlement's bucket;
+    // the layout is recorded.
     let mut c = redis.conn();
-    let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
-    keys.sort();
-    assert_eq!(
-        keys,
-        [
-            "contract:events",
-            "contract:{acme}:epoch",
-            "contract:{acme}:history:day:1795824000000",
-            "contract:{acme}:history:hour:1795824000000",
-            "contract:{acme}:key:1795824000000:k1",
-            "contract:{acme}:key:1795824000000:k2",
-            "contract:{acme}:periods",
-        ]
+    let mut stored: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
+    stored.sort();
+    let k = keys("contract");
+    let acme = EntitlementId::parse("acme").unwrap();
+    let b = k.bucket_of(&acme);
+    let at = 1_795_824_000_000;
+    let mut expected = vec![
+        k.events(b),
+        k.epoch(&acme),
+        k.history(&acme, BucketSize::Day, at),
+        k.history(&acme, BucketSize::Hour, at),
+        k.idempotency(&acme, at, &IdempotencyKey::parse("k1").unwrap()),
+        k.idempotency(&acme, at, &IdempotencyKey::parse("k2").unwrap()),
+        k.periods(&acme),
+        k.meta(),
+    ];
+    expected.sort();
+    assert_eq!(stored, expected);
+    let tag = format!(
+        "contract:{{{}}}:",
+        k.events(b).split(['{', '}']).nth(1).unwrap()
+    );
+    assert!(
+        stored.iter().all(|s| s.starts_with(&tag) || *s == k.meta()),
+        "{stored:?}"
     );
 }

@@ -342,9 +342,10 @@ async fn delete_removes_the_entitlement_and_its_state() {
         1
     );
     let mut c = redis.conn();
+    let acme = headroom::domain::EntitlementId::parse("acme").expect("id");
     let exists: u64 = redis::cmd("EXISTS")
-        .arg("del:{acme}:state")
-        .arg("del:{acme}:seats")
+        .arg(keys("del").state(&acme))
+        .arg(keys("del").seats(&acme))
         .query(&mut c)
         .unwrap_or(99);
     assert_eq!(exists, 0);

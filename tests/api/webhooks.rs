@@ -138,7 +138,8 @@ fn fast_settings(consumer: &str) -> WebhookSettings {
 }
 
 async fn app_with_webhooks(redis: &RedisServer, prefix: &str) -> (TestApp, Webhooks) {
-    let hooks = Webhooks::new(&redis.url(), prefix, Duration::from_secs(2)).expect("webhooks");
+    let hooks =
+        Webhooks::new(&redis.url(), keys(prefix), Duration::from_secs(2)).expect("webhooks");
     let app = TestApp::spawn_with(
         redis_store(redis, prefix),
         AppOptions {
@@ -392,7 +393,7 @@ async fn a_receiver_that_was_down_gets_everything_after_retries() {
     // Nothing is left in the retry schedule.
     let mut c = redis.conn();
     let backlog: u64 = redis::cmd("ZCARD")
-        .arg("wh2:webhooks:retry")
+        .arg(keys("wh2").webhook_retry())
         .query(&mut c)
         .expect("ZCARD");
     assert_eq!(backlog, 0);
@@ -450,7 +451,7 @@ async fn failing_and_hanging_receivers_end_in_the_dead_letter_stream_without_del
     let dead_for = |hook: &str| -> BTreeSet<String> {
         let mut c = redis.conn();
         let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-            .arg("wh3:webhooks:dead")
+            .arg(keys("wh3").webhook_dead())
             .arg("-")
             .arg("+")
             .query(&mut c)
@@ -575,19 +576,21 @@ async fn delivery_resumes_after_a_tracker_restart() {
     // Once all are in, the group has nothing pending.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut c = redis.conn();
-    let summary: redis::Value = redis::cmd("XPENDING")
-        .arg("wh4:events")
-        .arg("headroom-webhooks")
-        .query(&mut c)
-        .expect("XPENDING");
-    let redis::Value::Array(parts) = summary else {
-        panic!("XPENDING answered {summary:?}")
-    };
-    assert_eq!(
-        parts.first(),
-        Some(&redis::Value::Int(0)),
-        "every entry acknowledged"
-    );
+    for stream in keys("wh4").all_events() {
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("headroom-webhooks")
+            .query(&mut c)
+            .expect("XPENDING");
+        let redis::Value::Array(parts) = summary else {
+            panic!("XPENDING answered {summary:?}")
+        };
+        assert_eq!(
+            parts.first(),
+            Some(&redis::Value::Int(0)),
+            "every entry of {stream} acknowledged"
+        );
+    }
     tracker.kill();
     receiver.stop().await;
 }

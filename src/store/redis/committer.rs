@@ -19,16 +19,14 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::keys::Keys;
+use super::layout;
 use super::reachability::Reachability;
 use super::scripts::{
-    COMMIT_LUA, CommitArgs, CommitLimits, LOAD_LUA, parse_commit_reply, parse_load_reply,
-    push_commit_call, push_load_call,
+    COMMIT_LUA, CommitArgs, CommitLimits, LOAD_LUA, commit_call, load_call, parse_commit_reply,
+    parse_load_reply,
 };
-use super::text;
 use crate::domain::EntitlementId;
-use crate::store::{
-    Cause, Commit, CommitOutcome, Loaded, OverdraftCounts, StoreError, StoreSettings,
-};
+use crate::store::{Cause, Commit, CommitOutcome, Loaded, StoreError, StoreSettings};
 
 /// How long a caller waits past its deadline for a reply Redis sent in time.
 pub(super) const GRACE: Duration = Duration::from_millis(25);
@@ -52,12 +50,6 @@ pub(super) enum Work {
     Ping {
         reply: Answer<()>,
     },
-    StreamLength {
-        reply: Answer<u64>,
-    },
-    Totals {
-        reply: Answer<OverdraftCounts>,
-    },
 }
 
 impl Work {
@@ -66,8 +58,6 @@ impl Work {
             Work::Commit { reply, .. } => drop(reply.send(Err(e))),
             Work::Load { reply, .. } => drop(reply.send(Err(e))),
             Work::Ping { reply } => drop(reply.send(Err(e))),
-            Work::StreamLength { reply } => drop(reply.send(Err(e))),
-            Work::Totals { reply } => drop(reply.send(Err(e))),
         }
     }
 
@@ -77,8 +67,6 @@ impl Work {
             Work::Commit { .. } => "commit",
             Work::Load { .. } => "load",
             Work::Ping { .. } => "ping",
-            Work::StreamLength { .. } => "stream length",
-            Work::Totals { .. } => "overdraft totals",
         };
         self.fail(StoreError::not_sent(op, reason, source));
     }
@@ -106,42 +94,8 @@ impl Work {
             Work::Ping { reply } => {
                 let _ = reply.send(value.map(|_| ()).map_err(|e| StoreError::redis("ping", e)));
             }
-            Work::StreamLength { reply } => {
-                let length = value
-                    .map_err(|e| StoreError::redis("stream length", e))
-                    .and_then(|v| match v {
-                        Value::Int(n) => Ok(n.max(0) as u64),
-                        other => Err(StoreError::reply("stream length", format!("{other:?}"))),
-                    });
-                let _ = reply.send(length);
-            }
-            Work::Totals { reply } => {
-                let totals = value
-                    .map_err(|e| StoreError::redis("overdraft totals", e))
-                    .and_then(parse_totals);
-                let _ = reply.send(totals);
-            }
         }
     }
-}
-
-/// The `HMGET` reply of the totals hash; a field never written is 0.
-fn parse_totals(v: Value) -> Result<OverdraftCounts, StoreError> {
-    let Value::Array(items) = v else {
-        return Err(StoreError::reply("overdraft totals", format!("{v:?}")));
-    };
-    let field = |i: usize| -> Result<i64, StoreError> {
-        match items.get(i) {
-            None | Some(Value::Nil) => Ok(0),
-            Some(v) => text(v).and_then(|s| s.parse().ok()).ok_or_else(|| {
-                StoreError::corrupt("the overdraft totals", format!("field {i}: {v:?}"), None)
-            }),
-        }
-    };
-    Ok(OverdraftCounts {
-        entitlements: field(0)?,
-        seats: field(1)?,
-    })
 }
 
 /// Work and the instant its caller stops waiting for it: work still queued
@@ -181,9 +135,9 @@ impl CommitterCore {
         reach: Reachability,
     ) -> Self {
         CommitterCore {
+            keys: Keys::new(settings.redis_prefix.clone(), settings.redis_buckets),
             pool,
             reach,
-            keys: Keys::new(settings.redis_prefix.clone()),
             idempotency_window,
             settings,
             commit_sha: redis::Script::new(COMMIT_LUA).get_hash().to_string(),
@@ -220,6 +174,9 @@ impl CommitterCore {
         let redis_ms = time.0 * 1000 + time.1 / 1000;
         self.clock_offset_ms
             .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
+        tokio::time::timeout_at(deadline.into(), layout::check(&mut *conn, &self.keys))
+            .await
+            .map_err(|_| self.timeout("connect"))??;
         Ok(conn)
     }
 
@@ -277,54 +234,59 @@ impl CommitterCore {
         Ok(())
     }
 
-    /// The pipeline for `queued`: one commit-script call for all its
-    /// commits first, then the other work in order.
-    fn pipeline(&self, queued: &[Queued]) -> (redis::Pipeline, usize) {
+    /// The pipeline for `queued`, which it puts in order: the commits first,
+    /// by bucket, in one commit-script call, then the other work as queued.
+    fn pipeline(&self, queued: &mut [Queued]) -> (redis::Pipeline, usize) {
+        let bucket = |q: &Queued| match &q.work {
+            Work::Commit { commit, .. } => (0, self.keys.bucket_of(&commit.id)),
+            _ => (1, 0),
+        };
+        queued.sort_by_cached_key(bucket);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let redis_ms = self.redis_clock();
         let commits: Vec<CommitArgs<'_>> = queued
             .iter()
             .filter_map(|q| match &q.work {
-                Work::Commit { commit, .. } => Some(CommitArgs::of(commit, redis_ms(q.deadline))),
+                Work::Commit { commit, .. } => Some(CommitArgs::of(
+                    commit,
+                    self.keys.bucket_of(&commit.id),
+                    redis_ms(q.deadline),
+                )),
                 _ => None,
             })
             .collect();
         if !commits.is_empty() {
             let limits = CommitLimits {
-                stream_maxlen: self.settings.stream_maxlen,
+                stream_maxlen: self
+                    .settings
+                    .stream_maxlen
+                    .div_ceil(self.keys.buckets() as u64),
                 idempotency_ttl_ms: self.idempotency_window.as_millis() as u64,
             };
-            push_commit_call(&mut pipe, &self.commit_sha, &self.keys, &limits, &commits);
+            pipe.add_command(commit_call(&self.commit_sha, &self.keys, &limits, &commits));
         }
-        for q in queued {
+        for q in queued.iter() {
             match &q.work {
                 Work::Commit { .. } => {}
                 Work::Load { id, fence, .. } => {
-                    push_load_call(&mut pipe, &self.load_sha, &self.keys, id, *fence)
+                    pipe.add_command(load_call(&self.load_sha, &self.keys, id, *fence));
                 }
                 Work::Ping { .. } => {
                     pipe.cmd("PING");
                 }
-                Work::StreamLength { .. } => {
-                    pipe.cmd("XLEN").arg(self.keys.events());
-                }
-                Work::Totals { .. } => {
-                    pipe.cmd("HMGET")
-                        .arg(self.keys.overdraft_totals())
-                        .arg("entitlements")
-                        .arg("seats");
-                }
             }
         }
-        (pipe, commits.len())
+        let ncommits = commits.len();
+        (pipe, ncommits)
     }
 
     /// Sends one pipeline; answers whether the connection still works.
     async fn flush(&self, conn: MultiplexedConnection, queued: Vec<Queued>) -> bool {
         let started = Instant::now();
         let until = queued.iter().map(|q| q.deadline).max().unwrap_or(started) + GRACE;
-        let (pipe, ncommits) = self.pipeline(&queued);
+        let mut queued = queued;
+        let (pipe, ncommits) = self.pipeline(&mut queued);
         let work: Vec<Work> = queued.into_iter().map(|q| q.work).collect();
         let results = self.run_scripts(conn, &pipe, until).await;
         let healthy = results.is_ok();

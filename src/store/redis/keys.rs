@@ -1,46 +1,122 @@
 //! Every Redis key headroom writes, built here and nowhere else.
 //!
-//! Per entitlement, all under one hash tag `{<id>}` so that they share a
-//! slot:
-//! - `{prefix}:{<id>}:epoch`: the owner epoch (a counter; see `Store::load`).
-//! - `{prefix}:{<id>}:state`: hash, `core` (counters, JSON) and `config` (JSON).
-//! - `{prefix}:{<id>}:seats`: hash, seat id → encoded lease.
-//! - `{prefix}:{<id>}:key:<incarnation>:<idempotency key>`: the first
-//!   decision made with the key (JSON), expiring after the idempotency window.
-//! - `{prefix}:{<id>}:history:<hour|day>:<start ms>`: hash of one history
-//!   bucket, expiring after its retention.
-//! - `{prefix}:{<id>}:periods`: list of closed-period records, newest first.
+//! The entitlements are spread over a fixed number of *buckets* (B,
+//! `--redis-buckets`, recorded at first start in `{prefix}:meta`). A bucket
+//! is a hash tag: every key of an entitlement and the shared structures of
+//! its bucket live in one hash slot, so that one commit script call, which
+//! touches both, runs on one Redis Cluster node. An entitlement's bucket is
+//! the CRC16 of its id modulo B; bucket `i`'s tag is chosen so that its slot
+//! lies in the `i`-th of B equal slot ranges, so any even split of the
+//! slots over the primaries splits the buckets evenly too.
 //!
-//! Shared by all entitlements:
-//! - `{prefix}:events`: the event stream (CloudEvents JSON per entry).
-//! - `{prefix}:overdraft`: hash, `entitlements` and `seats` in overdraft.
-//! - `{prefix}:report:overdraft`: sorted set of ids in overdraft (by id).
-//! - `{prefix}:report:denied`: sorted set of ids by their last denial (ms).
+//! Per entitlement, `<tag>` its bucket's tag:
+//! - `{prefix}:{<tag>}:{<id>}:epoch`: the owner epoch (a counter; see
+//!   `Store::load`).
+//! - `{prefix}:{<tag>}:{<id>}:state`: hash, `core` (counters, JSON) and
+//!   `config` (JSON).
+//! - `{prefix}:{<tag>}:{<id>}:seats`: hash, seat id → encoded lease.
+//! - `{prefix}:{<tag>}:{<id>}:key:<incarnation>:<idempotency key>`: the
+//!   first decision made with the key (JSON), expiring after the
+//!   idempotency window.
+//! - `{prefix}:{<tag>}:{<id>}:history:<hour|day>:<start ms>`: hash of one
+//!   history bucket, expiring after its retention.
+//! - `{prefix}:{<tag>}:{<id>}:periods`: list of closed-period records,
+//!   newest first.
 //!
-//! Webhooks:
-//! - `{prefix}:webhooks`: hash, endpoint id → registration (with its secret).
-//! - `{prefix}:webhooks:{id}:deliveries`: list, the delivery log, newest first.
-//! - `{prefix}:webhooks:retry`: sorted set of deliveries by next attempt (ms).
-//! - `{prefix}:webhooks:pending`: hash, delivery id → delivery (JSON).
-//! - `{prefix}:webhooks:dead`: the dead-letter stream.
+//! (Only the first `{…}` of a key is its hash tag; the braces around the id
+//! keep ids, which may contain `:`, from running into the suffix.)
+//!
+//! Per bucket:
+//! - `{prefix}:{<tag>}:events`: the bucket's event stream (CloudEvents JSON
+//!   per entry).
+//! - `{prefix}:{<tag>}:overdraft`: hash, `entitlements` and `seats` in
+//!   overdraft.
+//! - `{prefix}:{<tag>}:report:overdraft`: sorted set of ids in overdraft
+//!   (by id).
+//! - `{prefix}:{<tag>}:report:denied`: sorted set of ids by their last
+//!   denial (ms).
+//!
+//! The layout: `{prefix}:meta`, hash, `buckets` (B) and `layout`.
+//!
+//! Webhooks, all in one slot (tag `webhooks`):
+//! - `{prefix}:{webhooks}`: hash, endpoint id → registration (with its
+//!   secret).
+//! - `{prefix}:{webhooks}:{<id>}:deliveries`: list, the delivery log,
+//!   newest first.
+//! - `{prefix}:{webhooks}:retry`: sorted set of deliveries by next attempt
+//!   (ms).
+//! - `{prefix}:{webhooks}:pending`: hash, delivery id → delivery (JSON).
+//! - `{prefix}:{webhooks}:dead`: the dead-letter stream.
+
+use std::sync::Arc;
 
 use crate::domain::{BucketSize, EntitlementId, IdempotencyKey};
 
-/// The key names under one prefix.
+/// Redis Cluster's hash slots.
+const SLOTS: u32 = 16_384;
+/// The most buckets: past it a bucket's slot range gets too narrow to find
+/// its tag quickly, and no cluster has that many primaries.
+pub const MAX_BUCKETS: u32 = 1_024;
+/// The bucket count a first start records unless told otherwise: 4 per
+/// primary on a 16-primary cluster, 21 or 22 per primary on 3.
+pub const DEFAULT_BUCKETS: u32 = 64;
+/// The version of this layout, recorded with the bucket count.
+pub const LAYOUT_VERSION: &str = "2";
+
+/// The hash slot of `key` as Redis Cluster computes it (CRC16/XMODEM of the
+/// key, or of its hash tag).
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&b| b == b'}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    (crc16::State::<crc16::XMODEM>::calculate(tagged) as u32 % SLOTS) as u16
+}
+
+/// The key names under one prefix and bucket count.
 #[derive(Clone, Debug)]
 pub struct Keys {
-    prefix: String,
+    prefix: Arc<str>,
+    /// Bucket `i`'s hash tag.
+    tags: Arc<[String]>,
 }
 
 impl Keys {
-    pub fn new(prefix: impl Into<String>) -> Self {
+    /// The keys for `buckets` buckets (1 to [`MAX_BUCKETS`]; the settings
+    /// check the range).
+    pub fn new(prefix: impl Into<String>, buckets: u32) -> Self {
+        let buckets = buckets.clamp(1, MAX_BUCKETS);
+        let tags = (0..buckets).map(|i| bucket_tag(i, buckets)).collect();
         Keys {
-            prefix: prefix.into(),
+            prefix: prefix.into().into(),
+            tags,
         }
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// How many buckets there are.
+    pub fn buckets(&self) -> usize {
+        self.tags.len()
+    }
+
+    /// The bucket of an entitlement.
+    pub fn bucket_of(&self, id: &EntitlementId) -> usize {
+        crc16::State::<crc16::XMODEM>::calculate(id.as_str().as_bytes()) as usize % self.tags.len()
+    }
+
     fn entitlement(&self, id: &EntitlementId, suffix: &str) -> String {
-        format!("{}:{{{}}}:{}", self.prefix, id, suffix)
+        let tag = &self.tags[self.bucket_of(id)];
+        format!("{}:{{{tag}}}:{{{id}}}:{suffix}", self.prefix)
     }
 
     pub fn epoch(&self, id: &EntitlementId) -> String {
@@ -72,45 +148,76 @@ impl Keys {
         self.entitlement(id, &format!("history:{}:{start}", size.as_str()))
     }
 
-    fn shared(&self, suffix: &str) -> String {
-        format!("{}:{suffix}", self.prefix)
+    fn bucket(&self, bucket: usize, suffix: &str) -> String {
+        format!("{}:{{{}}}:{suffix}", self.prefix, self.tags[bucket])
     }
 
-    pub fn events(&self) -> String {
-        self.shared("events")
+    /// Bucket `bucket`'s event stream.
+    pub fn events(&self, bucket: usize) -> String {
+        self.bucket(bucket, "events")
     }
 
-    pub fn overdraft_totals(&self) -> String {
-        self.shared("overdraft")
+    /// Every bucket's event stream, in bucket order.
+    pub fn all_events(&self) -> Vec<String> {
+        (0..self.buckets()).map(|b| self.events(b)).collect()
     }
 
-    pub fn overdraft_index(&self) -> String {
-        self.shared("report:overdraft")
+    pub fn overdraft_totals(&self, bucket: usize) -> String {
+        self.bucket(bucket, "overdraft")
     }
 
-    pub fn denied_index(&self) -> String {
-        self.shared("report:denied")
+    pub fn overdraft_index(&self, bucket: usize) -> String {
+        self.bucket(bucket, "report:overdraft")
+    }
+
+    pub fn denied_index(&self, bucket: usize) -> String {
+        self.bucket(bucket, "report:denied")
+    }
+
+    /// The layout record: the bucket count the data was written with.
+    pub fn meta(&self) -> String {
+        format!("{}:meta", self.prefix)
+    }
+
+    /// The shared keys of the layout before buckets (one stream, one set of
+    /// totals and indexes): data in it is refused, not mixed.
+    pub fn unbucketed(&self) -> [String; 3] {
+        ["events", "overdraft", "report:overdraft"].map(|s| format!("{}:{s}", self.prefix))
+    }
+
+    fn webhook(&self, suffix: &str) -> String {
+        format!("{}:{{webhooks}}{suffix}", self.prefix)
     }
 
     pub fn webhooks(&self) -> String {
-        self.shared("webhooks")
+        self.webhook("")
     }
 
     pub fn webhook_log(&self, webhook: &str) -> String {
-        self.shared(&format!("webhooks:{webhook}:deliveries"))
+        self.webhook(&format!(":{{{webhook}}}:deliveries"))
     }
 
     pub fn webhook_retry(&self) -> String {
-        self.shared("webhooks:retry")
+        self.webhook(":retry")
     }
 
     pub fn webhook_pending(&self) -> String {
-        self.shared("webhooks:pending")
+        self.webhook(":pending")
     }
 
     pub fn webhook_dead(&self) -> String {
-        self.shared("webhooks:dead")
+        self.webhook(":dead")
     }
+}
+
+/// Bucket `i`'s tag: `b<i>` and the first suffix `.<n>` whose slot lies in
+/// the `i`-th of `buckets` equal slot ranges (expected `buckets` tries).
+fn bucket_tag(i: u32, buckets: u32) -> String {
+    let (low, high) = (i * SLOTS / buckets, (i + 1) * SLOTS / buckets);
+    (0u32..)
+        .map(|n| format!("b{i}.{n}"))
+        .find(|tag| (low..high).contains(&u32::from(slot(tag.as_bytes()))))
+        .expect("every slot range is hit by some suffix")
 }
 
 #[cfg(test)]
@@ -118,10 +225,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_entitlements_keys_share_its_hash_tag() {
-        let keys = Keys::new("hr");
+    fn an_entitlements_keys_share_its_buckets_slot() {
+        let keys = Keys::new("hr", 64);
         let id = EntitlementId::parse("acme").expect("id");
         let key = IdempotencyKey::parse("k1").expect("key");
+        let b = keys.bucket_of(&id);
+        let bucket_slot = slot(keys.events(b).as_bytes());
         for k in [
             keys.epoch(&id),
             keys.state(&id),
@@ -129,14 +238,97 @@ mod tests {
             keys.periods(&id),
             keys.idempotency(&id, 7, &key),
             keys.history(&id, BucketSize::Day, 0),
+            keys.overdraft_totals(b),
+            keys.overdraft_index(b),
+            keys.denied_index(b),
         ] {
-            assert!(k.starts_with("hr:{acme}:"), "{k}");
+            assert_eq!(slot(k.as_bytes()), bucket_slot, "{k}");
         }
-        assert_eq!(keys.idempotency(&id, 7, &key), "hr:{acme}:key:7:k1");
+        let tag = &keys.tags[b];
+        assert_eq!(
+            keys.idempotency(&id, 7, &key),
+            format!("hr:{{{tag}}}:{{acme}}:key:7:k1")
+        );
         assert_eq!(
             keys.history(&id, BucketSize::Hour, 36),
-            "hr:{acme}:history:hour:36"
+            format!("hr:{{{tag}}}:{{acme}}:history:hour:36")
         );
-        assert_eq!(keys.webhook_log("wh_1"), "hr:webhooks:wh_1:deliveries");
+    }
+
+    #[test]
+    fn ids_with_colons_do_not_run_into_the_suffix() {
+        let keys = Keys::new("hr", 1);
+        let a = EntitlementId::parse("x:key:1").expect("id");
+        let b = EntitlementId::parse("x").expect("id");
+        let key = IdempotencyKey::parse("state").expect("key");
+        assert_ne!(keys.state(&a), keys.idempotency(&b, 1, &key));
+    }
+
+    #[test]
+    fn webhook_keys_share_one_slot() {
+        let keys = Keys::new("hr", 64);
+        let s = slot(keys.webhooks().as_bytes());
+        for k in [
+            keys.webhook_log("wh_1"),
+            keys.webhook_retry(),
+            keys.webhook_pending(),
+            keys.webhook_dead(),
+        ] {
+            assert_eq!(slot(k.as_bytes()), s, "{k}");
+        }
+        assert_eq!(keys.webhook_log("wh_1"), "hr:{webhooks}:{wh_1}:deliveries");
+    }
+
+    #[test]
+    fn buckets_spread_evenly_over_the_slot_ranges_of_any_even_split() {
+        for buckets in [1, 3, 64, 256, MAX_BUCKETS] {
+            let keys = Keys::new("hr", buckets);
+            let slots: Vec<u32> = (0..keys.buckets())
+                .map(|b| u32::from(slot(keys.events(b).as_bytes())))
+                .collect();
+            for (i, s) in slots.iter().enumerate() {
+                let i = i as u32;
+                assert!(
+                    (i * SLOTS / buckets..(i + 1) * SLOTS / buckets).contains(s),
+                    "bucket {i} of {buckets} at slot {s}"
+                );
+            }
+            // Three primaries owning equal slot ranges (as
+            // `redis-cli --cluster create` assigns them).
+            let mut per_node = [0; 3];
+            for s in &slots {
+                per_node[(*s * 3 / SLOTS) as usize] += 1;
+            }
+            let (min, max) = (per_node.iter().min(), per_node.iter().max());
+            assert!(
+                max.zip(min).is_some_and(|(a, b)| a - b <= 1),
+                "{per_node:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_slot_follows_redis_cluster() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot(b"123456789"), 12_739);
+        assert_eq!(slot(b"foo"), 12_182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        let whole = |k: &[u8]| crc16::State::<crc16::XMODEM>::calculate(k) % 16_384;
+        assert_eq!(slot(b"foo{}{bar}"), whole(b"foo{}{bar}"));
+        assert_eq!(slot(b"foo{{bar}}zap"), whole(b"{bar"));
+    }
+
+    #[test]
+    fn ids_spread_over_the_buckets() {
+        let keys = Keys::new("hr", 64);
+        let mut counts = vec![0; 64];
+        for n in 0..64_000 {
+            let id = EntitlementId::parse(&format!("customer-{n}")).expect("id");
+            counts[keys.bucket_of(&id)] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

@@ -10,11 +10,12 @@
 
 mod committer;
 mod keys;
+mod layout;
 mod reachability;
 mod reads;
 mod scripts;
 
-pub use keys::Keys;
+pub use keys::{DEFAULT_BUCKETS, Keys, MAX_BUCKETS};
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -152,6 +153,31 @@ impl RedisStore {
         })
     }
 
+    /// The key names of this store (prefix and bucket count).
+    pub fn keys(&self) -> &Keys {
+        &self.core.keys
+    }
+
+    /// Records the key layout on an empty prefix, or checks that the data
+    /// there was written in this process's layout (every new connection
+    /// checks it again).
+    pub async fn verify_layout(&self) -> Result<(), StoreError> {
+        let timeout = self.core.settings.redis_timeout;
+        let mut conn = tokio::time::timeout(timeout, self.core.pool.get())
+            .await
+            .map_err(|_| StoreError::timeout("layout check", timeout))?
+            .map_err(|e| {
+                StoreError::not_sent(
+                    "layout check",
+                    "no connection to Redis",
+                    Some(Cause::Pool(Arc::new(e))),
+                )
+            })?;
+        tokio::time::timeout(timeout, layout::check(&mut *conn, &self.core.keys))
+            .await
+            .map_err(|_| StoreError::timeout("layout check", timeout))?
+    }
+
     /// Pipelines sent to Redis so far: each is one round trip.
     pub fn round_trips(&self) -> u64 {
         self.core.round_trips.load(Ordering::Relaxed)
@@ -230,17 +256,11 @@ impl Store for RedisStore {
     }
 
     async fn stream_length(&self) -> Result<u64, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let budget = self.core.settings.redis_timeout;
-        self.submit("stream length", Work::StreamLength { reply }, rx, budget)
-            .await
+        self.read_stream_length().await
     }
 
     async fn overdraft_totals(&self) -> Result<OverdraftCounts, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let budget = self.core.settings.redis_timeout;
-        self.submit("overdraft totals", Work::Totals { reply }, rx, budget)
-            .await
+        self.read_totals().await
     }
 
     async fn peek_many(&self, ids: &[EntitlementId]) -> Result<Vec<Peeked>, StoreError> {

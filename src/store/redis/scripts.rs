@@ -28,14 +28,16 @@ pub(super) struct CommitLimits {
 /// the script reads its `ARGV`; [`CommitArgs::push_keys`] and
 /// [`CommitArgs::push_argv`] are its only encoders.
 ///
-/// A call's `KEYS` are the event stream, the overdraft totals hash, the
-/// overdraft report index and the recent-denials index, then per commit
-/// its epoch, state hash, seats hash, closed-periods list, the hour and day
+/// A call carries groups of commits, one group per bucket. Its `KEYS` are,
+/// per group, the bucket's event stream, overdraft totals hash, overdraft
+/// report index and recent-denials index, then per commit of the group its
+/// epoch, state hash, seats hash, closed-periods list, the hour and day
 /// history hashes of each history write, and its idempotency keys.
 ///
-/// A call's `ARGV` are the commit count, the stream's `MAXLEN`, the
+/// A call's `ARGV` are the group count, the stream's `MAXLEN`, the
 /// idempotency TTL (ms), the closed periods kept per entitlement and how
-/// long a denial stays in the recent-denials index (ms); then per commit the
+/// long a denial stays in the recent-denials index (ms); then per group its
+/// commit count and per commit the
 /// fixed fields below (`deadline_ms` to `id`, with the five counts of the
 /// variable parts between `periods_expire_at` and `id`), then the variable
 /// parts: per seat its id and lease (`''` for released), per event its type
@@ -44,9 +46,11 @@ pub(super) struct CommitLimits {
 /// op `M|S|A`, field, value; per closed period its record; per idempotency
 /// key its record.
 ///
-/// The script answers one reply per commit: `{'ok', epoch}`,
+/// The script answers one reply per commit, in order: `{'ok', epoch}`,
 /// `{'fenced', epoch}`, `{'keys', index, record, ...}` or `{'expired'}`.
 pub(super) struct CommitArgs<'a> {
+    /// The entitlement's bucket (not sent: it picks the group).
+    pub bucket: usize,
     /// Redis's clock (ms): the script refuses the commit after it.
     pub deadline_ms: i64,
     /// The owner epoch the commit was decided under.
@@ -76,7 +80,7 @@ pub(super) struct CommitArgs<'a> {
 }
 
 impl<'a> CommitArgs<'a> {
-    pub fn of(c: &'a Commit, deadline_ms: i64) -> Self {
+    pub fn of(c: &'a Commit, bucket: usize, deadline_ms: i64) -> Self {
         let (mode, core, config, seats): (_, &str, &str, &[_]) = match &c.write {
             Write::Put {
                 replace,
@@ -92,6 +96,7 @@ impl<'a> CommitArgs<'a> {
             Write::Delete => ("delete", "", "", &[]),
         };
         CommitArgs {
+            bucket,
             deadline_ms,
             expected_epoch: c.epoch,
             claim: c.claim,
@@ -181,34 +186,40 @@ impl<'a> CommitArgs<'a> {
     }
 }
 
-/// Adds one call of the commit script carrying all of `commits`.
-pub(super) fn push_commit_call(
-    pipe: &mut redis::Pipeline,
+/// One call of the commit script carrying all of `commits`, which are in
+/// bucket order (a group per run of one bucket).
+pub(super) fn commit_call(
     sha: &str,
     keys: &Keys,
     limits: &CommitLimits,
     commits: &[CommitArgs<'_>],
-) {
-    let nkeys: usize = 4 + commits.iter().map(CommitArgs::key_count).sum::<usize>();
+) -> redis::Cmd {
+    let groups: Vec<&[CommitArgs<'_>]> = commits.chunk_by(|a, b| a.bucket == b.bucket).collect();
+    let nkeys: usize = 4 * groups.len() + commits.iter().map(CommitArgs::key_count).sum::<usize>();
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha)
-        .arg(nkeys)
-        .arg(keys.events())
-        .arg(keys.overdraft_totals())
-        .arg(keys.overdraft_index())
-        .arg(keys.denied_index());
-    for c in commits {
-        c.push_keys(keys, &mut cmd);
+    cmd.arg(sha).arg(nkeys);
+    for group in &groups {
+        let b = group[0].bucket;
+        cmd.arg(keys.events(b))
+            .arg(keys.overdraft_totals(b))
+            .arg(keys.overdraft_index(b))
+            .arg(keys.denied_index(b));
+        for c in *group {
+            c.push_keys(keys, &mut cmd);
+        }
     }
-    cmd.arg(commits.len())
+    cmd.arg(groups.len())
         .arg(limits.stream_maxlen)
         .arg(limits.idempotency_ttl_ms)
         .arg(PERIODS_KEPT)
         .arg(DENIALS_KEPT_MS);
-    for c in commits {
-        c.push_argv(&mut cmd);
+    for group in &groups {
+        cmd.arg(group.len());
+        for c in *group {
+            c.push_argv(&mut cmd);
+        }
     }
-    pipe.add_command(cmd);
+    cmd
 }
 
 /// One commit's reply of the commit script.
@@ -249,23 +260,18 @@ pub(super) fn parse_commit_reply(c: &Commit, v: Value) -> Result<CommitOutcome, 
     }
 }
 
-/// Adds one call of the load script: `KEYS` epoch, state hash, seats hash;
+/// One call of the load script: `KEYS` epoch, state hash, seats hash;
 /// `ARGV` `1` to bump the epoch even when nothing is stored (a read-back
 /// that fences an unknown write).
-pub(super) fn push_load_call(
-    pipe: &mut redis::Pipeline,
-    sha: &str,
-    keys: &Keys,
-    id: &EntitlementId,
-    fence: bool,
-) {
-    pipe.cmd("EVALSHA")
-        .arg(sha)
+pub(super) fn load_call(sha: &str, keys: &Keys, id: &EntitlementId, fence: bool) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(sha)
         .arg(3)
         .arg(keys.epoch(id))
         .arg(keys.state(id))
         .arg(keys.seats(id))
         .arg(if fence { "1" } else { "0" });
+    cmd
 }
 
 /// The `(seat, lease)` pairs of an `HGETALL` reply of a seats hash.

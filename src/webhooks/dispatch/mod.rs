@@ -26,12 +26,28 @@ use tokio::task::JoinHandle;
 use super::{Stored, WebhookSettings, Webhooks};
 use crate::store::{StoreError, reply_text as text};
 
+/// An entry of one bucket's event stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StreamEntry {
+    bucket: usize,
+    /// The stream's `ms-seq` id.
+    id: String,
+}
+
+impl std::fmt::Display for StreamEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.bucket, self.id)
+    }
+}
+
 /// One event for one endpoint, as parked in the retry schedule.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Delivery {
-    /// `{webhook}:{stream entry}`: what a receiver can de-duplicate on.
+    /// `{webhook}:{bucket}-{stream entry}`: what a receiver can
+    /// de-duplicate on.
     id: String,
     hook: String,
+    /// `{bucket}-{stream entry}`.
     entry: String,
     kind: String,
     event: String,
@@ -45,9 +61,9 @@ struct Delivery {
 /// Acknowledges a stream entry once each of its deliveries is settled
 /// (delivered, parked in the retry schedule, or dead-lettered).
 struct Ack {
-    entry: String,
+    entry: StreamEntry,
     remaining: AtomicUsize,
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::UnboundedSender<StreamEntry>,
 }
 
 impl Ack {
@@ -86,7 +102,7 @@ struct DispatchState {
     client: reqwest::Client,
     global: Arc<Semaphore>,
     endpoints: Mutex<HashMap<String, Endpoint>>,
-    acks: mpsc::UnboundedSender<String>,
+    acks: mpsc::UnboundedSender<StreamEntry>,
 }
 
 /// Why the dispatcher could not start.
@@ -109,7 +125,7 @@ fn now_ms() -> i64 {
 }
 
 /// `ms-seq` stream ids, ordered.
-fn entry_id(s: &str) -> (u64, u64) {
+pub(super) fn entry_id(s: &str) -> (u64, u64) {
     let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
@@ -227,17 +243,17 @@ impl DispatchState {
     }
 
     /// Hands an entry to each endpoint that wants it.
-    fn dispatch(self: &Arc<Self>, entry: String, fields: HashMap<String, String>) {
+    fn dispatch(self: &Arc<Self>, entry: StreamEntry, fields: HashMap<String, String>) {
         let (Some(kind), Some(event)) = (fields.get("type"), fields.get("event")) else {
             // Trimmed from the stream before it was delivered: nothing to send.
             let _ = self.acks.send(entry);
             return;
         };
-        let position = entry_id(&entry);
+        let position = entry_id(&entry.id);
         let targets: Vec<(String, mpsc::Sender<DeliveryJob>)> = self
             .lock()
             .values()
-            .filter(|e| e.stored.hook.wants(kind) && position > entry_id(&e.stored.after_entry))
+            .filter(|e| e.stored.hook.wants(kind) && position > e.stored.after(entry.bucket))
             .map(|e| (e.stored.hook.id.clone(), e.queue.clone()))
             .collect();
         if targets.is_empty() {
@@ -254,7 +270,7 @@ impl DispatchState {
                 d: Delivery {
                     id: format!("{hook}:{entry}"),
                     hook,
-                    entry: entry.clone(),
+                    entry: entry.to_string(),
                     kind: kind.clone(),
                     event: event.clone(),
                     attempt: 1,

@@ -1,5 +1,13 @@
-//! Reading the stream through the consumer group, taking over entries
-//! other consumers left unfinished, and acknowledging settled entries.
+//! Reading the buckets' streams through the consumer group, taking over
+//! entries other consumers left unfinished, and acknowledging settled
+//! entries.
+//!
+//! Each bucket's stream has its own consumer group (of one name), so every
+//! tracker process reads every stream and Redis shares each stream's
+//! entries among them. The streams are read without blocking (a blocking
+//! read names one stream, and one connection, at a time): a round reads
+//! every stream, and a round that found nothing waits before the next,
+//! longer each time up to [`IDLE_MAX`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,39 +15,49 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use tokio::sync::{mpsc, watch};
 
-use super::{DispatchState, entries, stopped, text};
+use super::{DispatchState, StreamEntry, entries, stopped, text};
 use crate::store::StoreError;
 use crate::webhooks::GROUP;
 
-/// With no endpoint registered, moves the group to the stream's end instead
-/// of reading every entry; atomic with registration (also a script), so an
-/// endpoint registered meanwhile stops it.
-const SKIP_LUA: &str = r"
-if redis.call('HLEN', KEYS[1]) == 0 then
-  redis.call('XGROUP', 'SETID', KEYS[2], ARGV[1], '$')
-  return 1
-end
-return 0
-";
-
-/// Stream entries read at once.
+/// Stream entries read at once from one stream.
 pub(super) const READ_COUNT: usize = 100;
+/// The first wait after a round that found nothing.
+const IDLE_MIN: Duration = Duration::from_millis(10);
+/// The longest wait between rounds that find nothing: how late an entry
+/// may be picked up on an idle tracker.
+const IDLE_MAX: Duration = Duration::from_millis(250);
+/// With no endpoint registered, how often the groups are moved to their
+/// streams' ends (a registration is picked up within it).
+const SKIP_EVERY: Duration = Duration::from_secs(1);
+
+/// What the reader knows of one bucket's stream.
+struct Bucket {
+    /// Entries this consumer read before a restart and never finished:
+    /// read from here first.
+    backlog: Option<String>,
+    /// Where the next take-over scan starts.
+    claim_from: String,
+}
 
 impl DispatchState {
     pub(super) async fn reader(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let block = (self.api.timeout / 2).min(Duration::from_secs(1));
+        let buckets = self.api.keys.buckets();
+        let mut streams: Vec<Bucket> = (0..buckets)
+            .map(|_| Bucket {
+                backlog: Some("0-0".into()),
+                claim_from: "0-0".into(),
+            })
+            .collect();
         let mut ready = false;
         let mut failing = false;
-        // Entries this consumer read before a restart and never finished.
-        let mut backlog = Some("0-0".to_string());
+        let mut idle = IDLE_MIN;
         let mut last_refresh = Instant::now() - Duration::from_secs(60);
         let mut last_claim = Instant::now();
-        let mut claim_from = "0-0".to_string();
         loop {
             if *stop.borrow() {
                 return;
             }
-            let step: Result<(), StoreError> = async {
+            let step: Result<usize, StoreError> = async {
                 if !ready {
                     self.api.ensure_group().await?;
                     ready = true;
@@ -48,103 +66,126 @@ impl DispatchState {
                     self.refresh().await?;
                     last_refresh = Instant::now();
                 }
-                if backlog.is_none() && self.lock().is_empty() {
+                let backlog = streams.iter().any(|s| s.backlog.is_some());
+                if !backlog && self.lock().is_empty() {
                     // Nobody to deliver to: skip the entries rather than
                     // read and acknowledge each.
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("EVAL")
-                        .arg(SKIP_LUA)
-                        .arg(2)
-                        .arg(self.api.keys.webhooks())
-                        .arg(self.api.keys.events())
-                        .arg(GROUP);
-                    let (skipped,): (i64,) = self.api.run("webhook skip", &pipe).await?;
-                    if skipped == 1 {
-                        // A registration is seen within this pause.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        last_refresh = Instant::now() - Duration::from_secs(60);
-                        return Ok(());
+                    if self.skip().await? {
+                        return Ok(0);
                     }
                     self.refresh().await?;
                     last_refresh = Instant::now();
                 }
                 if last_claim.elapsed() >= self.settings.claim_after / 4 {
                     last_claim = Instant::now();
-                    claim_from = self.take_over(&claim_from).await?;
+                    for (b, s) in streams.iter_mut().enumerate() {
+                        s.claim_from = self.take_over(b, &s.claim_from).await?;
+                    }
                 }
                 let mut pipe = redis::pipe();
-                let cmd = pipe
-                    .cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(GROUP)
-                    .arg(self.settings.consumer_name())
-                    .arg("COUNT")
-                    .arg(READ_COUNT);
-                if backlog.is_none() {
-                    cmd.arg("BLOCK").arg(block.as_millis() as u64);
+                for (b, s) in streams.iter().enumerate() {
+                    pipe.cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(GROUP)
+                        .arg(self.settings.consumer_name())
+                        .arg("COUNT")
+                        .arg(READ_COUNT)
+                        .arg("STREAMS")
+                        .arg(self.api.keys.events(b))
+                        .arg(s.backlog.as_deref().unwrap_or(">"));
                 }
-                cmd.arg("STREAMS")
-                    .arg(self.api.keys.events())
-                    .arg(backlog.as_deref().unwrap_or(">"));
-                let (reply,): (Value,) = self.api.run("webhook read", &pipe).await?;
-                let read = match &reply {
-                    Value::Array(streams) => streams
-                        .first()
-                        .and_then(|s| match s {
-                            Value::Array(kv) => kv.get(1).map(entries),
-                            _ => None,
-                        })
-                        .unwrap_or_default(),
-                    Value::Map(streams) => {
-                        streams.first().map(|(_, v)| entries(v)).unwrap_or_default()
+                let replies: Vec<Value> = self.api.run("webhook read", &pipe).await?;
+                let mut read = Vec::new();
+                for (b, (s, reply)) in streams.iter_mut().zip(replies).enumerate() {
+                    let got = stream_entries(&reply);
+                    if s.backlog.is_some() {
+                        s.backlog = got.last().map(|(id, _)| id.clone());
                     }
-                    _ => Vec::new(),
-                };
-                if backlog.is_some() {
-                    backlog = read.last().map(|(id, _)| id.clone());
+                    read.extend(
+                        got.into_iter()
+                            .map(|(id, fields)| (StreamEntry { bucket: b, id }, fields)),
+                    );
                 }
-                if !read.is_empty() {
+                let n = read.len();
+                if n > 0 {
                     // Registrations read after the entries: an endpoint
                     // registered before an entry was added is known here.
                     self.refresh().await?;
                     last_refresh = Instant::now();
                 }
-                for (id, fields) in read {
-                    self.dispatch(id, fields);
+                for (entry, fields) in read {
+                    self.dispatch(entry, fields);
                 }
-                Ok(())
+                Ok(n)
             }
             .await;
-            match step {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("webhook dispatcher reads the stream again");
+            let wait = match step {
+                Ok(n) => {
+                    if failing {
+                        failing = false;
+                        tracing::info!("webhook dispatcher reads the stream again");
+                    }
+                    idle = if n > 0 {
+                        IDLE_MIN
+                    } else {
+                        (idle * 2).min(IDLE_MAX)
+                    };
+                    (n == 0).then_some(idle)
                 }
-                Ok(()) => {}
                 // Once per outage: the store logs Redis's reachability.
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %crate::store::chain(&e), "webhook dispatcher cannot read the stream");
-                }
                 Err(e) => {
-                    tracing::debug!(error = %crate::store::chain(&e), "webhook dispatcher still cannot read the stream");
+                    if !failing {
+                        tracing::warn!(error = %crate::store::chain(&e), "webhook dispatcher cannot read the stream");
+                    } else {
+                        tracing::debug!(error = %crate::store::chain(&e), "webhook dispatcher still cannot read the stream");
+                    }
+                    failing = true;
+                    ready = false;
+                    Some(Duration::from_secs(1))
                 }
-            }
-            if failing {
-                ready = false;
-                if stopped(&mut stop, Duration::from_secs(1)).await {
-                    return;
-                }
+            };
+            if let Some(wait) = wait
+                && stopped(&mut stop, wait).await
+            {
+                return;
             }
         }
     }
 
-    /// Takes over entries another consumer (or this one, before a failure)
-    /// read and left unfinished for `claim_after`; returns where to go on.
-    async fn take_over(self: &Arc<Self>, from: &str) -> Result<String, StoreError> {
+    /// With no endpoint registered, moves each group to its stream's last
+    /// entry as read *before* the registrations were found empty: an entry
+    /// added after a registration is never skipped, and one skipped before
+    /// it lies before that endpoint's start anyway. Answers whether it
+    /// skipped (then it has waited [`SKIP_EVERY`]).
+    async fn skip(self: &Arc<Self>) -> Result<bool, StoreError> {
+        let lasts = self.api.last_entries().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("HLEN").arg(self.api.keys.webhooks());
+        let (registered,): (u64,) = self.api.run("webhook skip", &pipe).await?;
+        if registered > 0 {
+            return Ok(false);
+        }
+        let mut pipe = redis::pipe();
+        for (b, last) in lasts.iter().enumerate() {
+            pipe.cmd("XGROUP")
+                .arg("SETID")
+                .arg(self.api.keys.events(b))
+                .arg(GROUP)
+                .arg(last)
+                .ignore();
+        }
+        self.api.run::<()>("webhook skip", &pipe).await?;
+        tokio::time::sleep(SKIP_EVERY).await;
+        Ok(true)
+    }
+
+    /// Takes over entries of `bucket`'s stream another consumer (or this
+    /// one, before a failure) read and left unfinished for `claim_after`;
+    /// returns where to go on.
+    async fn take_over(self: &Arc<Self>, bucket: usize, from: &str) -> Result<String, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("XAUTOCLAIM")
-            .arg(self.api.keys.events())
+            .arg(self.api.keys.events(bucket))
             .arg(GROUP)
             .arg(self.settings.consumer_name())
             .arg(self.settings.claim_after.as_millis() as u64)
@@ -161,8 +202,9 @@ impl DispatchState {
             self.refresh().await?;
         }
         for (id, fields) in claimed {
-            tracing::info!(entry = %id, "webhook dispatcher took over an unfinished entry");
-            self.dispatch(id, fields);
+            let entry = StreamEntry { bucket, id };
+            tracing::info!(entry = %entry, "webhook dispatcher took over an unfinished entry");
+            self.dispatch(entry, fields);
         }
         Ok(next)
     }
@@ -170,31 +212,34 @@ impl DispatchState {
     /// Acknowledges settled entries, a batch at a time.
     pub(super) async fn acker(
         self: Arc<Self>,
-        mut rx: mpsc::UnboundedReceiver<String>,
+        mut rx: mpsc::UnboundedReceiver<StreamEntry>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut batch = Vec::new();
+        let mut batch: Vec<StreamEntry> = Vec::new();
         loop {
             let stopping = tokio::select! {
-                id = rx.recv() => match id {
-                    Some(id) => {
-                        batch.push(id);
+                entry = rx.recv() => match entry {
+                    Some(entry) => {
+                        batch.push(entry);
                         false
                     }
                     None => return,
                 },
                 _ = stop.changed() => true,
             };
-            while let Ok(id) = rx.try_recv() {
-                batch.push(id);
+            while let Ok(entry) = rx.try_recv() {
+                batch.push(entry);
             }
             if !batch.is_empty() {
+                batch.sort_by_key(|e| e.bucket);
                 let mut pipe = redis::pipe();
-                pipe.cmd("XACK")
-                    .arg(self.api.keys.events())
-                    .arg(GROUP)
-                    .arg(&batch)
-                    .ignore();
+                for group in batch.chunk_by(|a, b| a.bucket == b.bucket) {
+                    pipe.cmd("XACK")
+                        .arg(self.api.keys.events(group[0].bucket))
+                        .arg(GROUP)
+                        .arg(group.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+                        .ignore();
+                }
                 match self.api.run::<()>("webhook ack", &pipe).await {
                     Ok(()) => batch.clear(),
                     Err(e) => {
@@ -211,5 +256,20 @@ impl DispatchState {
                 return;
             }
         }
+    }
+}
+
+/// The entries of an `XREADGROUP` reply naming one stream (RESP2 or RESP3).
+fn stream_entries(reply: &Value) -> Vec<(String, std::collections::HashMap<String, String>)> {
+    match reply {
+        Value::Array(streams) => streams
+            .first()
+            .and_then(|s| match s {
+                Value::Array(kv) => kv.get(1).map(entries),
+                _ => None,
+            })
+            .unwrap_or_default(),
+        Value::Map(streams) => streams.first().map(|(_, v)| entries(v)).unwrap_or_default(),
+        _ => Vec::new(),
     }
 }

@@ -120,37 +120,15 @@ impl RedisServer {
         }
     }
 
-    /// Entries of the event stream: `(type, entitlement, CloudEvents JSON)`.
+    /// Entries of the event streams under `prefix` (every bucket's), in
+    /// the order they were added: `(type, entitlement, CloudEvents JSON)`.
     pub fn events(&self, prefix: &str) -> Vec<(String, String, serde_json::Value)> {
         let mut c = self.conn();
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(format!("{prefix}:events"))
-            .arg("-")
-            .arg("+")
-            .query::<Vec<(String, Vec<String>)>>(&mut c)
-            .expect("XRANGE")
-            .into_iter()
-            .map(|(id, fields)| {
-                let pairs = fields
-                    .chunks(2)
-                    .map(|p| (p[0].clone(), p[1].clone()))
-                    .collect();
-                (id, pairs)
-            })
-            .collect();
+        let mut entries = stream_entries(&mut c, prefix);
+        entries.sort_by_key(|(at, ..)| *at);
         entries
             .into_iter()
-            .map(|(_, fields)| {
-                let get = |k: &str| {
-                    fields
-                        .iter()
-                        .find(|(f, _)| f == k)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
-                };
-                let event = serde_json::from_str(&get("event")).unwrap_or(serde_json::Value::Null);
-                (get("type"), get("entitlement"), event)
-            })
+            .map(|(_, ty, ent, ev)| (ty, ent, ev))
             .collect()
     }
 
@@ -276,4 +254,57 @@ impl Drop for Tracker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// An entry of a bucket's event stream: its `(ms, seq)` id, type,
+/// entitlement and CloudEvents JSON.
+pub type StreamEntry = ((u64, u64), String, String, serde_json::Value);
+
+/// Every entry of every event stream under `prefix` on the Redis node
+/// behind `c` (the buckets' streams are `{prefix}:{<tag>}:events`), each
+/// stream in its order.
+pub fn stream_entries(c: &mut redis::Connection, prefix: &str) -> Vec<StreamEntry> {
+    let mut streams: Vec<String> = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:{{*}}:events"))
+            .arg("COUNT")
+            .arg(1000)
+            .arg("TYPE")
+            .arg("stream")
+            .query(c)
+            .expect("SCAN");
+        streams.extend(found);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    streams.sort();
+    let mut out = Vec::new();
+    for stream in streams {
+        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .query(c)
+            .expect("XRANGE");
+        for (id, fields) in entries {
+            let get = |k: &str| {
+                fields
+                    .chunks(2)
+                    .find(|p| p[0] == k)
+                    .map(|p| p[1].clone())
+                    .unwrap_or_default()
+            };
+            let (ms, seq) = id.split_once('-').unwrap_or((&id, "0"));
+            let at = (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0));
+            let event = serde_json::from_str(&get("event")).unwrap_or(serde_json::Value::Null);
+            out.push((at, get("type"), get("entitlement"), event));
+        }
+    }
+    out
 }
