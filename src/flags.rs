@@ -75,6 +75,23 @@ pub fn redis_url(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// A Redis Cluster's seed nodes.
+#[derive(Clone, Debug)]
+pub struct Seeds(pub Vec<String>);
+
+/// Comma-separated Redis URLs (a cluster's seed nodes), each checked.
+pub fn redis_seeds(s: &str) -> Result<Seeds, String> {
+    let seeds = list(s);
+    if seeds.is_empty() {
+        return Err("name at least one seed node, e.g. redis://127.0.0.1:7000".into());
+    }
+    seeds
+        .iter()
+        .map(|seed| redis_url(seed))
+        .collect::<Result<_, _>>()
+        .map(Seeds)
+}
+
 /// A comma-separated list, blanks left out.
 pub fn list(s: &str) -> Vec<String> {
     s.split(',')

@@ -53,9 +53,10 @@ impl Wiring {
     /// system clock, webhooks and the dispatcher with Redis, and signals.
     pub async fn from_settings(settings: &Settings) -> Result<Self, StartupError> {
         let window = settings.engine.idempotency_window;
-        let (store, webhooks): (Arc<dyn Store>, _) = match &settings.store.redis_url {
-            Some(url) => {
-                let store = RedisStore::start(url, &settings.store, window)?;
+        let (store, webhooks): (Arc<dyn Store>, _) = match RedisStore::link(&settings.store)? {
+            Some((link, urls)) => {
+                let cluster = link.is_cluster();
+                let store = RedisStore::on(link.clone(), &urls, &settings.store, window);
                 match store.verify_layout().await {
                     Err(e @ (StoreError::Layout(_) | StoreError::Corrupt { .. })) => {
                         return Err(e.into());
@@ -69,14 +70,16 @@ impl Wiring {
                 tracing::info!(
                     prefix = %settings.store.redis_prefix,
                     buckets = settings.store.redis_buckets,
+                    cluster,
+                    wait_replicas = settings.store.redis_wait_replicas,
                     "persisting to Redis"
                 );
-                let hooks = Webhooks::new(url, store.keys().clone(), settings.store.redis_timeout)?;
+                let hooks = Webhooks::on(link, store.keys().clone(), settings.store.redis_timeout);
                 (Arc::new(store), Some(hooks))
             }
             None => {
                 tracing::warn!(
-                    "no --redis-url: running on the embedded in-memory store; NOTHING SURVIVES A RESTART"
+                    "no --redis-url or --redis-cluster: running on the embedded in-memory store; NOTHING SURVIVES A RESTART"
                 );
                 let store = MemoryStore::new(settings.store.stream_maxlen as usize, window);
                 (Arc::new(store), None)

@@ -29,6 +29,12 @@ pub enum EngineError {
     /// idempotency key answers the first decision if it was.
     #[error("store did not confirm the write and could not be read back")]
     OutcomeUnknown(#[source] Arc<StoreError>),
+    /// The write ran on the Redis primary but was not acknowledged by the
+    /// replicas asked for (`--redis-wait-replicas`) in time: a failover may
+    /// lose it. A retry with the same idempotency key answers the first
+    /// decision if it survived.
+    #[error("the write did not reach enough Redis replicas in time")]
+    NotReplicated(#[source] Arc<StoreError>),
     /// What is stored for the entitlement cannot be read; trying again does
     /// not help until it is repaired.
     #[error("stored state is unreadable")]

@@ -29,6 +29,7 @@ pub enum Kind {
     RateLimited,
     StoreUnavailable,
     OutcomeUnknown,
+    NotReplicated,
     ShuttingDown,
     TooManyConnections,
     WebhookNotFound,
@@ -95,6 +96,11 @@ impl Kind {
                 S::GATEWAY_TIMEOUT,
                 "outcome_unknown",
                 "Store did not confirm the write; retry with the same idempotency key",
+            ),
+            Kind::NotReplicated => (
+                S::GATEWAY_TIMEOUT,
+                "not_replicated",
+                "The write did not reach enough Redis replicas in time; retry with the same idempotency key",
             ),
             Kind::ShuttingDown => (
                 S::SERVICE_UNAVAILABLE,
@@ -212,6 +218,7 @@ impl From<EngineError> for ApiError {
             EngineError::Conflict(_) => Kind::IdempotencyConflict,
             EngineError::Unavailable(_) | EngineError::ActorUnavailable => Kind::StoreUnavailable,
             EngineError::OutcomeUnknown(_) => Kind::OutcomeUnknown,
+            EngineError::NotReplicated(_) => Kind::NotReplicated,
             EngineError::Corrupt(_) => Kind::StoredStateCorrupt,
             EngineError::Encoding(_) => Kind::Internal,
             EngineError::ShuttingDown => Kind::ShuttingDown,
@@ -219,7 +226,10 @@ impl From<EngineError> for ApiError {
         let mut err = ApiError::new(kind, chain(&e));
         if matches!(
             kind,
-            Kind::StoreUnavailable | Kind::OutcomeUnknown | Kind::ShuttingDown
+            Kind::StoreUnavailable
+                | Kind::OutcomeUnknown
+                | Kind::NotReplicated
+                | Kind::ShuttingDown
         ) {
             err.retry_after = Some(1);
         }

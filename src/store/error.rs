@@ -18,6 +18,11 @@ pub enum ErrorClass {
     Unknown,
     /// What is stored cannot be read: trying again does not help.
     Corrupt,
+    /// A write ran on the primary but did not reach the replicas asked for
+    /// (`--redis-wait-replicas`) in time: a failover may lose it, or not.
+    /// Final: a read-back on the primary would find it and must not
+    /// acknowledge it.
+    NotReplicated,
 }
 
 /// The cause of a failure below the store.
@@ -73,6 +78,14 @@ pub enum StoreError {
     /// written, so that two layouts never mix.
     #[error("{0}")]
     Layout(String),
+    #[error(
+        "{op}: written on the Redis primary but acknowledged by {reached} of the {wanted} replicas asked for in time"
+    )]
+    NotReplicated {
+        op: &'static str,
+        reached: u64,
+        wanted: u32,
+    },
     #[error("the store is shutting down")]
     ShuttingDown,
 }
@@ -85,17 +98,33 @@ impl StoreError {
                 ErrorClass::Refused
             }
             StoreError::Corrupt { .. } => ErrorClass::Corrupt,
+            StoreError::NotReplicated { .. } => ErrorClass::NotReplicated,
         }
     }
 
     /// An error of Redis's or of the connection. `OOM` means Redis
     /// refused the whole script before it ran (scripts are declared
-    /// `#!lua`); anything else is transient (see [`StoreError::sent_write`]).
+    /// `#!lua`), and a Redis Cluster's redirects and `TRYAGAIN`,
+    /// `CLUSTERDOWN`, `MASTERDOWN` and `LOADING` that it refused the command
+    /// before running it; anything else is transient (see
+    /// [`StoreError::sent_write`]).
     pub fn redis(op: &'static str, e: redis::RedisError) -> Self {
-        if e.code() == Some("OOM") {
+        let refused = match e.code() {
+            Some("OOM") => Some("Redis is out of memory"),
+            Some("MOVED" | "ASK" | "TRYAGAIN") => {
+                Some("the Redis Cluster is moving the slot (resharding)")
+            }
+            Some("CLUSTERDOWN" | "MASTERDOWN") => {
+                Some("the Redis Cluster has no primary for the slot (failover)")
+            }
+            Some("LOADING") => Some("Redis is loading its data"),
+            Some("NOSCRIPT") => Some("Redis does not know the script"),
+            _ => None,
+        };
+        if let Some(reason) = refused {
             return StoreError::Refused {
                 op,
-                reason: "Redis is out of memory",
+                reason,
                 source: Some(Cause::Redis(e)),
             };
         }

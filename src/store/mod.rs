@@ -12,8 +12,9 @@ mod redis;
 
 pub use self::error::{Cause, ErrorClass, StoreError, chain};
 pub use self::memory::MemoryStore;
+pub use self::redis::Link as RedisLink;
+pub(crate) use self::redis::text as reply_text;
 pub use self::redis::{DEFAULT_BUCKETS, Keys, MAX_BUCKETS, RedisStore};
-pub(crate) use self::redis::{pool as redis_pool, query as redis_query, text as reply_text};
 
 use std::time::Duration;
 
@@ -30,6 +31,14 @@ pub struct StoreSettings {
     /// Redis URL (redis:// or rediss://). Without one, state lives in memory only.
     #[arg(long, env = "HEADROOM_REDIS_URL", hide_env_values = true, value_parser = crate::flags::redis_url)]
     pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster, comma-separated (redis:// or
+    /// rediss://); set instead of --redis-url.
+    #[arg(long, env = "HEADROOM_REDIS_CLUSTER", hide_env_values = true, value_parser = crate::flags::redis_seeds, conflicts_with = "redis_url")]
+    pub redis_cluster: Option<crate::flags::Seeds>,
+    /// Acknowledge a call only once its write reached this many replicas
+    /// (WAIT, once per round trip); a shortfall answers 504.
+    #[arg(long, env = "HEADROOM_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
     /// Prefix of every Redis key.
     #[arg(long, env = "HEADROOM_REDIS_PREFIX", default_value = "headroom")]
     pub redis_prefix: String,

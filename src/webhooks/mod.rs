@@ -30,12 +30,11 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use deadpool_redis::Pool;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{EVENT_KINDS, ValidationError};
 use crate::flags::duration;
-use crate::store::{Keys, StoreError};
+use crate::store::{Keys, RedisLink, StoreError};
 
 /// Delivery log entries kept per endpoint.
 pub const LOG_KEPT: usize = 1000;
@@ -224,7 +223,7 @@ pub struct LogEntry {
 /// the dispatcher.
 #[derive(Clone)]
 pub struct Webhooks {
-    pool: Pool,
+    link: RedisLink,
     keys: Keys,
     timeout: Duration,
 }
@@ -238,15 +237,24 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, raw: &str) -> Result<T, Stor
 }
 
 impl Webhooks {
-    /// Registrations under `keys` (their prefix and bucket count) in Redis
-    /// at `url`.
+    /// Registrations under `keys` (their prefix and bucket count) in the
+    /// standalone Redis at `url`.
     pub fn new(url: &str, keys: Keys, timeout: Duration) -> Result<Self, StoreError> {
-        let pool = crate::store::redis_pool(url, timeout, 8)?;
-        Ok(Webhooks {
-            pool,
+        Ok(Self::on(
+            RedisLink::standalone(url, timeout, 8)?,
             keys,
             timeout,
-        })
+        ))
+    }
+
+    /// Registrations under `keys` on `link` (a standalone Redis or a
+    /// cluster).
+    pub fn on(link: RedisLink, keys: Keys, timeout: Duration) -> Self {
+        Webhooks {
+            link,
+            keys,
+            timeout,
+        }
     }
 
     /// Runs `pipe` on a pooled connection within the timeout.
@@ -255,7 +263,17 @@ impl Webhooks {
         op: &'static str,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        crate::store::redis_query(op, &self.pool, self.timeout, pipe).await
+        self.link.query(op, self.timeout, pipe).await
+    }
+
+    /// Runs `cmds` of several buckets' streams (each names one key): one
+    /// reply each.
+    async fn each(
+        &self,
+        op: &'static str,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<Vec<redis::Value>, StoreError> {
+        self.link.each(op, self.timeout, cmds).await
     }
 
     /// Creates the consumer group at the end of each bucket's stream, where
@@ -279,24 +297,32 @@ impl Webhooks {
 
     /// The last entry of each bucket's stream (`0-0` for an empty one).
     async fn last_entries(&self) -> Result<Vec<String>, StoreError> {
-        let mut pipe = redis::pipe();
-        for stream in self.keys.all_events() {
-            pipe.cmd("XREVRANGE")
-                .arg(stream)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
-        }
-        let lasts: Vec<Vec<(String, redis::Value)>> = self.run("webhook start", &pipe).await?;
-        Ok(lasts
+        let cmds = self
+            .keys
+            .all_events()
             .into_iter()
-            .map(|l| {
-                l.into_iter()
-                    .next()
-                    .map_or_else(|| "0-0".into(), |(id, _)| id)
+            .map(|stream| {
+                redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .clone()
             })
-            .collect())
+            .collect();
+        self.each("webhook start", cmds)
+            .await?
+            .into_iter()
+            .map(|v| {
+                let last: Vec<(String, redis::Value)> = redis::from_redis_value(v)
+                    .map_err(|e| StoreError::reply("webhook start", e.to_string()))?;
+                Ok(last
+                    .into_iter()
+                    .next()
+                    .map_or_else(|| "0-0".into(), |(id, _)| id))
+            })
+            .collect()
     }
 
     /// Registers an endpoint; returns it and its secret (shown only now).

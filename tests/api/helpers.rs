@@ -262,6 +262,41 @@ impl TrackerProcess {
         Self::spawn(&env)
     }
 
+    /// On the Redis `env` names (`HEADROOM_REDIS_CLUSTER`, say), with the
+    /// test tokens.
+    pub fn spawn_env(env: &[(&str, &str)]) -> Self {
+        let mut all = vec![
+            ("HEADROOM_ADMIN_TOKENS", ADMIN),
+            ("HEADROOM_CLIENT_TOKENS", CLIENT),
+            ("HEADROOM_REDIS_TIMEOUT", "2s"),
+        ];
+        all.extend_from_slice(env);
+        Self::spawn(&all)
+    }
+
+    /// One call: its status and JSON body (`null` when there is none).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = http_client().request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
     fn spawn(env: &[(&str, &str)]) -> Self {
         let inner =
             headroom_test_support::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), env)

@@ -7,7 +7,16 @@ const SEED: &str = r#"{"seats": {"purchased": 100, "hard_cap": 120}}"#;
 #[actix_rt::test]
 async fn seed_scenario_130_concurrent_activations_on_redis() {
     let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "seed")).await;
+    seed_scenario(redis_store(&redis, "seed"), || redis.events("seed")).await;
+}
+
+/// 130 concurrent activations of 100 purchased seats with a hard cap of
+/// 120, then 21 releases, on `store`; `events` reads its event streams.
+pub async fn seed_scenario(
+    store: std::sync::Arc<dyn headroom::store::Store>,
+    events: impl Fn() -> Vec<(String, String, serde_json::Value)>,
+) {
+    let app = TestApp::spawn(store).await;
     assert_eq!(app.put("acme", SEED).await.0, 201);
 
     let calls = (0..130).map(|i| {
@@ -27,10 +36,10 @@ async fn seed_scenario_130_concurrent_activations_on_redis() {
     assert_eq!(count(200, "overdraft"), 20);
     assert_eq!(count(429, "denied"), 10);
 
-    let events = redis.events("seed");
-    assert_eq!(count_kind(&events, "acme", "seat.overdraft_entered"), 1);
-    assert_eq!(count_kind(&events, "acme", "seat.hard_cap_reached"), 1);
-    assert_eq!(count_kind(&events, "acme", "seat.denied"), 10);
+    let events_now = events();
+    assert_eq!(count_kind(&events_now, "acme", "seat.overdraft_entered"), 1);
+    assert_eq!(count_kind(&events_now, "acme", "seat.hard_cap_reached"), 1);
+    assert_eq!(count_kind(&events_now, "acme", "seat.denied"), 10);
 
     let granted: Vec<String> = results
         .iter()
@@ -42,7 +51,7 @@ async fn seed_scenario_130_concurrent_activations_on_redis() {
         assert_eq!(status, 200);
         assert_eq!(body["released"], true);
     }
-    let events = redis.events("seed");
+    let events = events();
     assert_eq!(count_kind(&events, "acme", "seat.overdraft_exited"), 1);
 
     let (_, view) = app.get("acme").await;

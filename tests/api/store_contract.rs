@@ -69,7 +69,7 @@ fn put(
     }
 }
 
-async fn contract(store: Arc<dyn Store>) {
+pub async fn contract(store: Arc<dyn Store>) {
     // Unknown: nothing, not claimed.
     let loaded = store.load(&id()).await.unwrap();
     assert!(loaded.state.is_none() && !loaded.claimed);

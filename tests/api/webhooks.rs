@@ -20,11 +20,11 @@ pub struct Received {
 }
 
 impl Received {
-    fn event(&self) -> Value {
+    pub fn event(&self) -> Value {
         serde_json::from_str(&self.body).expect("a JSON body")
     }
 
-    fn id(&self) -> String {
+    pub fn id(&self) -> String {
         self.event()["id"].as_str().expect("id").to_string()
     }
 }
@@ -127,7 +127,7 @@ impl Receiver {
     }
 }
 
-fn fast_settings(consumer: &str) -> WebhookSettings {
+pub(crate) fn fast_settings(consumer: &str) -> WebhookSettings {
     WebhookSettings {
         timeout: Duration::from_secs(5),
         backoff: Duration::from_millis(100),
@@ -152,7 +152,7 @@ async fn app_with_webhooks(redis: &RedisServer, prefix: &str) -> (TestApp, Webho
 }
 
 /// Registers a webhook; returns its id and secret.
-async fn register(app: &TestApp, url: &str, types: Option<&[&str]>) -> (String, String) {
+pub(crate) async fn register(app: &TestApp, url: &str, types: Option<&[&str]>) -> (String, String) {
     let body = match types {
         Some(t) => serde_json::json!({ "url": url, "types": t }),
         None => serde_json::json!({ "url": url }),
@@ -176,7 +176,7 @@ async fn register(app: &TestApp, url: &str, types: Option<&[&str]>) -> (String, 
 
 /// Seat traffic that emits `entitlement.updated`, `seat.overdraft_entered`,
 /// `seat.hard_cap_reached` and `seat.denied`, then usage events.
-async fn traffic(app: &TestApp, id: &str) {
+pub(crate) async fn traffic(app: &TestApp, id: &str) {
     app.put(
         id,
         r#"{"seats": {"purchased": 2, "hard_cap": 3},
@@ -204,7 +204,7 @@ fn stream_ids(
         .collect()
 }
 
-fn check_signed(r: &Received, secret: &str) {
+pub(crate) fn check_signed(r: &Received, secret: &str) {
     let header = r
         .headers
         .get("headroom-signature")

@@ -310,8 +310,9 @@ impl EntitlementActor {
         }
     }
 
-    /// The write failed: refused before it ran (its calls answer 503), or
-    /// with an unknown outcome (the read-back tells). Either way the state
+    /// The write failed: refused before it ran (its calls answer 503), not
+    /// replicated in time (504, final), or with an unknown outcome (the
+    /// read-back tells). Either way the state
     /// is read back on the short budget.
     fn write_failed(
         &mut self,
@@ -322,8 +323,13 @@ impl EntitlementActor {
         // Redis being down is logged once, by the store, not per entitlement.
         tracing::debug!(entitlement = %self.id, error = %crate::store::chain(&e), "write failed; reloading");
         let pending = self.take_unwritten(&inflight);
-        if e.class() == ErrorClass::Refused {
-            let e = EngineError::from(e);
+        if matches!(e.class(), ErrorClass::Refused | ErrorClass::NotReplicated) {
+            // Not applied; or applied on the primary only, which a read-back
+            // there would find and wrongly acknowledge: either way final.
+            let e = match e.class() {
+                ErrorClass::NotReplicated => EngineError::NotReplicated(std::sync::Arc::new(e)),
+                _ => EngineError::from(e),
+            };
             for w in inflight.pending.calls {
                 w.fail(&e);
             }

@@ -16,10 +16,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::keys::Keys;
 use super::layout;
+use super::link::{Conn, Link};
 use super::reachability::Reachability;
 use super::scripts::{
     COMMIT_LUA, CommitArgs, CommitLimits, LOAD_LUA, commit_call, load_call, parse_commit_reply,
@@ -71,11 +73,11 @@ impl Work {
         self.fail(StoreError::not_sent(op, reason, source));
     }
 
-    fn answer(self, value: Result<Value, redis::RedisError>) {
+    fn answer(self, value: CallResult) {
         match self {
             Work::Commit { commit, reply } => {
                 let outcome = value
-                    .map_err(|e| StoreError::redis("commit", e))
+                    .map_err(|e| e.into_store("commit"))
                     .and_then(|v| parse_commit_reply(&commit, v));
                 if outcome.is_err() {
                     metrics::counter!("headroom_store_errors_total", "op" => "commit").increment(1);
@@ -84,7 +86,7 @@ impl Work {
             }
             Work::Load { id, reply, .. } => {
                 let loaded = value
-                    .map_err(|e| StoreError::redis("load", e))
+                    .map_err(|e| e.into_store("load"))
                     .and_then(|v| parse_load_reply(&id, v));
                 if loaded.is_err() {
                     metrics::counter!("headroom_store_errors_total", "op" => "load").increment(1);
@@ -92,7 +94,7 @@ impl Work {
                 let _ = reply.send(loaded);
             }
             Work::Ping { reply } => {
-                let _ = reply.send(value.map(|_| ()).map_err(|e| StoreError::redis("ping", e)));
+                let _ = reply.send(value.map(|_| ()).map_err(|e| e.into_store("ping")));
             }
         }
     }
@@ -105,16 +107,72 @@ pub(super) struct Queued {
     pub deadline: Instant,
 }
 
+/// Why one call of a pipeline failed.
+#[derive(Clone, Debug)]
+pub(super) enum CallError {
+    Redis(redis::RedisError),
+    /// It ran on the primary, and `WAIT` saw fewer replicas acknowledge it
+    /// than asked for.
+    NotReplicated {
+        reached: u64,
+        wanted: u32,
+    },
+}
+
+impl CallError {
+    fn into_store(self, op: &'static str) -> StoreError {
+        match self {
+            CallError::Redis(e) => StoreError::redis(op, e),
+            CallError::NotReplicated { reached, wanted } => StoreError::NotReplicated {
+                op,
+                reached,
+                wanted,
+            },
+        }
+    }
+
+    /// Redis refused it before it ran, for a reason that passes: a
+    /// redirect or a resharding or failover in progress (tried again), or a
+    /// script it does not know yet (loaded, then tried again).
+    fn did_not_run(&self) -> Option<&str> {
+        match self {
+            CallError::Redis(e) => e.code().filter(|c| {
+                matches!(
+                    *c,
+                    "NOSCRIPT"
+                        | "MOVED"
+                        | "ASK"
+                        | "TRYAGAIN"
+                        | "CLUSTERDOWN"
+                        | "MASTERDOWN"
+                        | "LOADING"
+                )
+            }),
+            CallError::NotReplicated { .. } => None,
+        }
+    }
+}
+
+pub(super) type CallResult = Result<Value, CallError>;
+
+/// One script call or command of a pipeline, and whether it writes (a
+/// commit, or a load, which bumps the epoch): writes wait for the replicas.
+pub(super) struct Call {
+    pub cmd: redis::Cmd,
+    pub write: bool,
+}
+
 /// What the committers of one store share.
 pub(super) struct CommitterCore {
-    pub pool: deadpool_redis::Pool,
+    pub link: Link,
     pub settings: StoreSettings,
     idempotency_window: Duration,
     reach: Reachability,
     pub keys: Keys,
     pub commit_sha: String,
     pub load_sha: String,
-    /// Pipelines sent: Redis round trips.
+    /// Requests sent: Redis round trips (on a cluster, one per node
+    /// request).
     pub round_trips: AtomicU64,
     /// Redis's clock minus ours, in ms, measured on each new connection, so
     /// that commit deadlines are checked in Redis's clock.
@@ -127,16 +185,19 @@ fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// How long a call that did not run waits before it is tried again.
+const AGAIN_AFTER: Duration = Duration::from_millis(20);
+
 impl CommitterCore {
     pub fn new(
-        pool: deadpool_redis::Pool,
+        link: Link,
         settings: StoreSettings,
         idempotency_window: Duration,
         reach: Reachability,
     ) -> Self {
         CommitterCore {
             keys: Keys::new(settings.redis_prefix.clone(), settings.redis_buckets),
-            pool,
+            link,
             reach,
             idempotency_window,
             settings,
@@ -151,30 +212,24 @@ impl CommitterCore {
         StoreError::timeout(op, self.settings.redis_timeout)
     }
 
-    /// A connection from the pool, and Redis's clock read through it.
-    async fn conn(&self, deadline: Instant) -> Result<deadpool_redis::Connection, StoreError> {
-        let mut conn = tokio::time::timeout_at(deadline.into(), self.pool.get())
-            .await
-            .map_err(|_| self.timeout("connect"))?
-            .map_err(|e| match e {
-                deadpool_redis::PoolError::Timeout(_) => self.timeout("connect"),
-                other => StoreError::not_sent(
-                    "connect",
-                    "no connection to Redis",
-                    Some(Cause::Pool(Arc::new(other))),
-                ),
-            })?;
-        let before = unix_ms();
-        let time: (i64, i64) =
-            tokio::time::timeout_at(deadline.into(), redis::cmd("TIME").query_async(&mut *conn))
+    /// A connection, with Redis's clock read and the key layout checked
+    /// through it.
+    async fn conn(&self, deadline: Instant) -> Result<Conn, StoreError> {
+        let budget = deadline.saturating_duration_since(Instant::now());
+        let mut conn = self.link.conn(budget).await?;
+        let check = async {
+            let before = unix_ms();
+            let time: (i64, i64) = redis::cmd("TIME")
+                .query_async(&mut conn)
                 .await
-                .map_err(|_| self.timeout("connect"))?
                 .map_err(|e| StoreError::redis("connect", e))?;
-        let after = unix_ms();
-        let redis_ms = time.0 * 1000 + time.1 / 1000;
-        self.clock_offset_ms
-            .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
-        tokio::time::timeout_at(deadline.into(), layout::check(&mut *conn, &self.keys))
+            let after = unix_ms();
+            let redis_ms = time.0 * 1000 + time.1 / 1000;
+            self.clock_offset_ms
+                .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
+            layout::check(&mut conn, &self.keys).await
+        };
+        tokio::time::timeout_at(deadline.into(), check)
             .await
             .map_err(|_| self.timeout("connect"))??;
         Ok(conn)
@@ -191,59 +246,197 @@ impl CommitterCore {
         }
     }
 
-    /// Runs a pipeline of script calls, loading the scripts once when Redis
-    /// does not know them (after a Redis restart, say) and trying again.
-    async fn run_scripts(
-        &self,
-        mut conn: MultiplexedConnection,
-        pipe: &redis::Pipeline,
-        until: Instant,
-    ) -> Result<Vec<Result<Value, redis::RedisError>>, StoreError> {
-        for attempt in 0..2 {
-            self.round_trips.fetch_add(1, Ordering::Relaxed);
-            let results: Vec<redis::RedisResult<Value>> =
-                tokio::time::timeout_at(until.into(), pipe.query_async(&mut conn))
-                    .await
-                    .map_err(|_| self.timeout("pipeline"))?
-                    .map_err(|e| StoreError::redis("pipeline", e))?;
-            let missing = results
-                .iter()
-                .any(|r| matches!(r, Err(e) if e.code() == Some("NOSCRIPT")));
-            if !missing || attempt == 1 {
-                return Ok(results);
-            }
-            // The script cache is global: every call of this pipeline failed
-            // the same way, none ran.
-            self.load_scripts(&mut conn, until).await?;
-        }
-        unreachable!("the second attempt returns")
+    /// `WAIT` for the configured replicas, with what is left of the calls'
+    /// time (ms) as its timeout.
+    fn wait_cmd(&self, until: Instant) -> Option<redis::Cmd> {
+        let wanted = self.settings.redis_wait_replicas;
+        (wanted > 0).then(|| {
+            let left = until.saturating_duration_since(Instant::now() + GRACE);
+            let mut cmd = redis::cmd("WAIT");
+            cmd.arg(wanted).arg(left.as_millis().max(1) as u64);
+            cmd
+        })
     }
 
-    async fn load_scripts(
+    /// What `WAIT` answered, for the writes it followed.
+    fn replicated(&self, wait: Result<Value, redis::RedisError>) -> Result<(), CallError> {
+        let wanted = self.settings.redis_wait_replicas;
+        match wait {
+            Ok(Value::Int(n)) if n >= i64::from(wanted) => Ok(()),
+            Ok(Value::Int(n)) => Err(CallError::NotReplicated {
+                reached: n.max(0) as u64,
+                wanted,
+            }),
+            Ok(other) => Err(CallError::Redis(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "WAIT answered",
+                format!("{other:?}"),
+            )))),
+            Err(e) => Err(CallError::Redis(e)),
+        }
+    }
+
+    /// Sends `calls` and answers one result each; each call that did not
+    /// run for a reason that passes is tried again while time is left
+    /// (after loading the scripts, for `NOSCRIPT`). Fails as a whole only
+    /// when the connection did.
+    async fn send(
+        &self,
+        mut conn: Conn,
+        calls: &[Call],
+        until: Instant,
+    ) -> Result<Vec<CallResult>, StoreError> {
+        let mut results: Vec<Option<CallResult>> = calls.iter().map(|_| None).collect();
+        let mut todo: Vec<usize> = (0..calls.len()).collect();
+        loop {
+            let sent = match &mut conn {
+                Conn::Single(c) => self.send_pipeline(c, calls, &todo, until).await?,
+                Conn::Cluster(c) => self.send_each(c, calls, &todo, until).await?,
+            };
+            let mut again = Vec::new();
+            let mut noscript = false;
+            for (i, r) in todo.iter().copied().zip(sent) {
+                match r.as_ref().err().and_then(CallError::did_not_run) {
+                    Some(code) if Instant::now() + AGAIN_AFTER + GRACE < until => {
+                        noscript |= code == "NOSCRIPT";
+                        again.push(i);
+                    }
+                    _ => {}
+                }
+                results[i] = Some(r);
+            }
+            if again.is_empty() {
+                break;
+            }
+            if noscript {
+                self.load_scripts(&mut conn, until).await?;
+            } else {
+                tokio::time::sleep(AGAIN_AFTER).await;
+            }
+            todo = again;
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(CallError::Redis(unsent()))))
+            .collect())
+    }
+
+    /// The calls `todo` in one pipeline, with one `WAIT` after them when
+    /// any writes.
+    async fn send_pipeline(
         &self,
         conn: &mut MultiplexedConnection,
+        calls: &[Call],
+        todo: &[usize],
         until: Instant,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<CallResult>, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(COMMIT_LUA);
-        pipe.cmd("SCRIPT").arg("LOAD").arg(LOAD_LUA);
-        let _: Vec<String> = tokio::time::timeout_at(until.into(), pipe.query_async(conn))
-            .await
-            .map_err(|_| self.timeout("script load"))?
-            .map_err(|e| StoreError::redis("script load", e))?;
-        Ok(())
+        pipe.ignore_errors();
+        for &i in todo {
+            pipe.add_command(calls[i].cmd.clone());
+        }
+        let writes = todo.iter().any(|&i| calls[i].write);
+        let wait = self.wait_cmd(until).filter(|_| writes);
+        if let Some(w) = &wait {
+            pipe.add_command(w.clone());
+        }
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let mut replies: Vec<redis::RedisResult<Value>> =
+            tokio::time::timeout_at(until.into(), pipe.query_async(conn))
+                .await
+                .map_err(|_| self.timeout("pipeline"))?
+                .map_err(|e| StoreError::redis("pipeline", e))?;
+        let expected = todo.len() + usize::from(wait.is_some());
+        if replies.len() != expected {
+            return Err(StoreError::reply(
+                "pipeline",
+                format!("{} results for {expected} calls", replies.len()),
+            ));
+        }
+        let replicated = match wait {
+            Some(_) => replies.pop().map(|w| self.replicated(w)),
+            None => None,
+        };
+        Ok(todo
+            .iter()
+            .zip(replies)
+            .map(|(&i, r)| {
+                let r = r.map_err(CallError::Redis)?;
+                match &replicated {
+                    Some(Err(e)) if calls[i].write => Err(e.clone()),
+                    _ => Ok(r),
+                }
+            })
+            .collect())
     }
 
-    /// The pipeline for `queued`, which it puts in order: the commits first,
-    /// by bucket, in one commit-script call, then the other work as queued.
-    fn pipeline(&self, queued: &mut [Queued]) -> (redis::Pipeline, usize) {
+    /// The calls `todo` on a cluster, each to the node of its slot, all at
+    /// once; a write is followed by `WAIT` on its node.
+    async fn send_each(
+        &self,
+        conn: &ClusterConnection,
+        calls: &[Call],
+        todo: &[usize],
+        until: Instant,
+    ) -> Result<Vec<CallResult>, StoreError> {
+        let sends = todo.iter().map(|&i| {
+            let mut conn = conn.clone();
+            let call = &calls[i];
+            let wait = self.wait_cmd(until).filter(|_| call.write);
+            async move {
+                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                match wait {
+                    None => call
+                        .cmd
+                        .query_async::<Value>(&mut conn)
+                        .await
+                        .map_err(CallError::Redis),
+                    Some(w) => {
+                        let mut pipe = redis::pipe();
+                        pipe.add_command(call.cmd.clone()).add_command(w);
+                        let (reply, wait): (Value, Value) = pipe
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(CallError::Redis)?;
+                        self.replicated(Ok(wait))?;
+                        Ok(reply)
+                    }
+                }
+            }
+        });
+        tokio::time::timeout_at(until.into(), futures_util::future::join_all(sends))
+            .await
+            .map_err(|_| self.timeout("pipeline"))
+    }
+
+    /// Loads the scripts (on a cluster, on every node).
+    async fn load_scripts(&self, conn: &mut Conn, until: Instant) -> Result<(), StoreError> {
+        let load = async {
+            for src in [COMMIT_LUA, LOAD_LUA] {
+                let _: Value = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(src)
+                    .query_async(&mut *conn)
+                    .await
+                    .map_err(|e| StoreError::redis("script load", e))?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout_at(until.into(), load)
+            .await
+            .map_err(|_| self.timeout("script load"))?
+    }
+
+    /// The calls for `queued`, which it puts in order: the commits first,
+    /// by bucket, then the other work as queued. The commits go in one
+    /// commit-script call on a standalone Redis, in one per bucket (per
+    /// hash slot) on a cluster; answers the commits each call carries.
+    fn calls(&self, queued: &mut [Queued]) -> (Vec<Call>, Vec<usize>) {
         let bucket = |q: &Queued| match &q.work {
             Work::Commit { commit, .. } => (0, self.keys.bucket_of(&commit.id)),
             _ => (1, 0),
         };
         queued.sort_by_cached_key(bucket);
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
         let redis_ms = self.redis_clock();
         let commits: Vec<CommitArgs<'_>> = queued
             .iter()
@@ -256,39 +449,51 @@ impl CommitterCore {
                 _ => None,
             })
             .collect();
-        if !commits.is_empty() {
-            let limits = CommitLimits {
-                stream_maxlen: self
-                    .settings
-                    .stream_maxlen
-                    .div_ceil(self.keys.buckets() as u64),
-                idempotency_ttl_ms: self.idempotency_window.as_millis() as u64,
-            };
-            pipe.add_command(commit_call(&self.commit_sha, &self.keys, &limits, &commits));
-        }
+        let limits = CommitLimits {
+            stream_maxlen: self
+                .settings
+                .stream_maxlen
+                .div_ceil(self.keys.buckets() as u64),
+            idempotency_ttl_ms: self.idempotency_window.as_millis() as u64,
+        };
+        let groups: Vec<&[CommitArgs<'_>]> = if commits.is_empty() {
+            Vec::new()
+        } else if self.link.is_cluster() {
+            commits.chunk_by(|a, b| a.bucket == b.bucket).collect()
+        } else {
+            vec![&commits[..]]
+        };
+        let mut calls: Vec<Call> = groups
+            .iter()
+            .map(|g| Call {
+                cmd: commit_call(&self.commit_sha, &self.keys, &limits, g),
+                write: true,
+            })
+            .collect();
         for q in queued.iter() {
             match &q.work {
                 Work::Commit { .. } => {}
-                Work::Load { id, fence, .. } => {
-                    pipe.add_command(load_call(&self.load_sha, &self.keys, id, *fence));
-                }
-                Work::Ping { .. } => {
-                    pipe.cmd("PING");
-                }
+                Work::Load { id, fence, .. } => calls.push(Call {
+                    cmd: load_call(&self.load_sha, &self.keys, id, *fence),
+                    write: true,
+                }),
+                Work::Ping { .. } => calls.push(Call {
+                    cmd: redis::cmd("PING"),
+                    write: false,
+                }),
             }
         }
-        let ncommits = commits.len();
-        (pipe, ncommits)
+        (calls, groups.iter().map(|g| g.len()).collect())
     }
 
-    /// Sends one pipeline; answers whether the connection still works.
-    async fn flush(&self, conn: MultiplexedConnection, queued: Vec<Queued>) -> bool {
+    /// Sends one round of work; answers whether the connection still works.
+    async fn flush(&self, conn: Conn, queued: Vec<Queued>) -> bool {
         let started = Instant::now();
         let until = queued.iter().map(|q| q.deadline).max().unwrap_or(started) + GRACE;
         let mut queued = queued;
-        let (pipe, ncommits) = self.pipeline(&mut queued);
+        let (calls, groups) = self.calls(&mut queued);
         let work: Vec<Work> = queued.into_iter().map(|q| q.work).collect();
-        let results = self.run_scripts(conn, &pipe, until).await;
+        let results = self.send(conn, &calls, until).await;
         let healthy = results.is_ok();
         match &results {
             Ok(_) => self.reach.answered(),
@@ -297,7 +502,7 @@ impl CommitterCore {
         metrics::histogram!("headroom_store_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("headroom_store_batch_size").record(work.len() as f64);
-        match results.and_then(|r| spread_replies(r, &work, ncommits)) {
+        match results.and_then(|r| spread_replies(r, &work, &groups)) {
             Ok(replies) => {
                 for (w, reply) in work.into_iter().zip(replies) {
                     w.answer(reply);
@@ -315,40 +520,48 @@ impl CommitterCore {
     }
 }
 
-/// One reply per piece of work: the commit script's one reply is spread
-/// over the commits it carried.
+/// A call that was never sent (it cannot happen: every call is answered).
+fn unsent() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Client, "the call was not sent"))
+}
+
+/// One reply per piece of work: each commit-script call's reply is spread
+/// over the commits it carried (`groups`: how many each call carried).
 fn spread_replies(
-    mut results: Vec<Result<Value, redis::RedisError>>,
+    results: Vec<CallResult>,
     work: &[Work],
-    ncommits: usize,
-) -> Result<Vec<Result<Value, redis::RedisError>>, StoreError> {
-    let expected = work.len() - ncommits + usize::from(ncommits > 0);
+    groups: &[usize],
+) -> Result<Vec<CallResult>, StoreError> {
+    let ncommits: usize = groups.iter().sum();
+    let expected = work.len() - ncommits + groups.len();
     if results.len() != expected {
         return Err(StoreError::reply(
             "pipeline",
             format!("{} results for {expected} calls", results.len()),
         ));
     }
-    if ncommits == 0 {
-        return Ok(results);
-    }
-    let per_commit: Vec<Result<Value, redis::RedisError>> = match results.remove(0) {
-        Ok(Value::Array(items)) if items.len() == ncommits => items.into_iter().map(Ok).collect(),
-        Ok(other) => {
-            return Err(StoreError::reply(
-                "commit",
-                format!("{ncommits} commits answered {other:?}"),
-            ));
+    let mut results = results.into_iter();
+    let mut per_commit: Vec<CallResult> = Vec::with_capacity(ncommits);
+    for (&n, result) in groups.iter().zip(results.by_ref()) {
+        match result {
+            Ok(Value::Array(items)) if items.len() == n => {
+                per_commit.extend(items.into_iter().map(Ok))
+            }
+            Ok(other) => {
+                return Err(StoreError::reply(
+                    "commit",
+                    format!("{n} commits answered {other:?}"),
+                ));
+            }
+            Err(e) => per_commit.extend((0..n).map(|_| Err(e.clone()))),
         }
-        Err(e) => (0..ncommits).map(|_| Err(e.clone())).collect(),
-    };
+    }
     let mut per_commit = per_commit.into_iter();
-    let mut rest = results.into_iter();
     Ok(work
         .iter()
         .filter_map(|w| match w {
             Work::Commit { .. } => per_commit.next(),
-            _ => rest.next(),
+            _ => results.next(),
         })
         .collect())
 }
@@ -365,7 +578,7 @@ pub(super) async fn committer(
     let max_batch = core.settings.max_batch;
     // The connection this committer holds; checking one out of the pool per
     // pipeline would cost a PING round trip each time.
-    let mut held: Option<deadpool_redis::Connection> = None;
+    let mut held: Option<Conn> = None;
     let broken = Arc::new(AtomicBool::new(false));
     let mut stopping = *stop.borrow();
     loop {
@@ -427,7 +640,7 @@ pub(super) async fn committer(
                 }
             }
         }
-        let Some(conn) = held.as_ref().map(|c| MultiplexedConnection::clone(c)) else {
+        let Some(conn) = held.clone() else {
             continue;
         };
         let core = core.clone();

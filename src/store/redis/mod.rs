@@ -11,11 +11,13 @@
 mod committer;
 mod keys;
 mod layout;
+mod link;
 mod reachability;
 mod reads;
 mod scripts;
 
 pub use keys::{DEFAULT_BUCKETS, Keys, MAX_BUCKETS};
+pub use link::Link;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,60 +26,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use deadpool_redis::{Manager, Pool, Runtime};
-use redis::{AsyncConnectionConfig, Value};
+use redis::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::committer::{CommitterCore, GRACE, Queued, Work, committer};
 use super::{
-    Cause, Commit, CommitOutcome, Loaded, OverdraftCounts, Peeked, Store, StoreError, StoreSettings,
+    Commit, CommitOutcome, Loaded, OverdraftCounts, Peeked, Store, StoreError, StoreSettings,
 };
 use crate::domain::{BucketRecord, BucketSize, EntitlementId};
-
-/// A pool of Redis connections whose connect, response, wait and recycle
-/// steps are each bounded by `timeout`.
-pub(crate) fn pool(url: &str, timeout: Duration, size: usize) -> Result<Pool, StoreError> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
-    let manager = Manager::new_with_config(url, config)
-        .map_err(|e| StoreError::not_sent("connect", "the Redis URL is invalid", Some(e.into())))?;
-    Pool::builder(manager)
-        .max_size(size)
-        .wait_timeout(Some(timeout))
-        .create_timeout(Some(timeout))
-        .recycle_timeout(Some(timeout))
-        .runtime(Runtime::Tokio1)
-        .build()
-        .map_err(|e| {
-            StoreError::not_sent(
-                "connect",
-                "the Redis pool could not be built",
-                Some(Cause::Build(Arc::new(e))),
-            )
-        })
-}
-
-/// Runs `pipe` on a connection from `pool`, all within `timeout` (reads
-/// and bookkeeping that do not go through the committers).
-pub(crate) async fn query<T: redis::FromRedisValue>(
-    op: &'static str,
-    pool: &Pool,
-    timeout: Duration,
-    pipe: &redis::Pipeline,
-) -> Result<T, StoreError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut conn = tokio::time::timeout_at(deadline, pool.get())
-        .await
-        .map_err(|_| StoreError::timeout(op, timeout))?
-        .map_err(|e| {
-            StoreError::not_sent(op, "no connection to Redis", Some(Cause::Pool(Arc::new(e))))
-        })?;
-    tokio::time::timeout_at(deadline, pipe.query_async(&mut *conn))
-        .await
-        .map_err(|_| StoreError::timeout(op, timeout))?
-        .map_err(|e| StoreError::redis(op, e))
-}
 
 /// A reply's text (bulk or simple string, or an integer).
 pub(crate) fn text(v: &Value) -> Option<String> {
@@ -106,27 +62,57 @@ thread_local! {
 }
 
 impl RedisStore {
-    /// Builds the pool for Redis at `url`; committers start on first use.
-    /// Does not need Redis to be up: calls answer 503 until it is.
-    /// Idempotency records expire after `idempotency_window`.
+    /// The store on Redis at `url`; committers start on first use. Does
+    /// not need Redis to be up: calls answer 503 until it is. Idempotency
+    /// records expire after `idempotency_window`.
     pub fn start(
         url: &str,
         settings: &StoreSettings,
         idempotency_window: Duration,
     ) -> Result<Self, StoreError> {
-        let pool = pool(url, settings.redis_timeout, settings.redis_pool_size)?;
+        let link = Link::standalone(url, settings.redis_timeout, settings.redis_pool_size)?;
+        Ok(Self::on(
+            link,
+            &[url.to_string()],
+            settings,
+            idempotency_window,
+        ))
+    }
+
+    /// The Redis (standalone or cluster) the settings name.
+    pub fn link(settings: &StoreSettings) -> Result<Option<(Link, Vec<String>)>, StoreError> {
+        match (&settings.redis_cluster, &settings.redis_url) {
+            (Some(seeds), _) => Ok(Some((
+                Link::cluster(&seeds.0, settings.redis_timeout)?,
+                seeds.0.clone(),
+            ))),
+            (None, Some(url)) => Ok(Some((
+                Link::standalone(url, settings.redis_timeout, settings.redis_pool_size)?,
+                vec![url.clone()],
+            ))),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The store on `link` (to Redis at `urls`, for the log).
+    pub fn on(
+        link: Link,
+        urls: &[String],
+        settings: &StoreSettings,
+        idempotency_window: Duration,
+    ) -> Self {
         let (stop, _) = watch::channel(false);
-        Ok(RedisStore {
+        RedisStore {
             core: Arc::new(CommitterCore::new(
-                pool,
+                link,
                 settings.clone(),
                 idempotency_window,
-                reachability::Reachability::new(url),
+                reachability::Reachability::new(urls),
             )),
             store_id: STORE_IDS.fetch_add(1, Ordering::Relaxed),
             stop,
             committers: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     /// This thread's committer queue, started on first use.
@@ -163,17 +149,8 @@ impl RedisStore {
     /// checks it again).
     pub async fn verify_layout(&self) -> Result<(), StoreError> {
         let timeout = self.core.settings.redis_timeout;
-        let mut conn = tokio::time::timeout(timeout, self.core.pool.get())
-            .await
-            .map_err(|_| StoreError::timeout("layout check", timeout))?
-            .map_err(|e| {
-                StoreError::not_sent(
-                    "layout check",
-                    "no connection to Redis",
-                    Some(Cause::Pool(Arc::new(e))),
-                )
-            })?;
-        tokio::time::timeout(timeout, layout::check(&mut *conn, &self.core.keys))
+        let mut conn = self.core.link.conn(timeout).await?;
+        tokio::time::timeout(timeout, layout::check(&mut conn, &self.core.keys))
             .await
             .map_err(|_| StoreError::timeout("layout check", timeout))?
     }

@@ -21,12 +21,19 @@ pub(super) struct Reachability {
 }
 
 impl Reachability {
-    pub fn new(url: &str) -> Self {
+    /// For Redis at `urls` (one, or a cluster's seeds).
+    pub fn new(urls: &[String]) -> Self {
         use redis::IntoConnectionInfo;
-        let at = url
-            .into_connection_info()
-            .map(|i| i.addr().to_string())
-            .unwrap_or_else(|_| "the configured address".into());
+        let at = urls
+            .iter()
+            .map(|url| {
+                url.as_str()
+                    .into_connection_info()
+                    .map(|i| i.addr().to_string())
+                    .unwrap_or_else(|_| "the configured address".into())
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         Reachability {
             at,
             down: Mutex::new(Down::default()),

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use redis::Value;
 
 use super::scripts::seat_pairs;
-use super::{RedisStore, query, text};
+use super::{RedisStore, text};
 use crate::domain::{BucketRecord, BucketSize, EntitlementId};
 use crate::store::{OverdraftCounts, Peeked, StoreError, decode_state};
 
@@ -118,7 +118,10 @@ impl RedisStore {
         op: &'static str,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        query(op, &self.core.pool, self.core.settings.redis_timeout, pipe).await
+        self.core
+            .link
+            .query(op, self.core.settings.redis_timeout, pipe)
+            .await
     }
 
     pub(super) async fn read_states(
@@ -129,15 +132,18 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let keys = &self.core.keys;
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(2 * ids.len());
         for id in ids {
-            pipe.cmd("HMGET")
-                .arg(keys.state(id))
-                .arg("core")
-                .arg("config");
-            pipe.cmd("HGETALL").arg(keys.seats(id));
+            cmds.push(
+                redis::cmd("HMGET")
+                    .arg(keys.state(id))
+                    .arg("core")
+                    .arg("config")
+                    .clone(),
+            );
+            cmds.push(redis::cmd("HGETALL").arg(keys.seats(id)).clone());
         }
-        let replies: Vec<Value> = self.read("peek", &pipe).await?;
+        let replies = self.read_each("peek", cmds).await?;
         Ok(ids
             .iter()
             .zip(replies.chunks(2))
@@ -166,14 +172,10 @@ impl RedisStore {
         op: &'static str,
         cmds: Vec<redis::Cmd>,
     ) -> Result<Vec<Value>, StoreError> {
-        if cmds.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for cmd in cmds {
-            pipe.add_command(cmd);
-        }
-        self.read(op, &pipe).await
+        self.core
+            .link
+            .each(op, self.core.settings.redis_timeout, cmds)
+            .await
     }
 
     /// Every bucket's event stream length, summed.

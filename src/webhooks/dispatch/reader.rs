@@ -82,19 +82,23 @@ impl DispatchState {
                         s.claim_from = self.take_over(b, &s.claim_from).await?;
                     }
                 }
-                let mut pipe = redis::pipe();
-                for (b, s) in streams.iter().enumerate() {
-                    pipe.cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(GROUP)
-                        .arg(self.settings.consumer_name())
-                        .arg("COUNT")
-                        .arg(READ_COUNT)
-                        .arg("STREAMS")
-                        .arg(self.api.keys.events(b))
-                        .arg(s.backlog.as_deref().unwrap_or(">"));
-                }
-                let replies: Vec<Value> = self.api.run("webhook read", &pipe).await?;
+                let reads = streams
+                    .iter()
+                    .enumerate()
+                    .map(|(b, s)| {
+                        redis::cmd("XREADGROUP")
+                            .arg("GROUP")
+                            .arg(GROUP)
+                            .arg(self.settings.consumer_name())
+                            .arg("COUNT")
+                            .arg(READ_COUNT)
+                            .arg("STREAMS")
+                            .arg(self.api.keys.events(b))
+                            .arg(s.backlog.as_deref().unwrap_or(">"))
+                            .clone()
+                    })
+                    .collect();
+                let replies = self.api.each("webhook read", reads).await?;
                 let mut read = Vec::new();
                 for (b, (s, reply)) in streams.iter_mut().zip(replies).enumerate() {
                     let got = stream_entries(&reply);
@@ -165,16 +169,19 @@ impl DispatchState {
         if registered > 0 {
             return Ok(false);
         }
-        let mut pipe = redis::pipe();
-        for (b, last) in lasts.iter().enumerate() {
-            pipe.cmd("XGROUP")
-                .arg("SETID")
-                .arg(self.api.keys.events(b))
-                .arg(GROUP)
-                .arg(last)
-                .ignore();
-        }
-        self.api.run::<()>("webhook skip", &pipe).await?;
+        let moves = lasts
+            .iter()
+            .enumerate()
+            .map(|(b, last)| {
+                redis::cmd("XGROUP")
+                    .arg("SETID")
+                    .arg(self.api.keys.events(b))
+                    .arg(GROUP)
+                    .arg(last)
+                    .clone()
+            })
+            .collect();
+        self.api.each("webhook skip", moves).await?;
         tokio::time::sleep(SKIP_EVERY).await;
         Ok(true)
     }
@@ -232,16 +239,18 @@ impl DispatchState {
             }
             if !batch.is_empty() {
                 batch.sort_by_key(|e| e.bucket);
-                let mut pipe = redis::pipe();
-                for group in batch.chunk_by(|a, b| a.bucket == b.bucket) {
-                    pipe.cmd("XACK")
-                        .arg(self.api.keys.events(group[0].bucket))
-                        .arg(GROUP)
-                        .arg(group.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
-                        .ignore();
-                }
-                match self.api.run::<()>("webhook ack", &pipe).await {
-                    Ok(()) => batch.clear(),
+                let acks = batch
+                    .chunk_by(|a, b| a.bucket == b.bucket)
+                    .map(|group| {
+                        redis::cmd("XACK")
+                            .arg(self.api.keys.events(group[0].bucket))
+                            .arg(GROUP)
+                            .arg(group.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+                            .clone()
+                    })
+                    .collect();
+                match self.api.each("webhook ack", acks).await {
+                    Ok(_) => batch.clear(),
                     Err(e) => {
                         tracing::warn!(error = %crate::store::chain(&e), "acknowledging webhook entries failed");
                         if !stopping && stopped(&mut stop, Duration::from_millis(500)).await {

@@ -14,6 +14,21 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
+/// A free port whose cluster bus port (+10000) is free too, below 55535.
+pub fn free_cluster_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread over processes by pid, then walked; both ports are checked.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 2_000) as u16 * 12;
+    loop {
+        let port = start + NEXT.fetch_add(1, Ordering::Relaxed) % 25_000;
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if port < 45_535 && free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+}
+
 /// SIGKILL and reap, if it runs.
 fn reap(child: &mut Option<Child>) {
     if let Some(mut c) = child.take() {
@@ -48,8 +63,13 @@ impl RedisServer {
     /// Starts with `extra` settings on top of the defaults, e.g.
     /// `["--appendonly", "no"]` for a benchmark.
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts on `port` (a cluster node's: see [`free_cluster_port`]).
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let mut server = RedisServer {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().expect("tempdir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -307,4 +327,109 @@ pub fn stream_entries(c: &mut redis::Connection, prefix: &str) -> Vec<StreamEntr
         }
     }
     out
+}
+
+/// A Redis Cluster of the caller's own: `primaries` nodes with `replicas`
+/// each, on free ports (bus ports +10000, below 55535), each node a
+/// [`RedisServer`] (`appendfsync always`).
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize, replicas: usize) -> Self {
+        let extra = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ];
+        let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
+            .map(|_| RedisServer::start_on(free_cluster_port(), &extra))
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be on the PATH (apt-get install redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until_ok(primaries * (1 + replicas));
+        cluster
+    }
+
+    /// Waits until every node says the cluster is ok and knows every node.
+    pub fn wait_until_ok(&self, known: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.ping()).all(|n| {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut n.conn())
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{known}"))
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The seed nodes, comma-separated, as `HEADROOM_REDIS_CLUSTER` takes them.
+    pub fn seeds(&self) -> String {
+        self.urls().join(",")
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes that are primaries now.
+    pub fn primaries(&self) -> Vec<&RedisServer> {
+        self.nodes
+            .iter()
+            .filter(|n| n.ping())
+            .filter(|n| {
+                let role: Vec<redis::Value> =
+                    redis::cmd("ROLE").query(&mut n.conn()).unwrap_or_default();
+                matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master")
+            })
+            .collect()
+    }
+
+    /// A connection that follows the cluster's slots.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .and_then(|c| c.get_connection())
+            .expect("connect to the private cluster")
+    }
+
+    /// Entries of the event streams under `prefix` on every primary, in the
+    /// order they were added: `(type, entitlement, CloudEvents JSON)`.
+    pub fn events(&self, prefix: &str) -> Vec<(String, String, serde_json::Value)> {
+        let mut entries: Vec<StreamEntry> = self
+            .primaries()
+            .iter()
+            .flat_map(|n| stream_entries(&mut n.conn(), prefix))
+            .collect();
+        entries.sort_by_key(|(at, ..)| *at);
+        entries
+            .into_iter()
+            .map(|(_, ty, ent, ev)| (ty, ent, ev))
+            .collect()
+    }
 }

@@ -1,0 +1,235 @@
+//! The same scenarios on a 3-primary Redis Cluster as on a standalone
+//! Redis: the store contract, concurrent seats, the reports merged across
+//! buckets spread over the nodes, the metrics' sums, webhooks from every
+//! bucket's stream, a restart, and the binary started on the cluster.
+//!
+//! One cluster serves the tests of this binary that run at the same time
+//! (each under its own prefix); it stops when the last of them ends.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use headroom::engine::EngineSettings;
+use headroom::flags::Seeds;
+use headroom::store::{RedisStore, Store, StoreSettings};
+use headroom::webhooks::{Dispatcher, Webhooks};
+use headroom_test_support::RedisCluster;
+use reqwest::Method;
+
+use crate::helpers::*;
+use crate::webhooks::{Receiver, check_signed, fast_settings, register, traffic};
+
+static SHARED: Mutex<Weak<RedisCluster>> = Mutex::new(Weak::new());
+
+/// The 3-primary cluster the running tests share (started if none runs).
+fn cluster() -> Arc<RedisCluster> {
+    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = shared.upgrade() {
+        return c;
+    }
+    let c = Arc::new(RedisCluster::start(3, 0));
+    *shared = Arc::downgrade(&c);
+    c
+}
+
+fn settings(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
+    StoreSettings {
+        redis_cluster: Some(Seeds(cluster.urls())),
+        redis_prefix: prefix.to_string(),
+        redis_timeout: Duration::from_secs(2),
+        ..StoreSettings::default()
+    }
+}
+
+fn cluster_store(cluster: &RedisCluster, prefix: &str) -> Arc<dyn Store> {
+    let s = settings(cluster, prefix);
+    let (link, urls) = RedisStore::link(&s).expect("link").expect("a cluster");
+    let window = EngineSettings::default().idempotency_window;
+    Arc::new(RedisStore::on(link, &urls, &s, window))
+}
+
+#[actix_rt::test]
+async fn the_store_keeps_the_contract_on_a_cluster() {
+    let c = cluster();
+    crate::store_contract::contract(cluster_store(&c, "contract")).await;
+}
+
+#[actix_rt::test]
+async fn concurrent_seats_keep_the_cap_on_a_cluster() {
+    let c = cluster();
+    crate::seats::seed_scenario(cluster_store(&c, "seed"), || c.events("seed")).await;
+}
+
+/// 120 entitlements in overdraft over every bucket (and so every node):
+/// the report pages through them in id order, each once; the denials
+/// report lists them most recent first; the gauges sum the buckets.
+#[actix_rt::test]
+async fn reports_and_gauges_merge_the_buckets_of_every_node() {
+    let c = cluster();
+    let app = TestApp::spawn(cluster_store(&c, "rep")).await;
+    let ids: Vec<String> = (0..120).map(|i| format!("cust-{i:03}")).collect();
+    let work = ids.iter().map(|id| {
+        let app = &app;
+        async move {
+            assert_eq!(
+                app.put(id, r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#)
+                    .await
+                    .0,
+                201
+            );
+            for s in ["a", "b", "c"] {
+                app.activate(id, s).await;
+            }
+        }
+    });
+    join_all(work).await;
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/reports/overdraft?limit=7&cursor={c}"),
+            None => "/v1/reports/overdraft?limit=7".to_string(),
+        };
+        let (status, page) = app.send(Method::GET, &path, Some(ADMIN), None).await;
+        assert_eq!(status, 200, "{page}");
+        for e in page["items"].as_array().expect("items") {
+            listed.push(e["entitlement"].as_str().expect("id").to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(listed, ids, "every entitlement once, in id order");
+
+    let (status, denied) = app
+        .send(
+            Method::GET,
+            "/v1/reports/overdraft?state=denied_recently&hours=1&limit=200",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{denied}");
+    let at: Vec<String> = denied["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["last_denied_at"].as_str().expect("at").to_string())
+        .collect();
+    assert_eq!(at.len(), 120);
+    assert!(at.windows(2).all(|w| w[0] >= w[1]), "most recent first");
+
+    let metrics = app.scrape().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("headroom_entitlements_in_overdraft ") && l.ends_with(" 120")),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn webhooks_deliver_from_every_buckets_stream_on_a_cluster() {
+    let c = cluster();
+    let s = settings(&c, "whc");
+    let store = cluster_store(&c, "whc");
+    let (link, _) = RedisStore::link(&s).expect("link").expect("a cluster");
+    let hooks = Webhooks::on(link, keys("whc"), Duration::from_secs(2));
+    let app = TestApp::spawn_with(
+        store,
+        AppOptions {
+            webhooks: Some(hooks.clone()),
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    let dispatcher = Dispatcher::start(hooks, fast_settings("c1")).expect("dispatcher");
+    let receiver = Receiver::new(200);
+    receiver.listen();
+    let (_, secret) = register(&app, &receiver.url(), None).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("hook-{i}")).collect();
+    join_all(ids.iter().map(|id| traffic(&app, id))).await;
+    let want: BTreeSet<String> = c
+        .events("whc")
+        .into_iter()
+        .map(|(_, _, e)| e["id"].as_str().expect("id").to_string())
+        .collect();
+    assert!(want.len() >= 12 * 4, "{} events", want.len());
+    let got = receiver.wait_for(want.len(), 30).await;
+    let got_ids: BTreeSet<String> = got.iter().map(|r| r.id()).collect();
+    assert_eq!(got_ids, want, "every event of every bucket");
+    assert_eq!(got.len(), want.len(), "each once");
+    for r in &got {
+        check_signed(r, &secret);
+    }
+    dispatcher.stop().await;
+    receiver.stop().await;
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn state_survives_a_restart_on_a_cluster() {
+    let c = cluster();
+    let app = TestApp::spawn(cluster_store(&c, "again")).await;
+    let ids: Vec<String> = (0..30).map(|i| format!("r-{i}")).collect();
+    for id in &ids {
+        app.put(
+            id,
+            r#"{"features": {"api": {"included": 10, "hard_cap": 12}}}"#,
+        )
+        .await;
+        for k in 0..3 {
+            let body = format!(r#"{{"feature": "api", "amount": 4, "idempotency_key": "k{k}"}}"#);
+            app.usage(id, &body).await;
+        }
+    }
+    app.stop().await;
+    let app = TestApp::spawn(cluster_store(&c, "again")).await;
+    for id in &ids {
+        let (_, view) = app.get(id).await;
+        assert_eq!(view["features"]["api"]["used"], 12, "{id}: {view}");
+        // The keyed call is answered from the store, not applied again.
+        let (status, d) = app
+            .usage(
+                id,
+                r#"{"feature": "api", "amount": 4, "idempotency_key": "k1"}"#,
+            )
+            .await;
+        assert_eq!(status, 200, "{d}");
+    }
+    let (_, view) = app.get(&ids[0]).await;
+    assert_eq!(view["features"]["api"]["used"], 12);
+    app.stop().await;
+}
+
+/// The binary on the cluster, configured as an operator would.
+#[actix_rt::test]
+async fn the_binary_runs_on_a_cluster_from_its_seed_nodes() {
+    let c = cluster();
+    let seeds = c.seeds();
+    let mut tracker = TrackerProcess::spawn_env(&[
+        ("HEADROOM_REDIS_CLUSTER", &seeds),
+        ("HEADROOM_REDIS_PREFIX", "bin"),
+    ]);
+    let (status, _) = tracker
+        .send(
+            Method::PUT,
+            "/v1/entitlements/acme",
+            Some(ADMIN),
+            Some(r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#),
+        )
+        .await;
+    assert_eq!(status, 201);
+    for (seat, want) in [("a", 200), ("b", 200), ("c", 429)] {
+        let path = format!("/v1/entitlements/acme/seats/{seat}");
+        let (status, _) = tracker.send(Method::POST, &path, Some(CLIENT), None).await;
+        assert_eq!(status, want, "seat {seat}");
+    }
+    assert!(tracker.terminate(), "stops gracefully");
+    let kinds: Vec<String> = c.events("bin").into_iter().map(|(k, ..)| k).collect();
+    assert!(kinds.contains(&"seat.denied".to_string()), "{kinds:?}");
+}
