@@ -233,3 +233,148 @@ async fn the_binary_runs_on_a_cluster_from_its_seed_nodes() {
     let kinds: Vec<String> = c.events("bin").into_iter().map(|(k, ..)| k).collect();
     assert!(kinds.contains(&"seat.denied".to_string()), "{kinds:?}");
 }
+
+/// A usage call: entitlement, idempotency key.
+type Call = (String, String);
+
+async fn use_one(tracker: &TrackerProcess, (id, key): &Call) -> u16 {
+    let body = format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#);
+    let path = format!("/v1/entitlements/{id}/usage");
+    tracker
+        .send(Method::POST, &path, Some(CLIENT), Some(&body))
+        .await
+        .0
+}
+
+/// Three primaries with a replica each, the tracker acknowledging only
+/// writes that reached a replica (`HEADROOM_REDIS_WAIT_REPLICAS=1`): a
+/// primary SIGKILLed under load is replaced by its replica, the answers
+/// meanwhile are 503/504 (never 500), the service recovers by itself, no
+/// acknowledged call is lost and no cap is passed.
+#[actix_rt::test]
+async fn a_primary_killed_under_load_loses_no_acknowledged_call_with_wait_replicas() {
+    let mut c = RedisCluster::start(3, 1);
+    let seeds = c.seeds();
+    let tracker = TrackerProcess::spawn_env(&[
+        ("HEADROOM_REDIS_CLUSTER", &seeds),
+        ("HEADROOM_REDIS_PREFIX", "fo"),
+        ("HEADROOM_REDIS_WAIT_REPLICAS", "1"),
+        ("HEADROOM_REDIS_TIMEOUT", "1s"),
+    ]);
+    let ids: Vec<String> = (0..24).map(|i| format!("fo-{i}")).collect();
+    for id in &ids {
+        let (status, body) = tracker
+            .send(
+                Method::PUT,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                Some(r#"{"features": {"api": {"included": 100, "hard_cap": 120}}}"#),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let calls: Vec<Call> = (0..2_400)
+        .map(|n| (ids[n % ids.len()].clone(), format!("k{n}")))
+        .collect();
+    let statuses = Mutex::new(vec![0u16; calls.len()]);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let primary = c
+        .nodes
+        .iter()
+        .position(|n| c.primaries().iter().any(|p| p.port == n.port))
+        .expect("a primary");
+    let workers = (0..8).map(|_| async {
+        loop {
+            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n >= calls.len() {
+                return;
+            }
+            let status = use_one(&tracker, &calls[n]).await;
+            statuses.lock().expect("lock")[n] = status;
+        }
+    });
+    let killer = async {
+        while next.load(std::sync::atomic::Ordering::Relaxed) < 600 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        c.nodes[primary].kill();
+        // The replica takes over (node timeout 2 s); the killed node comes
+        // back as its replica, as an operator or an orchestrator restarts
+        // it: with a replica to acknowledge writes, the shard takes them
+        // again by itself. Until then its calls answer 503/504.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        c.nodes[primary].restart();
+    };
+    futures_util::future::join(join_all(workers), killer).await;
+    let statuses = statuses.into_inner().expect("statuses");
+    let mut seen: std::collections::BTreeMap<u16, usize> = Default::default();
+    for s in &statuses {
+        *seen.entry(*s).or_default() += 1;
+    }
+    assert!(
+        seen.keys().all(|s| [200, 429, 503, 504].contains(s)),
+        "answers during the failover: {seen:?}"
+    );
+    assert!(
+        seen.get(&503).or(seen.get(&504)).is_some(),
+        "the kill was felt: {seen:?}"
+    );
+
+    // It recovers by itself.
+    c.wait_until_ok(6);
+    c.wait_for_replicas(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        while tracker
+            .send(
+                Method::GET,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                None,
+            )
+            .await
+            .0
+            != 200
+        {
+            assert!(std::time::Instant::now() < deadline, "{id} did not recover");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // Every call again with its key: an acknowledged one answers its
+    // decision again (it was stored), the others are decided now or
+    // replayed; what is used is exactly what was granted, within the cap.
+    let tracker = &tracker;
+    let again = join_all(calls.chunks(300).map(|chunk| async move {
+        let mut out = Vec::new();
+        for call in chunk {
+            out.push(use_one(&tracker, call).await);
+        }
+        out
+    }))
+    .await
+    .concat();
+    let mut granted: std::collections::HashMap<&str, u64> = Default::default();
+    for ((call, first), again) in calls.iter().zip(&statuses).zip(again) {
+        if *first == 200 {
+            assert_eq!(again, 200, "acknowledged call {call:?} lost");
+        }
+        assert!([200, 429].contains(&again), "{call:?} answered {again}");
+        if again == 200 {
+            *granted.entry(call.0.as_str()).or_default() += 1;
+        }
+    }
+    for id in &ids {
+        let (_, view) = tracker
+            .send(
+                Method::GET,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                None,
+            )
+            .await;
+        let used = view["features"]["api"]["used"].as_u64().expect("used");
+        assert!(used <= 120, "{id} passed its cap: {used}");
+        assert_eq!(used, granted[id.as_str()], "{id}: used vs granted");
+    }
+}

@@ -246,12 +246,16 @@ impl CommitterCore {
         }
     }
 
-    /// `WAIT` for the configured replicas, with what is left of the calls'
-    /// time (ms) as its timeout.
-    fn wait_cmd(&self, until: Instant) -> Option<redis::Cmd> {
+    /// `WAIT` for the configured replicas, its timeout what is left until
+    /// `by` (the first caller's deadline, so that it answers in time).
+    fn wait_cmd(&self, by: Instant) -> Option<redis::Cmd> {
         let wanted = self.settings.redis_wait_replicas;
         (wanted > 0).then(|| {
-            let left = until.saturating_duration_since(Instant::now() + GRACE);
+            // A margin for the answer to come back before the caller stops
+            // waiting for it.
+            let left = by
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(2 * GRACE);
             let mut cmd = redis::cmd("WAIT");
             cmd.arg(wanted).arg(left.as_millis().max(1) as u64);
             cmd
@@ -284,14 +288,17 @@ impl CommitterCore {
         &self,
         mut conn: Conn,
         calls: &[Call],
-        until: Instant,
+        (wait_by, until): (Instant, Instant),
     ) -> Result<Vec<CallResult>, StoreError> {
         let mut results: Vec<Option<CallResult>> = calls.iter().map(|_| None).collect();
         let mut todo: Vec<usize> = (0..calls.len()).collect();
         loop {
             let sent = match &mut conn {
-                Conn::Single(c) => self.send_pipeline(c, calls, &todo, until).await?,
-                Conn::Cluster(c) => self.send_each(c, calls, &todo, until).await?,
+                Conn::Single(c) => {
+                    self.send_pipeline(c, calls, &todo, (wait_by, until))
+                        .await?
+                }
+                Conn::Cluster(c) => self.send_each(c, calls, &todo, (wait_by, until)).await?,
             };
             let mut again = Vec::new();
             let mut noscript = false;
@@ -328,7 +335,7 @@ impl CommitterCore {
         conn: &mut MultiplexedConnection,
         calls: &[Call],
         todo: &[usize],
-        until: Instant,
+        (wait_by, until): (Instant, Instant),
     ) -> Result<Vec<CallResult>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -336,7 +343,7 @@ impl CommitterCore {
             pipe.add_command(calls[i].cmd.clone());
         }
         let writes = todo.iter().any(|&i| calls[i].write);
-        let wait = self.wait_cmd(until).filter(|_| writes);
+        let wait = self.wait_cmd(wait_by).filter(|_| writes);
         if let Some(w) = &wait {
             pipe.add_command(w.clone());
         }
@@ -377,12 +384,12 @@ impl CommitterCore {
         conn: &ClusterConnection,
         calls: &[Call],
         todo: &[usize],
-        until: Instant,
+        (wait_by, until): (Instant, Instant),
     ) -> Result<Vec<CallResult>, StoreError> {
         let sends = todo.iter().map(|&i| {
             let mut conn = conn.clone();
             let call = &calls[i];
-            let wait = self.wait_cmd(until).filter(|_| call.write);
+            let wait = self.wait_cmd(wait_by).filter(|_| call.write);
             async move {
                 self.round_trips.fetch_add(1, Ordering::Relaxed);
                 match wait {
@@ -490,10 +497,22 @@ impl CommitterCore {
     async fn flush(&self, conn: Conn, queued: Vec<Queued>) -> bool {
         let started = Instant::now();
         let until = queued.iter().map(|q| q.deadline).max().unwrap_or(started) + GRACE;
+        let wait_by = queued.iter().map(|q| q.deadline).min().unwrap_or(started);
         let mut queued = queued;
         let (calls, groups) = self.calls(&mut queued);
         let work: Vec<Work> = queued.into_iter().map(|q| q.work).collect();
-        let results = self.send(conn, &calls, until).await;
+        let results = self.send(conn, &calls, (wait_by, until)).await;
+        match &results {
+            Err(e) => self.link.failed(e),
+            Ok(r) => {
+                if let Some(e) = r.iter().find_map(|r| match r {
+                    Err(CallError::Redis(e)) if e.is_io_error() || e.is_timeout() => Some(e),
+                    _ => None,
+                }) {
+                    self.link.failed(&StoreError::redis("pipeline", e.clone()));
+                }
+            }
+        }
         let healthy = results.is_ok();
         match &results {
             Ok(_) => self.reach.answered(),

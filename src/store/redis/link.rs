@@ -27,7 +27,55 @@ use crate::store::{Cause, StoreError};
 #[derive(Clone)]
 pub enum Link {
     Standalone(Pool),
-    Cluster(ClusterConnection),
+    Cluster(Arc<ClusterLink>),
+}
+
+/// The cluster connection, renewed from the seeds when it stops answering.
+///
+/// redis-rs reads the slot map again on a redirect, but not when a node
+/// simply goes away: calls for the slots of a primary that died wait on
+/// its address even after its replica took over. A connection that fails
+/// that way (no answer, or a dropped connection) is replaced, at most once
+/// a second, by a new one that reads the slot map from the live nodes.
+pub struct ClusterLink {
+    client: redis::cluster::ClusterClient,
+    timeout: Duration,
+    current: std::sync::RwLock<(ClusterConnection, std::time::Instant)>,
+}
+
+/// A cluster connection that connects in the background (the cluster need
+/// not be up yet), each step bounded by `timeout`.
+fn connect(client: &redis::cluster::ClusterClient, timeout: Duration) -> ClusterConnection {
+    let config = redis::cluster::ClusterConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout);
+    client.get_pending_async_connection_with_config(config)
+}
+
+/// How often a failing cluster connection may be renewed.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+impl ClusterLink {
+    fn get(&self) -> ClusterConnection {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// After a failure that may be a node gone: a new connection, unless
+    /// one was made within [`RENEW_EVERY`].
+    fn renew(&self) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.1.elapsed() >= RENEW_EVERY {
+            *current = (
+                connect(&self.client, self.timeout),
+                std::time::Instant::now(),
+            );
+            tracing::debug!("renewed the Redis Cluster connection");
+        }
+    }
 }
 
 impl Link {
@@ -64,16 +112,39 @@ impl Link {
             .connection_timeout(timeout)
             .response_timeout(timeout)
             .retries(0)
+            // A node that stays unreachable (a primary that died) is
+            // dropped after a few attempts, and the slot map is read again
+            // from the others, which know its replica took over.
+            .max_connection_attempts(std::num::NonZeroUsize::new(3).expect("3 > 0"))
             .build()
             .map_err(|e| {
                 StoreError::not_sent("connect", "the cluster seeds are invalid", Some(e.into()))
             })?;
-        let config = redis::cluster::ClusterConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout);
-        Ok(Link::Cluster(
-            client.get_pending_async_connection_with_config(config),
-        ))
+        let first = connect(&client, timeout);
+        let link = ClusterLink {
+            client,
+            timeout,
+            current: std::sync::RwLock::new((first, std::time::Instant::now())),
+        };
+        Ok(Link::Cluster(Arc::new(link)))
+    }
+
+    /// Tells the link a call failed with `e`: on a cluster, a failure that
+    /// may mean a node went away renews the connection.
+    pub fn failed(&self, e: &StoreError) {
+        if let Link::Cluster(c) = self {
+            let gone = match e {
+                StoreError::Timeout { .. } => true,
+                StoreError::Redis {
+                    source: crate::store::Cause::Redis(r),
+                    ..
+                } => r.is_io_error() || r.is_timeout() || r.is_connection_dropped(),
+                _ => false,
+            };
+            if gone {
+                c.renew();
+            }
+        }
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -99,7 +170,7 @@ impl Link {
                     })?;
                 Ok(Conn::Single(MultiplexedConnection::clone(&conn)))
             }
-            Link::Cluster(c) => Ok(Conn::Cluster(c.clone())),
+            Link::Cluster(c) => Ok(Conn::Cluster(c.get())),
         }
     }
 
@@ -118,9 +189,14 @@ impl Link {
                 .await
                 .map_err(|e| StoreError::redis(op, e))
         };
-        tokio::time::timeout(timeout, run)
+        let result = tokio::time::timeout(timeout, run)
             .await
-            .map_err(|_| StoreError::timeout(op, timeout))?
+            .map_err(|_| StoreError::timeout(op, timeout))
+            .and_then(|r| r);
+        if let Err(e) = &result {
+            self.failed(e);
+        }
+        result
     }
 
     /// Runs `cmds`, each naming one key (or none), and answers one reply
@@ -144,16 +220,24 @@ impl Link {
                 self.query(op, timeout, &pipe).await
             }
             Link::Cluster(c) => {
+                let conn = c.get();
                 let run = futures_util::future::join_all(cmds.into_iter().map(|cmd| {
-                    let mut c = c.clone();
+                    let mut c = conn.clone();
                     async move { cmd.query_async::<Value>(&mut c).await }
                 }));
-                tokio::time::timeout(timeout, run)
+                let result = tokio::time::timeout(timeout, run)
                     .await
-                    .map_err(|_| StoreError::timeout(op, timeout))?
-                    .into_iter()
-                    .map(|r| r.map_err(|e| StoreError::redis(op, e)))
-                    .collect()
+                    .map_err(|_| StoreError::timeout(op, timeout))
+                    .and_then(|replies| {
+                        replies
+                            .into_iter()
+                            .map(|r| r.map_err(|e| StoreError::redis(op, e)))
+                            .collect()
+                    });
+                if let Err(e) = &result {
+                    self.failed(e);
+                }
+                result
             }
         }
     }

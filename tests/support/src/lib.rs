@@ -366,7 +366,33 @@ impl RedisCluster {
         );
         let cluster = RedisCluster { nodes };
         cluster.wait_until_ok(primaries * (1 + replicas));
+        cluster.wait_for_replicas(replicas);
         cluster
+    }
+
+    /// Waits until every primary has `replicas` replicas online.
+    pub fn wait_for_replicas(&self, replicas: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let online = self.primaries().iter().all(|p| {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut p.conn())
+                    .unwrap_or_default();
+                info.lines()
+                    .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                    .count()
+                    >= replicas
+            });
+            if online {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas did not come online"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until every node says the cluster is ok and knows every node.
