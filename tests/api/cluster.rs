@@ -348,7 +348,7 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_call_with_wait_replic
     let again = join_all(calls.chunks(300).map(|chunk| async move {
         let mut out = Vec::new();
         for call in chunk {
-            out.push(use_one(&tracker, call).await);
+            out.push(use_one(tracker, call).await);
         }
         out
     }))
