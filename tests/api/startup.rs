@@ -141,6 +141,24 @@ fn bad_settings_are_one_line_each_naming_flag_variable_and_value() {
             "http://127.0.0.1:6379",
         ),
         (
+            vec![],
+            vec![("HEADROOM_REDIS_CLUSTER", "redis://127.0.0.1:7001,http://x")],
+            ["--redis-cluster", "HEADROOM_REDIS_CLUSTER"],
+            "http://x",
+        ),
+        (
+            vec!["--redis-cluster", "redis://127.0.0.1:7001"],
+            vec![("HEADROOM_REDIS_URL", "redis://127.0.0.1:6379/")],
+            ["--redis-url", "--redis-cluster"],
+            "cannot be used with",
+        ),
+        (
+            vec!["--redis-buckets", "2000"],
+            vec![],
+            ["--redis-buckets", "HEADROOM_REDIS_BUCKETS"],
+            "2000",
+        ),
+        (
             vec!["--listen", "no-such-host.invalid:80"],
             vec![],
             ["--listen", "HEADROOM_LISTEN"],
