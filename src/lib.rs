@@ -30,11 +30,15 @@
 //! - **Two levels of batching**: (1) an actor's calls that arrive while its
 //!   write is in flight share its next write (`engine/actor/commit.rs`,
 //!   `PendingWrite`); (2) each worker thread's committer sends the writes
-//!   of all its actors as one pipeline with one script call
-//!   (`store/redis/committer.rs`).
+//!   of all its actors as one pipeline with one script call (on a Redis
+//!   Cluster, one call per bucket, all at once) (`store/redis/committer.rs`).
 //! - **Redis keys**: every one is built in `store/redis/keys.rs`, which
-//!   lists them; the scripts (`store/redis/lua/`) and the layout of their
-//!   arguments (`store/redis/scripts.rs`) beside it.
+//!   lists them and explains the buckets (hash slots); the scripts
+//!   (`store/redis/lua/`) and the layout of their arguments
+//!   (`store/redis/scripts.rs`) beside it; the layout record in
+//!   `store/redis/layout.rs`; standalone Redis or cluster in
+//!   `store/redis/link.rs`; the reports' merge over the buckets in
+//!   `store/redis/reads.rs`.
 //! - **Errors**: each layer has its own (`store::StoreError` with a class
 //!   decided where the cause is known, [`engine::EngineError`],
 //!   `http::problem::ApiError`), each keeping its cause as `source`.

@@ -1,12 +1,15 @@
-//! The durable store: Redis through a deadpool-redis pool.
+//! The durable store: a standalone Redis through a deadpool-redis pool, or
+//! a Redis Cluster through redis-rs's cluster connection ([`link`]).
 //!
 //! Writes, loads and pings go through a committer per worker thread
 //! ([`committer`]), which pipelines whatever its thread queued: one call of
 //! the commit script carries every queued commit (each applied atomically
-//! on its own), so a Redis round trip and a script call carry many
-//! decisions of many entitlements. Reports and history are read on pooled
-//! connections ([`reads`]). Every key is built in [`keys`]; the scripts'
-//! arguments and replies are in [`scripts`], beside `lua/`.
+//! on its own; on a cluster, one call per bucket), so a Redis round trip
+//! and a script call carry many decisions of many entitlements. Reports
+//! and history are read apart from the committers ([`reads`]). Every key
+//! is built in [`keys`]; the layout it follows is recorded and checked in
+//! [`layout`]; the scripts' arguments and replies are in [`scripts`],
+//! beside `lua/`.
 
 mod committer;
 mod keys;
