@@ -44,6 +44,33 @@ pub fn tokens(admin: &[&str], client: &[&str]) -> AuthSettings {
 
 /// A reqwest client (after installing the process's TLS provider, which
 /// reqwest needs even for plain http).
+/// One call with `token` and a JSON `body`: its status and JSON answer
+/// (the text when it is not JSON).
+async fn call(
+    http: &reqwest::Client,
+    url: String,
+    method: reqwest::Method,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut req = http.request(method, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let res = req.send().await.expect("request");
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
 pub fn http_client() -> reqwest::Client {
     headroom::tls::install_crypto_provider();
     reqwest::Client::new()
@@ -143,22 +170,7 @@ impl TestApp {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (u16, Value) {
-        let mut req = self.http.request(method, self.url(path));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        let text = res.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        call(&self.http, self.url(path), method, token, body).await
     }
 
     /// `GET path` with `token`.
@@ -274,7 +286,7 @@ impl TrackerProcess {
         Self::spawn(&all)
     }
 
-    /// One call: its status and JSON body (`null` when there is none).
+    /// One call: its status and JSON body (the text when it is not JSON).
     pub async fn send(
         &self,
         method: reqwest::Method,
@@ -282,19 +294,8 @@ impl TrackerProcess {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (u16, Value) {
-        let mut req = http_client().request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let res = req.send().await.expect("request");
-        let status = res.status().as_u16();
-        let text = res.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        let url = format!("{}{path}", self.base);
+        call(&http_client(), url, method, token, body).await
     }
 
     fn spawn(env: &[(&str, &str)]) -> Self {
