@@ -438,21 +438,27 @@ impl CommitterCore {
     /// by bucket, then the other work as queued. The commits go in one
     /// commit-script call on a standalone Redis, in one per bucket (per
     /// hash slot) on a cluster; answers the commits each call carries.
-    fn calls(&self, queued: &mut [Queued]) -> (Vec<Call>, Vec<usize>) {
-        let bucket = |q: &Queued| match &q.work {
-            Work::Commit { commit, .. } => (0, self.keys.bucket_of(&commit.id)),
-            _ => (1, 0),
-        };
-        queued.sort_by_cached_key(bucket);
+    fn calls(&self, queued: &mut Vec<Queued>) -> (Vec<Call>, Vec<usize>) {
+        // Each commit's bucket, found once; commits first, by bucket (a
+        // stable sort: the rest stay as queued).
+        let mut tagged: Vec<(Option<usize>, Queued)> = queued
+            .drain(..)
+            .map(|q| match &q.work {
+                Work::Commit { commit, .. } => (Some(self.keys.bucket_of(&commit.id)), q),
+                _ => (None, q),
+            })
+            .collect();
+        tagged.sort_by_key(|(b, _)| (b.is_none(), *b));
+        let buckets: Vec<Option<usize>> = tagged.iter().map(|(b, _)| *b).collect();
+        queued.extend(tagged.into_iter().map(|(_, q)| q));
         let redis_ms = self.redis_clock();
         let commits: Vec<CommitArgs<'_>> = queued
             .iter()
-            .filter_map(|q| match &q.work {
-                Work::Commit { commit, .. } => Some(CommitArgs::of(
-                    commit,
-                    self.keys.bucket_of(&commit.id),
-                    redis_ms(q.deadline),
-                )),
+            .zip(&buckets)
+            .filter_map(|(q, b)| match (&q.work, b) {
+                (Work::Commit { commit, .. }, Some(b)) => {
+                    Some(CommitArgs::of(commit, *b, redis_ms(q.deadline)))
+                }
                 _ => None,
             })
             .collect();

@@ -114,25 +114,30 @@ impl Keys {
         crc16::State::<crc16::XMODEM>::calculate(id.as_str().as_bytes()) as usize % self.tags.len()
     }
 
-    fn entitlement(&self, id: &EntitlementId, suffix: &str) -> String {
-        let tag = &self.tags[self.bucket_of(id)];
-        format!("{}:{{{tag}}}:{{{id}}}:{suffix}", self.prefix)
+    /// The keys of one entitlement, its bucket found once (a commit names
+    /// several of them).
+    pub fn of<'a>(&'a self, id: &'a EntitlementId) -> EntitlementKeys<'a> {
+        EntitlementKeys {
+            prefix: &self.prefix,
+            tag: &self.tags[self.bucket_of(id)],
+            id,
+        }
     }
 
     pub fn epoch(&self, id: &EntitlementId) -> String {
-        self.entitlement(id, "epoch")
+        self.of(id).epoch()
     }
 
     pub fn state(&self, id: &EntitlementId) -> String {
-        self.entitlement(id, "state")
+        self.of(id).state()
     }
 
     pub fn seats(&self, id: &EntitlementId) -> String {
-        self.entitlement(id, "seats")
+        self.of(id).seats()
     }
 
     pub fn periods(&self, id: &EntitlementId) -> String {
-        self.entitlement(id, "periods")
+        self.of(id).periods()
     }
 
     pub fn idempotency(
@@ -141,11 +146,11 @@ impl Keys {
         incarnation: i64,
         key: &IdempotencyKey,
     ) -> String {
-        self.entitlement(id, &format!("key:{incarnation}:{key}"))
+        self.of(id).idempotency(incarnation, key)
     }
 
     pub fn history(&self, id: &EntitlementId, size: BucketSize, start: i64) -> String {
-        self.entitlement(id, &format!("history:{}:{start}", size.as_str()))
+        self.of(id).history(size, start)
     }
 
     fn bucket(&self, bucket: usize, suffix: &str) -> String {
@@ -207,6 +212,43 @@ impl Keys {
 
     pub fn webhook_dead(&self) -> String {
         self.webhook(":dead")
+    }
+}
+
+/// The keys of one entitlement (see [`Keys::of`]).
+pub struct EntitlementKeys<'a> {
+    prefix: &'a str,
+    tag: &'a str,
+    id: &'a EntitlementId,
+}
+
+impl EntitlementKeys<'_> {
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{{{}}}:{{{}}}:{suffix}", self.prefix, self.tag, self.id)
+    }
+
+    pub fn epoch(&self) -> String {
+        self.key("epoch")
+    }
+
+    pub fn state(&self) -> String {
+        self.key("state")
+    }
+
+    pub fn seats(&self) -> String {
+        self.key("seats")
+    }
+
+    pub fn periods(&self) -> String {
+        self.key("periods")
+    }
+
+    pub fn idempotency(&self, incarnation: i64, key: &IdempotencyKey) -> String {
+        self.key(&format!("key:{incarnation}:{key}"))
+    }
+
+    pub fn history(&self, size: BucketSize, start: i64) -> String {
+        self.key(&format!("history:{}:{start}", size.as_str()))
     }
 }
 

@@ -134,14 +134,15 @@ impl RedisStore {
         let keys = &self.core.keys;
         let mut cmds = Vec::with_capacity(2 * ids.len());
         for id in ids {
+            let k = keys.of(id);
             cmds.push(
                 redis::cmd("HMGET")
-                    .arg(keys.state(id))
+                    .arg(k.state())
                     .arg("core")
                     .arg("config")
                     .clone(),
             );
-            cmds.push(redis::cmd("HGETALL").arg(keys.seats(id)).clone());
+            cmds.push(redis::cmd("HGETALL").arg(k.seats()).clone());
         }
         let replies = self.read_each("peek", cmds).await?;
         Ok(ids
@@ -340,10 +341,10 @@ impl RedisStore {
         if starts.is_empty() {
             return Ok(Vec::new());
         }
+        let k = self.core.keys.of(id);
         let mut pipe = redis::pipe();
         for s in starts {
-            pipe.cmd("HGETALL")
-                .arg(self.core.keys.history(id, size, *s));
+            pipe.cmd("HGETALL").arg(k.history(size, *s));
         }
         let records: Vec<HashMap<String, u64>> = self.read("history", &pipe).await?;
         Ok(records

@@ -121,17 +121,17 @@ impl<'a> CommitArgs<'a> {
     }
 
     pub fn push_keys(&self, keys: &Keys, cmd: &mut redis::Cmd) {
-        let id = self.id;
-        cmd.arg(keys.epoch(id))
-            .arg(keys.state(id))
-            .arg(keys.seats(id))
-            .arg(keys.periods(id));
+        let k = keys.of(self.id);
+        cmd.arg(k.epoch())
+            .arg(k.state())
+            .arg(k.seats())
+            .arg(k.periods());
         for w in self.history {
-            cmd.arg(keys.history(id, BucketSize::Hour, w.hour))
-                .arg(keys.history(id, BucketSize::Day, BucketSize::Day.start(w.hour)));
+            cmd.arg(k.history(BucketSize::Hour, w.hour))
+                .arg(k.history(BucketSize::Day, BucketSize::Day.start(w.hour)));
         }
         for r in self.keys {
-            cmd.arg(keys.idempotency(id, r.incarnation, &r.key));
+            cmd.arg(k.idempotency(r.incarnation, &r.key));
         }
     }
 
@@ -264,12 +264,13 @@ pub(super) fn parse_commit_reply(c: &Commit, v: Value) -> Result<CommitOutcome, 
 /// `ARGV` `1` to bump the epoch even when nothing is stored (a read-back
 /// that fences an unknown write).
 pub(super) fn load_call(sha: &str, keys: &Keys, id: &EntitlementId, fence: bool) -> redis::Cmd {
+    let k = keys.of(id);
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(sha)
         .arg(3)
-        .arg(keys.epoch(id))
-        .arg(keys.state(id))
-        .arg(keys.seats(id))
+        .arg(k.epoch())
+        .arg(k.state())
+        .arg(k.seats())
         .arg(if fence { "1" } else { "0" });
     cmd
 }
