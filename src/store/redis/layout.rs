@@ -31,17 +31,19 @@ pub(super) async fn check(conn: &mut impl ConnectionLike, keys: &Keys) -> Result
             }
         }
         // Whoever records first wins; everyone then compares with it.
-        let _: () = redis::cmd("HSETNX")
+        // One key, so one pipeline also on a cluster.
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSETNX")
             .arg(keys.meta())
             .arg("buckets")
             .arg(ours)
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| StoreError::redis(op, e))?;
-        let _: () = redis::cmd("HSETNX")
+            .ignore();
+        pipe.cmd("HSETNX")
             .arg(keys.meta())
             .arg("layout")
             .arg(LAYOUT_VERSION)
+            .ignore();
+        let _: () = pipe
             .query_async(&mut *conn)
             .await
             .map_err(|e| StoreError::redis(op, e))?;
