@@ -1,7 +1,10 @@
 //! The fault-injection suite: real load against the tracker binary on a
 //! private Redis while a driver kills and restarts the tracker, kills, stops
 //! and restarts Redis, blocks it (`CLIENT PAUSE`, `DEBUG SLEEP`) past the
-//! store timeout and fills it to `maxmemory`.
+//! store timeout and fills it to `maxmemory`. In cluster mode the same
+//! faults hit one primary of a private Redis Cluster (with replicas, a
+//! killed primary's replica takes over before it comes back, as a replica),
+//! and slots are moved between primaries under the load (`reshard`).
 //!
 //! Every call carries an idempotency key and the client keeps a ledger of
 //! what it was answered. An invariant checker reads the stored state and the
@@ -29,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::Conn;
-use headroom_test_support::{RedisServer, Tracker};
+use headroom_test_support::{RedisCluster, RedisServer, Tracker};
 
 const ADMIN: &str = "Bearer faults-admin";
 const CLIENT: &str = "Bearer faults-client";
@@ -53,11 +56,25 @@ pub enum Fault {
     SleepRedis,
     /// Fill Redis to `maxmemory` (noeviction), then free it.
     MaxMemory,
+    /// Move half of a primary's slots, with their keys, to another primary
+    /// (`redis-cli --cluster reshard`). Cluster mode only.
+    Reshard,
 }
 
 impl Fault {
     pub const ALL: [Fault; 6] = [
         Fault::KillTracker,
+        Fault::KillRedis,
+        Fault::StopRedis,
+        Fault::PauseRedis,
+        Fault::SleepRedis,
+        Fault::MaxMemory,
+    ];
+
+    /// Every fault, on a cluster.
+    pub const CLUSTER: [Fault; 7] = [
+        Fault::KillTracker,
+        Fault::Reshard,
         Fault::KillRedis,
         Fault::StopRedis,
         Fault::PauseRedis,
@@ -73,6 +90,7 @@ impl Fault {
             Fault::PauseRedis => "Redis CLIENT PAUSE",
             Fault::SleepRedis => "Redis DEBUG SLEEP",
             Fault::MaxMemory => "Redis at maxmemory",
+            Fault::Reshard => "slots moved between primaries",
         }
     }
 }
@@ -90,7 +108,21 @@ pub struct Plan {
     /// How long each fault lasts.
     pub outage: Duration,
     pub faults: Vec<Fault>,
+    pub topology: Topology,
     pub progress: bool,
+}
+
+/// What the tracker runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    Standalone,
+    /// A Redis Cluster of `primaries` with `replicas` each; the tracker
+    /// waits for that many replicas to acknowledge each write
+    /// (`HEADROOM_REDIS_WAIT_REPLICAS`).
+    Cluster {
+        primaries: usize,
+        replicas: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -162,10 +194,15 @@ pub struct FaultResult {
     pub answers: Answers,
     /// From healing until the first call started afterwards was acknowledged.
     pub recovery_ms: Option<f64>,
+    /// Entitlements whose keys a resharding moved to another primary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moved_entitlements: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct SuiteReport {
+    /// `standalone`, or `cluster P+R` (P primaries, R replicas each).
+    pub topology: String,
     pub elapsed_s: f64,
     #[serde(flatten)]
     pub answers: Answers,
@@ -289,10 +326,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Reads the stored state and the stream every 50 ms until `stop`; flags
+/// Opens a connection for the checker: to the Redis, or one that follows
+/// the cluster's slots.
+type Opener = Box<dyn Fn() -> redis::RedisResult<Box<dyn redis::ConnectionLike + Send>> + Send>;
+
+/// Reads the stored state and the streams every 50 ms until `stop`; flags
 /// any counter or event above a hard cap.
 fn checker(
-    url: String,
+    open: Opener,
     entitlements: usize,
     stop: Arc<AtomicBool>,
     violations: Arc<Mutex<Vec<String>>>,
@@ -301,21 +342,15 @@ fn checker(
 ) {
     let keys = headroom::store::Keys::new(PREFIX, headroom::store::DEFAULT_BUCKETS);
     let mut last_ids = vec!["0-0".to_string(); keys.buckets()];
-    let mut conn: Option<redis::Connection> = None;
+    let mut conn: Option<Box<dyn redis::ConnectionLike + Send>> = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         if conn.is_none() {
-            conn = redis::Client::open(url.as_str())
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                .and_then(|c| {
-                    c.set_read_timeout(Some(Duration::from_millis(300)))?;
-                    Ok(c)
-                })
-                .ok();
+            conn = open().ok();
         }
         let Some(c) = conn.as_mut() else { continue };
         let seen = (&mut last_ids[..], &*states, &*events);
-        if check_once(c, &keys, entitlements, seen, &violations).is_err() {
+        if check_once(&mut **c, &keys, entitlements, seen, &violations).is_err() {
             // Redis is down or blocked; a timed-out connection is not reused.
             conn = None;
         }
@@ -327,7 +362,7 @@ fn checker(
 type Seen<'a> = (&'a mut [String], &'a AtomicU64, &'a AtomicU64);
 
 fn check_once(
-    c: &mut redis::Connection,
+    c: &mut dyn redis::ConnectionLike,
     keys: &headroom::store::Keys,
     entitlements: usize,
     (last_ids, states, events): Seen<'_>,
@@ -351,82 +386,110 @@ fn check_once(
         }
     }
     type Entries = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
-    let streams = keys.all_events();
-    loop {
-        let read: Option<Entries> = redis::cmd("XREAD")
-            .arg("COUNT")
-            .arg(1000)
-            .arg("STREAMS")
-            .arg(&streams)
-            .arg(&*last_ids)
-            .query(c)?;
-        let read = read.unwrap_or_default();
-        if read.iter().all(|(_, e)| e.is_empty()) {
-            return Ok(());
-        }
-        for (stream, entries) in &read {
-            let Some(b) = streams.iter().position(|s| s == stream) else {
-                continue;
+    // Each bucket's stream on its own: on a cluster they live on
+    // different nodes.
+    for (stream, last_id) in keys.all_events().iter().zip(last_ids.iter_mut()) {
+        loop {
+            let read: Option<Entries> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(&*last_id)
+                .query(c)?;
+            let entries: Vec<_> = read
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|(_, e)| e)
+                .collect();
+            let Some((last, _)) = entries.last() else {
+                break;
             };
-            if let Some((id, _)) = entries.last() {
-                last_ids[b] = id.clone();
-            }
-        }
-        for (id, fields) in read.iter().flat_map(|(_, e)| e) {
-            events.fetch_add(1, Ordering::Relaxed);
-            let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
-            let ent = get("entitlement").unwrap_or("");
-            let Some(i) = ent.strip_prefix("f-").and_then(|n| n.parse::<usize>().ok()) else {
-                continue;
-            };
-            let data = get("event")
-                .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
-                .map(|v| v["data"].clone())
-                .unwrap_or_default();
-            let used = data["used"].as_u64().unwrap_or(0);
-            let in_use = data["in_use"].as_u64().unwrap_or(0);
-            if capped(i) && (used > CAP_HARD || in_use > 8) {
-                lock(violations).push(format!("{ent}: event {id} {data}"));
+            *last_id = last.clone();
+            for (id, fields) in &entries {
+                check_event(id, fields, events, violations);
             }
         }
     }
+    Ok(())
 }
 
-/// Fills Redis to a `maxmemory` just above what it uses now.
-fn fill(redis: &RedisServer) -> redis::RedisResult<usize> {
+fn check_event(
+    id: &str,
+    fields: &[(String, String)],
+    events: &AtomicU64,
+    violations: &Mutex<Vec<String>>,
+) {
+    events.fetch_add(1, Ordering::Relaxed);
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+    let ent = get("entitlement").unwrap_or("");
+    let Some(i) = ent.strip_prefix("f-").and_then(|n| n.parse::<usize>().ok()) else {
+        return;
+    };
+    let data = get("event")
+        .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .map(|v| v["data"].clone())
+        .unwrap_or_default();
+    let used = data["used"].as_u64().unwrap_or(0);
+    let in_use = data["in_use"].as_u64().unwrap_or(0);
+    if capped(i) && (used > CAP_HARD || in_use > 8) {
+        lock(violations).push(format!("{ent}: event {id} {data}"));
+    }
+}
+
+/// What Redis says it uses (`used_memory`).
+fn used_memory(c: &mut redis::Connection) -> redis::RedisResult<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query(c)?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// Fills Redis to a `maxmemory` just above what it uses now, with keys
+/// `filler:{tag}:n` (on a cluster node, `tag` hashes to one of its slots),
+/// until it refuses a write; then lowers `maxmemory` below what it uses,
+/// so that it stays full (a primary's replication buffers come and go,
+/// and they do not count).
+fn fill(redis: &RedisServer, tag: &str) -> redis::RedisResult<usize> {
     let mut c = redis.conn();
     redis::cmd("CONFIG")
         .arg(&["SET", "maxmemory-policy", "noeviction"])
         .query::<()>(&mut c)?;
-    let info: String = redis::cmd("INFO").arg("memory").query(&mut c)?;
-    let used: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let used = used_memory(&mut c)?;
     redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
         .arg(used + 4 * 1024 * 1024)
         .query::<()>(&mut c)?;
     let filler = vec![b'x'; 64 * 1024];
-    for n in 0..10_000 {
+    let mut n = 0;
+    while n < 10_000 {
         let set: redis::RedisResult<()> = redis::cmd("SET")
-            .arg(format!("filler:{n}"))
+            .arg(format!("filler:{{{tag}}}:{n}"))
             .arg(&filler)
             .query(&mut c);
-        if set.is_err() {
-            return Ok(n);
+        match set {
+            Err(e) if e.code() == Some("OOM") => break,
+            Err(e) => return Err(e),
+            Ok(()) => n += 1,
         }
     }
-    Ok(10_000)
+    let used = used_memory(&mut c)?;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used.saturating_sub(1024 * 1024).max(1))
+        .query::<()>(&mut c)?;
+    Ok(n)
 }
 
-fn unfill(redis: &RedisServer, keys: usize) -> redis::RedisResult<()> {
+fn unfill(redis: &RedisServer, tag: &str, keys: usize) -> redis::RedisResult<()> {
     let mut c = redis.conn();
     for n in 0..keys {
         redis::cmd("DEL")
-            .arg(format!("filler:{n}"))
+            .arg(format!("filler:{{{tag}}}:{n}"))
             .query::<()>(&mut c)?;
     }
     redis::cmd("CONFIG")
@@ -439,36 +502,202 @@ struct Window {
     fault: Fault,
     start: Instant,
     healed: Instant,
+    moved: Option<u64>,
+}
+
+/// The Redis the tracker runs on.
+enum Backend {
+    Standalone(RedisServer),
+    Cluster {
+        cluster: RedisCluster,
+        replicas: usize,
+    },
+}
+
+impl Backend {
+    fn start(topology: Topology) -> Backend {
+        match topology {
+            Topology::Standalone => Backend::Standalone(RedisServer::start()),
+            Topology::Cluster {
+                primaries,
+                replicas,
+            } => Backend::Cluster {
+                cluster: RedisCluster::start(primaries, replicas),
+                replicas,
+            },
+        }
+    }
+
+    /// The tracker's Redis settings.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Backend::Standalone(r) => vec![("HEADROOM_REDIS_URL", r.url())],
+            Backend::Cluster { cluster, replicas } => vec![
+                ("HEADROOM_REDIS_CLUSTER", cluster.seeds()),
+                ("HEADROOM_REDIS_WAIT_REPLICAS", replicas.to_string()),
+            ],
+        }
+    }
+
+    fn opener(&self) -> Opener {
+        let timeouts = (Duration::from_millis(200), Duration::from_millis(300));
+        match self {
+            Backend::Standalone(r) => {
+                let url = r.url();
+                Box::new(move || {
+                    let c = redis::Client::open(url.as_str())?
+                        .get_connection_with_timeout(timeouts.0)?;
+                    c.set_read_timeout(Some(timeouts.1))?;
+                    Ok(Box::new(c) as Box<dyn redis::ConnectionLike + Send>)
+                })
+            }
+            Backend::Cluster { cluster, .. } => {
+                let urls = cluster.urls();
+                Box::new(move || {
+                    let c = redis::cluster::ClusterClient::builder(urls.clone())
+                        .connection_timeout(timeouts.0)
+                        .response_timeout(timeouts.1)
+                        .build()?
+                        .get_connection()?;
+                    Ok(Box::new(c) as Box<dyn redis::ConnectionLike + Send>)
+                })
+            }
+        }
+    }
+
+    /// The node a fault hits: the Redis, or the primary serving most slots.
+    fn target(&mut self) -> anyhow::Result<&mut RedisServer> {
+        match self {
+            Backend::Standalone(r) => Ok(r),
+            Backend::Cluster { cluster, .. } => {
+                let i = cluster
+                    .serving_primary()
+                    .ok_or_else(|| anyhow::anyhow!("no primary serves slots"))?;
+                Ok(&mut cluster.nodes[i])
+            }
+        }
+    }
+
+    /// Back to what it was before a fault: every node up, the cluster ok,
+    /// every primary with its replicas.
+    fn settled(&self) {
+        if let Backend::Cluster { cluster, replicas } = self {
+            cluster.wait_until_ok(cluster.nodes.len());
+            cluster.wait_for_replicas(*replicas);
+        }
+    }
+}
+
+/// A hash tag whose keys the node stores: on a cluster, one that hashes
+/// to one of the node's `slots`.
+fn tag_on(node: &RedisServer, slots: Option<Vec<(u16, u16)>>) -> redis::RedisResult<String> {
+    let Some(slots) = slots else {
+        return Ok("x".into());
+    };
+    let mut c = node.conn();
+    for n in 0..100_000 {
+        let tag = format!("t{n}");
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&tag)
+            .query(&mut c)?;
+        if slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)) {
+            return Ok(tag);
+        }
+    }
+    Err((redis::ErrorKind::Client, "no slot found on the node").into())
+}
+
+/// Kills (or stops) the target Redis node and starts it again after the
+/// outage; on a cluster with replicas, after a replica took over.
+fn down_and_up(
+    plan: &Plan,
+    backend: &mut Backend,
+    stop: impl FnOnce(&mut RedisServer),
+) -> anyhow::Result<()> {
+    let failover = matches!(backend, Backend::Cluster { replicas, .. } if *replicas > 0);
+    let node = backend.target()?;
+    let port = node.port;
+    stop(node);
+    std::thread::sleep(plan.outage);
+    if failover && let Backend::Cluster { cluster, .. } = &*backend {
+        cluster.wait_for_failover_of(port);
+    }
+    backend
+        .target_port(port)
+        .ok_or_else(|| anyhow::anyhow!("node {port} gone"))?
+        .restart();
+    backend.settled();
+    Ok(())
+}
+
+impl Backend {
+    fn target_port(&mut self, port: u16) -> Option<&mut RedisServer> {
+        match self {
+            Backend::Standalone(r) => Some(r),
+            Backend::Cluster { cluster, .. } => cluster.nodes.iter_mut().find(|n| n.port == port),
+        }
+    }
+}
+
+/// Moves half of the target primary's slots to another primary; answers
+/// how many of the entitlements moved.
+fn reshard(plan: &Plan, backend: &mut Backend) -> anyhow::Result<u64> {
+    let Backend::Cluster { cluster, .. } = &*backend else {
+        anyhow::bail!("a resharding needs a cluster (--cluster-primaries)");
+    };
+    let top = cluster.topology();
+    let from = top
+        .iter()
+        .filter(|n| n.primary && !n.failed)
+        .max_by_key(|n| n.slot_count())
+        .ok_or_else(|| anyhow::anyhow!("no primary"))?;
+    let to = top
+        .iter()
+        .filter(|n| n.primary && !n.failed && n.port != from.port)
+        .min_by_key(|n| n.slot_count())
+        .ok_or_else(|| anyhow::anyhow!("one primary only"))?;
+    let keys = headroom::store::Keys::new(PREFIX, headroom::store::DEFAULT_BUCKETS);
+    let mut c = cluster.nodes[0].conn();
+    let mut slots = Vec::new();
+    for i in 0..plan.entitlements {
+        let eid = headroom::domain::EntitlementId::parse(&entitlement(i)).expect("a valid id");
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(keys.state(&eid))
+            .query(&mut c)?;
+        slots.push(slot);
+    }
+    cluster.reshard(from.port, to.port, from.slot_count() / 2)?;
+    let after = cluster.topology();
+    let moved = slots
+        .iter()
+        .filter(|s| RedisCluster::owner_of(&top, **s) != RedisCluster::owner_of(&after, **s))
+        .count();
+    backend.settled();
+    Ok(moved as u64)
 }
 
 fn inject(
     fault: Fault,
     plan: &Plan,
-    redis: &mut RedisServer,
+    backend: &mut Backend,
     tracker: &mut Tracker,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<u64>> {
     match fault {
         Fault::KillTracker => {
             tracker.kill();
             std::thread::sleep(plan.outage);
             tracker.restart()?;
         }
-        Fault::KillRedis => {
-            redis.kill();
-            std::thread::sleep(plan.outage);
-            redis.restart();
-        }
-        Fault::StopRedis => {
-            redis.stop();
-            std::thread::sleep(plan.outage);
-            redis.restart();
-        }
+        Fault::KillRedis => down_and_up(plan, backend, RedisServer::kill)?,
+        Fault::StopRedis => down_and_up(plan, backend, RedisServer::stop)?,
         Fault::PauseRedis => {
             redis::cmd("CLIENT")
                 .arg("PAUSE")
                 .arg(plan.outage.as_millis() as u64)
                 .arg("ALL")
-                .query::<()>(&mut redis.conn())?;
+                .query::<()>(&mut backend.target()?.conn())?;
             std::thread::sleep(plan.outage);
         }
         Fault::SleepRedis => {
@@ -476,15 +705,28 @@ fn inject(
             let _: redis::RedisResult<()> = redis::cmd("DEBUG")
                 .arg("SLEEP")
                 .arg(plan.outage.as_secs_f64())
-                .query(&mut redis.conn());
+                .query(&mut backend.target()?.conn());
+            backend.settled();
         }
         Fault::MaxMemory => {
-            let keys = fill(redis)?;
+            let port = backend.target()?.port;
+            let slots = match &*backend {
+                Backend::Standalone(_) => None,
+                Backend::Cluster { cluster, .. } => cluster
+                    .topology()
+                    .into_iter()
+                    .find(|n| n.port == port)
+                    .map(|n| n.slots),
+            };
+            let node = backend.target()?;
+            let tag = tag_on(node, slots)?;
+            let keys = fill(node, &tag)?;
             std::thread::sleep(plan.outage);
-            unfill(redis, keys)?;
+            unfill(node, &tag, keys)?;
         }
+        Fault::Reshard => return Ok(Some(reshard(plan, backend)?)),
     }
-    Ok(())
+    Ok(None)
 }
 
 async fn setup(addr: std::net::SocketAddr, entitlements: usize) -> anyhow::Result<()> {
@@ -585,22 +827,28 @@ async fn settle(
 
 /// Runs the plan: load, every fault in turn, then the ledger.
 pub async fn run(plan: Plan) -> anyhow::Result<SuiteReport> {
-    let mut redis = RedisServer::start();
+    if let Some(f) = plan.faults.iter().find(|f| **f == Fault::Reshard)
+        && plan.topology == Topology::Standalone
+    {
+        anyhow::bail!("{} needs a cluster", f.name());
+    }
+    let mut backend = Backend::start(plan.topology);
     let timeout = format!("{}ms", plan.redis_timeout.as_millis());
-    let url = redis.url();
-    let mut tracker = Tracker::start(
-        &plan.bin,
-        &[
-            ("HEADROOM_REDIS_URL", url.as_str()),
-            ("HEADROOM_REDIS_PREFIX", PREFIX),
-            ("HEADROOM_REDIS_TIMEOUT", timeout.as_str()),
-            ("HEADROOM_ADMIN_TOKENS", ADMIN.trim_start_matches("Bearer ")),
-            (
-                "HEADROOM_CLIENT_TOKENS",
-                CLIENT.trim_start_matches("Bearer "),
-            ),
-        ],
-    )?;
+    let mut env = backend.env();
+    env.extend([
+        ("HEADROOM_REDIS_PREFIX", PREFIX.to_string()),
+        ("HEADROOM_REDIS_TIMEOUT", timeout),
+        (
+            "HEADROOM_ADMIN_TOKENS",
+            ADMIN.trim_start_matches("Bearer ").to_string(),
+        ),
+        (
+            "HEADROOM_CLIENT_TOKENS",
+            CLIENT.trim_start_matches("Bearer ").to_string(),
+        ),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut tracker = Tracker::start(&plan.bin, &env)?;
     let addr = tracker.addr();
     setup(addr, plan.entitlements).await?;
 
@@ -609,14 +857,14 @@ pub async fn run(plan: Plan) -> anyhow::Result<SuiteReport> {
     let violations = Arc::new(Mutex::new(Vec::new()));
     let (states, events) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let checker = {
-        let (url, n, stop, v) = (
-            url.clone(),
+        let (open, n, stop, v) = (
+            backend.opener(),
             plan.entitlements,
             stop.clone(),
             violations.clone(),
         );
         let (s, e) = (states.clone(), events.clone());
-        std::thread::spawn(move || checker(url, n, stop, v, s, e))
+        std::thread::spawn(move || checker(open, n, stop, v, s, e))
     };
     let started = Instant::now();
     let clients: Vec<_> = (0..plan.connections)
@@ -635,28 +883,27 @@ pub async fn run(plan: Plan) -> anyhow::Result<SuiteReport> {
     let driver = {
         let plan = plan.clone();
         let stop = stop.clone();
-        std::thread::spawn(
-            move || -> anyhow::Result<(Vec<Window>, RedisServer, Tracker)> {
-                let mut windows = Vec::new();
-                for &fault in &plan.faults {
-                    std::thread::sleep(plan.steady);
-                    if plan.progress {
-                        eprintln!("fault: {}", fault.name());
-                    }
-                    let start = Instant::now();
-                    let injected = inject(fault, &plan, &mut redis, &mut tracker);
-                    windows.push(Window {
-                        fault,
-                        start,
-                        healed: Instant::now(),
-                    });
-                    injected?;
-                }
+        std::thread::spawn(move || -> anyhow::Result<(Vec<Window>, Backend, Tracker)> {
+            let mut windows = Vec::new();
+            for &fault in &plan.faults {
                 std::thread::sleep(plan.steady);
-                stop.store(true, Ordering::Relaxed);
-                Ok((windows, redis, tracker))
-            },
-        )
+                if plan.progress {
+                    eprintln!("fault: {}", fault.name());
+                }
+                let start = Instant::now();
+                let injected = inject(fault, &plan, &mut backend, &mut tracker);
+                windows.push(Window {
+                    fault,
+                    start,
+                    healed: Instant::now(),
+                    moved: injected.as_ref().ok().copied().flatten(),
+                });
+                injected?;
+            }
+            std::thread::sleep(plan.steady);
+            stop.store(true, Ordering::Relaxed);
+            Ok((windows, backend, tracker))
+        })
     };
     let driven = tokio::task::spawn_blocking(move || driver.join()).await?;
     stop.store(true, Ordering::Relaxed);
@@ -665,7 +912,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<SuiteReport> {
         calls.extend(c.await?);
     }
     let _ = checker.join();
-    let (windows, redis, tracker) =
+    let (windows, backend, tracker) =
         driven.map_err(|_| anyhow::anyhow!("the fault driver panicked"))??;
     let elapsed = started.elapsed();
     if plan.progress {
@@ -676,6 +923,13 @@ pub async fn run(plan: Plan) -> anyhow::Result<SuiteReport> {
     }
 
     let mut report = SuiteReport {
+        topology: match plan.topology {
+            Topology::Standalone => "standalone".into(),
+            Topology::Cluster {
+                primaries,
+                replicas,
+            } => format!("cluster {primaries}+{replicas}"),
+        },
         elapsed_s: elapsed.as_secs_f64(),
         redis_timeout_ms: plan.redis_timeout.as_millis() as u64,
         states_checked: states.load(Ordering::Relaxed),
@@ -738,7 +992,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<SuiteReport> {
         && report.unsettled.is_empty()
         && report.mismatches.is_empty()
         && report.cap_violations.is_empty();
-    drop((redis, tracker));
+    drop((backend, tracker));
     Ok(report)
 }
 
@@ -758,6 +1012,7 @@ fn count(calls: &[Call], report: &mut SuiteReport, windows: &[Window]) {
             fault: w.fault.name().to_string(),
             window_ms: ms(w.healed - w.start) as u64,
             recovery_ms: recovered.map(|t| ms(t - w.healed)),
+            moved_entitlements: w.moved,
             ..FaultResult::default()
         };
         for c in calls
@@ -777,9 +1032,13 @@ pub fn markdown(r: &SuiteReport) -> String {
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for f in &r.faults {
+        let name = match f.moved_entitlements {
+            Some(n) => format!("{} ({n} of the entitlements moved)", f.fault),
+            None => f.fault.clone(),
+        };
         s += &format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} |\n",
-            f.fault,
+            name,
             f.window_ms,
             f.answers.calls,
             f.answers.acknowledged,
@@ -793,8 +1052,9 @@ pub fn markdown(r: &SuiteReport) -> String {
         );
     }
     s += &format!(
-        "\nWhole run: {:.1} s, {} calls, {} acknowledged, {} answered 503 and {} 504 (slowest \
+        "\nWhole run on {}: {:.1} s, {} calls, {} acknowledged, {} answered 503 and {} 504 (slowest \
          {:.0} and {:.0} ms, store timeout {} ms), {} without answer, {} other errors.\n",
+        r.topology,
         r.elapsed_s,
         r.answers.calls,
         r.answers.acknowledged,

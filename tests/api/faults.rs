@@ -447,7 +447,7 @@ async fn corrupt_state_answers_500_once_and_is_reported() {
 
 #[actix_rt::test]
 async fn every_fault_under_load_keeps_the_ledger_and_the_caps() {
-    use headroom_load::faults::{self, Fault, Plan};
+    use headroom_load::faults::{self, Fault, Plan, Topology};
     let timeout = Duration::from_millis(500);
     let plan = Plan {
         bin: env!("CARGO_BIN_EXE_headroom").into(),
@@ -457,6 +457,7 @@ async fn every_fault_under_load_keeps_the_ledger_and_the_caps() {
         steady: Duration::from_millis(800),
         outage: Duration::from_millis(1200),
         faults: Fault::ALL.to_vec(),
+        topology: Topology::Standalone,
         progress: false,
     };
     let report = faults::run(plan).await.expect("the suite runs");
@@ -482,4 +483,49 @@ async fn every_fault_under_load_keeps_the_ledger_and_the_caps() {
         slowest < (timeout + Duration::from_millis(1000)).as_secs_f64() * 1000.0,
         "a 503/504 took {slowest:.0} ms: {table}"
     );
+}
+
+/// The same suite on a Redis Cluster of 3 primaries with a replica each,
+/// the tracker waiting for a replica to acknowledge every write: slots
+/// moved between primaries under the load (`redis-cli --cluster reshard`),
+/// a primary killed (its replica takes over; it comes back as a replica),
+/// stopped, paused, put to sleep and filled to `maxmemory`. Nothing
+/// acknowledged is lost, no cap is passed, every answer is a decision or a
+/// 503/504, and each fault heals by itself.
+#[actix_rt::test]
+async fn every_fault_on_a_cluster_with_replicas_keeps_the_ledger_and_the_caps() {
+    use headroom_load::faults::{self, Fault, Plan, Topology};
+    let plan = Plan {
+        bin: env!("CARGO_BIN_EXE_headroom").into(),
+        entitlements: 24,
+        connections: 6,
+        redis_timeout: Duration::from_millis(500),
+        steady: Duration::from_millis(800),
+        outage: Duration::from_millis(1200),
+        faults: Fault::CLUSTER.to_vec(),
+        topology: Topology::Cluster {
+            primaries: 3,
+            replicas: 1,
+        },
+        progress: false,
+    };
+    let report = faults::run(plan).await.expect("the suite runs");
+    let table = faults::markdown(&report);
+    println!("{table}");
+    assert!(report.ok, "{table}");
+    assert_eq!(report.answers.other_errors, 0, "never a 500: {table}");
+    for f in &report.faults {
+        assert!(f.answers.calls > 0, "load ran during {}: {table}", f.fault);
+        assert!(
+            f.recovery_ms.is_some(),
+            "recovered by itself after {}: {table}",
+            f.fault
+        );
+    }
+    let moved = report
+        .faults
+        .iter()
+        .find_map(|f| f.moved_entitlements)
+        .expect("a resharding");
+    assert!(moved > 0, "the resharding moved entitlements: {table}");
 }

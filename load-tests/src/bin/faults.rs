@@ -4,13 +4,14 @@
 //!
 //! ```sh
 //! cargo run --release -p headroom-load --bin faults
+//! cargo run --release -p headroom-load --bin faults -- --cluster-primaries 3
 //! ```
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use headroom_load::faults::{self, Fault, Plan};
+use headroom_load::faults::{self, Fault, Plan, Topology};
 
 #[derive(Parser, Debug)]
 #[command(about = "Inject every fault under load and check the ledger")]
@@ -28,9 +29,18 @@ struct Args {
     /// How long each fault lasts.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     outage: Duration,
-    /// Faults to inject, in order (default: all).
+    /// Faults to inject, in order (default: all; on a cluster, with
+    /// `reshard`).
     #[arg(long, value_enum, value_delimiter = ',')]
     faults: Vec<Fault>,
+    /// Run on a private Redis Cluster of this many primaries (0: one
+    /// standalone Redis).
+    #[arg(long, default_value_t = 0)]
+    cluster_primaries: usize,
+    /// Replicas per primary on the cluster; the tracker waits for them
+    /// (`HEADROOM_REDIS_WAIT_REPLICAS`).
+    #[arg(long, default_value_t = 1)]
+    cluster_replicas: usize,
     /// Skip `cargo build --release` (when the binaries are fresh).
     #[arg(long)]
     no_build: bool,
@@ -41,6 +51,13 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = headroom_load::release_dir(args.no_build, &["-p", "headroom", "--bin", "headroom"])?;
+    let topology = match args.cluster_primaries {
+        0 => Topology::Standalone,
+        primaries => Topology::Cluster {
+            primaries,
+            replicas: args.cluster_replicas,
+        },
+    };
     let plan = Plan {
         bin: dir.join("headroom"),
         entitlements: args.entitlements,
@@ -48,11 +65,12 @@ fn main() -> anyhow::Result<()> {
         redis_timeout: args.redis_timeout,
         steady: args.steady,
         outage: args.outage,
-        faults: if args.faults.is_empty() {
-            Fault::ALL.to_vec()
-        } else {
-            args.faults.clone()
+        faults: match (args.faults.is_empty(), topology) {
+            (false, _) => args.faults.clone(),
+            (true, Topology::Standalone) => Fault::ALL.to_vec(),
+            (true, Topology::Cluster { .. }) => Fault::CLUSTER.to_vec(),
         },
+        topology,
         progress: true,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -415,6 +415,80 @@ impl RedisCluster {
         }
     }
 
+    /// What a live node says of every node (`CLUSTER NODES`).
+    pub fn topology(&self) -> Vec<ClusterNode> {
+        for n in self.nodes.iter().filter(|n| n.ping()) {
+            let nodes: redis::RedisResult<String> =
+                redis::cmd("CLUSTER").arg("NODES").query(&mut n.conn());
+            if let Ok(text) = nodes {
+                return text.lines().filter_map(ClusterNode::parse).collect();
+            }
+        }
+        Vec::new()
+    }
+
+    /// The index in `nodes` of a live primary that serves slots, the one
+    /// serving most.
+    pub fn serving_primary(&self) -> Option<usize> {
+        let top = self.topology();
+        let best = top
+            .iter()
+            .filter(|n| n.primary && !n.failed && !n.slots.is_empty())
+            .max_by_key(|n| n.slot_count())?;
+        self.nodes.iter().position(|n| n.port == best.port)
+    }
+
+    /// The port of the node serving `slot`.
+    pub fn owner_of(top: &[ClusterNode], slot: u16) -> Option<u16> {
+        top.iter()
+            .filter(|n| n.primary && !n.failed)
+            .find(|n| n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .map(|n| n.port)
+    }
+
+    /// Moves `slots` slots (with their keys) from the primary on port
+    /// `from` to the one on `to` with `redis-cli --cluster reshard`.
+    pub fn reshard(&self, from: u16, to: u16, slots: usize) -> anyhow::Result<()> {
+        let top = self.topology();
+        let id = |port: u16| {
+            top.iter()
+                .find(|n| n.port == port)
+                .map(|n| n.id.clone())
+                .ok_or_else(|| anyhow::anyhow!("no node on port {port}"))
+        };
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &id(from)?, "--cluster-to", &id(to)?])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "redis-cli --cluster reshard: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Waits until the slots of the node on `port` (stopped) are served by
+    /// another node: its replica took over.
+    pub fn wait_for_failover_of(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let top = self.topology();
+            let served: usize = top
+                .iter()
+                .filter(|n| n.primary && !n.failed && n.port != port)
+                .map(ClusterNode::slot_count)
+                .sum();
+            if served == 16384 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no replica took over");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The seed nodes, comma-separated, as `HEADROOM_REDIS_CLUSTER` takes them.
     pub fn seeds(&self) -> String {
         self.urls().join(",")
@@ -457,5 +531,47 @@ impl RedisCluster {
             .into_iter()
             .map(|(_, ty, ent, ev)| (ty, ent, ev))
             .collect()
+    }
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Clone, Debug)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub primary: bool,
+    /// Flagged `fail` (or `fail?`) by the node asked.
+    pub failed: bool,
+    /// Slot ranges it serves, inclusive.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl ClusterNode {
+    fn parse(line: &str) -> Option<ClusterNode> {
+        let mut f = line.split_whitespace();
+        let id = f.next()?.to_string();
+        // ip:port@bus[,hostname]
+        let addr = f.next()?;
+        let port = addr.split('@').next()?.rsplit_once(':')?.1.parse().ok()?;
+        let flags = f.next()?;
+        let slots = f
+            .skip(5)
+            .filter(|s| !s.starts_with('['))
+            .filter_map(|s| match s.split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => s.parse().ok().map(|a| (a, a)),
+            })
+            .collect();
+        Some(ClusterNode {
+            id,
+            port,
+            primary: flags.split(',').any(|f| f == "master"),
+            failed: flags.split(',').any(|f| f == "fail" || f == "fail?"),
+            slots,
+        })
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots.iter().map(|(a, b)| usize::from(b - a) + 1).sum()
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::SingleNodeRoutingInfo;
 
 use super::{CommitterCore, GRACE};
 use crate::store::StoreError;
@@ -205,7 +206,9 @@ impl CommitterCore {
     }
 
     /// The calls `todo` on a cluster, each to the node of its slot, all at
-    /// once; a write is followed by `WAIT` on its node.
+    /// once; a write is followed by `WAIT` on its node. A call redirected
+    /// (its slot is being moved, `ASK`, or was, `MOVED`) is sent to the node
+    /// named at once, without waiting for the slot map to be read again.
     async fn send_each(
         &self,
         conn: &ClusterConnection,
@@ -216,31 +219,72 @@ impl CommitterCore {
         let sends = todo.iter().map(|&i| {
             let mut conn = conn.clone();
             let call = &calls[i];
-            let wait = self.wait_cmd(wait_by).filter(|_| call.write);
             async move {
-                self.round_trips.fetch_add(1, Ordering::Relaxed);
-                match wait {
-                    None => call
-                        .cmd
-                        .query_async::<Value>(&mut conn)
-                        .await
-                        .map_err(CallError::Redis),
-                    Some(w) => {
-                        let mut pipe = redis::pipe();
-                        pipe.add_command(call.cmd.clone()).add_command(w);
-                        let (reply, wait): (Value, Value) = pipe
-                            .query_async(&mut conn)
-                            .await
-                            .map_err(CallError::Redis)?;
-                        self.replicated(Ok(wait))?;
-                        Ok(reply)
-                    }
+                let wait = || self.wait_cmd(wait_by).filter(|_| call.write);
+                let first = self.send_one(&mut conn, call, wait(), None).await;
+                match &first {
+                    Err(CallError::Redis(e)) => match redirect(e) {
+                        Some(to) => self.send_one(&mut conn, call, wait(), Some(to)).await,
+                        None => first,
+                    },
+                    _ => first,
                 }
             }
         });
         tokio::time::timeout_at(until.into(), futures_util::future::join_all(sends))
             .await
             .map_err(|_| self.timeout("pipeline"))
+    }
+
+    /// One call (and its `WAIT`) to the node of its slot, or to the node a
+    /// redirect named (after `ASKING`, for an `ASK`).
+    async fn send_one(
+        &self,
+        conn: &mut ClusterConnection,
+        call: &Call,
+        wait: Option<redis::Cmd>,
+        redirected: Option<Redirect>,
+    ) -> CallResult {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        // Each reply on its own, its error with its code (a refusal such
+        // as `OOM` is known not to have run).
+        pipe.ignore_errors();
+        let asking = matches!(redirected, Some(Redirect { asking: true, .. }));
+        if asking {
+            pipe.cmd("ASKING");
+        }
+        pipe.add_command(call.cmd.clone());
+        let waits = wait.is_some();
+        if let Some(w) = wait {
+            pipe.add_command(w);
+        }
+        let replies = match redirected {
+            Some(Redirect { to, .. }) => {
+                let skip = usize::from(asking);
+                conn.route_pipeline(pipe, skip, 1 + usize::from(waits), to)
+                    .await
+            }
+            None if !waits => {
+                return call
+                    .cmd
+                    .query_async::<Value>(conn)
+                    .await
+                    .map_err(CallError::Redis);
+            }
+            None => pipe.query_async::<Vec<Value>>(conn).await,
+        }
+        .map_err(CallError::Redis)?;
+        let mut replies = replies.into_iter();
+        let reply = replies
+            .next()
+            .ok_or_else(|| CallError::Redis(unsent()))?
+            .extract_error()
+            .map_err(CallError::Redis)?;
+        if let Some(w) = replies.next() {
+            self.replicated(w.extract_error())?;
+        }
+        Ok(reply)
     }
 
     /// Loads the scripts (on a cluster, on every node).
@@ -260,6 +304,31 @@ impl CommitterCore {
             .await
             .map_err(|_| self.timeout("script load"))?
     }
+}
+
+/// Where a redirect sends a call.
+struct Redirect {
+    to: SingleNodeRoutingInfo,
+    /// `ASK`: the slot is being moved there; `ASKING` goes first.
+    asking: bool,
+}
+
+/// The node a `MOVED` or `ASK` names (`<slot> <host>:<port>`).
+fn redirect(e: &redis::RedisError) -> Option<Redirect> {
+    let asking = match e.code()? {
+        "ASK" => true,
+        "MOVED" => false,
+        _ => return None,
+    };
+    let (addr, _slot) = e.redirect_node()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    Some(Redirect {
+        to: SingleNodeRoutingInfo::ByAddress {
+            host: host.to_string(),
+            port: port.parse().ok()?,
+        },
+        asking,
+    })
 }
 
 /// A call that was never sent (it cannot happen: every call is answered).
