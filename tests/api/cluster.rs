@@ -24,7 +24,7 @@ use crate::webhooks::{Receiver, check_signed, fast_settings, register, traffic};
 static SHARED: Mutex<Weak<RedisCluster>> = Mutex::new(Weak::new());
 
 /// The 3-primary cluster the running tests share (started if none runs).
-fn cluster() -> Arc<RedisCluster> {
+pub(crate) fn cluster() -> Arc<RedisCluster> {
     let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(c) = shared.upgrade() {
         return c;

@@ -220,3 +220,139 @@ async fn the_readme_webhook_receiver_verifies_deliveries() {
         ]
     );
 }
+
+/// A Python with the `redis` package: `HEADROOM_TEST_PYTHON`, or the
+/// virtual environment `.ci/run` makes (`.ci/venv`).
+fn python_with_redis() -> String {
+    let python = std::env::var("HEADROOM_TEST_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.ci/venv/bin/python", env!("CARGO_MANIFEST_DIR")));
+    let has = Command::new(&python)
+        .args(["-c", "import redis"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has,
+        "{python} with the `redis` package is needed: run .ci/run once (it makes .ci/venv), \
+         or set HEADROOM_TEST_PYTHON to a Python that has it"
+    );
+    python
+}
+
+/// Runs the guide's consumer with `--drain` and `env`: its output lines.
+fn run_consumer(env: &[(&str, &str)]) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("consumer.py");
+    std::fs::write(&script, block("docs/redis.md", "consumer", "python")).expect("write");
+    let out = Command::new(python_with_redis())
+        .arg(&script)
+        .arg("--drain")
+        .envs(env.iter().copied())
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "consumer.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Traffic over 30 entitlements through `tracker`, so that the events
+/// fall in many buckets.
+async fn events_in_many_buckets(tracker: &TrackerProcess) {
+    for n in 0..30 {
+        let path = format!("/v1/entitlements/c-{n}");
+        let body = r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#;
+        let (status, _) = tracker
+            .send(reqwest::Method::PUT, &path, Some(ADMIN), Some(body))
+            .await;
+        assert_eq!(status, 201);
+        for seat in ["a", "b", "c"] {
+            let path = format!("/v1/entitlements/c-{n}/seats/{seat}");
+            tracker
+                .send(reqwest::Method::POST, &path, Some(CLIENT), None)
+                .await;
+        }
+    }
+}
+
+/// What the consumer should print for `events`: each event once.
+fn expected_lines(events: Vec<(String, String, serde_json::Value)>) -> Vec<String> {
+    let mut want: Vec<String> = events
+        .into_iter()
+        .map(|(ty, ent, ev)| format!("{ty} {ent} {}", ev["id"].as_str().expect("id")))
+        .collect();
+    want.sort();
+    want
+}
+
+/// The guide's Python consumer reads every bucket's stream of a standalone
+/// Redis: every event once, also those it was given before and did not
+/// acknowledge; a second run of the same group prints nothing (all
+/// acknowledged); another group gets them all again.
+#[actix_rt::test]
+async fn the_python_consumer_reads_every_buckets_stream() {
+    let redis = RedisServer::start();
+    let tracker = TrackerProcess::start(&redis.url(), "pyc").await;
+    events_in_many_buckets(&tracker).await;
+    let want = expected_lines(redis.events("pyc"));
+    assert!(want.len() >= 30 * 4, "{} events", want.len());
+    // The consumer was given two events of one stream and stopped before
+    // acknowledging them: it is given them again.
+    let mut conn = redis.conn();
+    let keys = keys("pyc");
+    let c0 = headroom::domain::EntitlementId::parse("c-0").expect("id");
+    let stream = keys.events(keys.bucket_of(&c0));
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", &stream, "billing", "0", "MKSTREAM"])
+        .query(&mut conn)
+        .expect("XGROUP");
+    let given: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "billing",
+            "billing-1",
+            "COUNT",
+            "2",
+            "STREAMS",
+            &stream,
+            ">",
+        ])
+        .query(&mut conn)
+        .expect("XREADGROUP");
+    assert_ne!(given, redis::Value::Nil, "c-0's bucket has events");
+    let url = redis.url();
+    let env = [
+        ("HEADROOM_REDIS_URL", url.as_str()),
+        ("HEADROOM_REDIS_PREFIX", "pyc"),
+    ];
+    assert_eq!(run_consumer(&env), want);
+    assert_eq!(run_consumer(&env), Vec::<String>::new(), "acknowledged");
+    let other = [&env[..], &[("GROUP", "audit")]].concat();
+    assert_eq!(run_consumer(&other), want, "another group");
+}
+
+/// The same consumer on a 3-primary Redis Cluster, from its seed nodes.
+#[actix_rt::test]
+async fn the_python_consumer_reads_every_buckets_stream_on_a_cluster() {
+    let c = crate::cluster::cluster();
+    let seeds = c.seeds();
+    let tracker = TrackerProcess::spawn_env(&[
+        ("HEADROOM_REDIS_CLUSTER", &seeds),
+        ("HEADROOM_REDIS_PREFIX", "pyc"),
+    ]);
+    events_in_many_buckets(&tracker).await;
+    let want = expected_lines(c.events("pyc"));
+    assert!(want.len() >= 30 * 4, "{} events", want.len());
+    let env = [
+        ("HEADROOM_REDIS_CLUSTER", seeds.as_str()),
+        ("HEADROOM_REDIS_PREFIX", "pyc"),
+    ];
+    assert_eq!(run_consumer(&env), want);
+    assert_eq!(run_consumer(&env), Vec::<String>::new(), "acknowledged");
+}

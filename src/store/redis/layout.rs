@@ -1,5 +1,6 @@
 //! The key layout recorded in Redis (`{prefix}:meta`): the bucket count the
-//! data under a prefix was written with. The first process to reach an
+//! data under a prefix was written with, and the names of the buckets'
+//! event streams (a JSON array, for consumers of the events). The first process to reach an
 //! empty prefix records its own; every later connection checks it, and a
 //! process with another bucket count, or data in the layout before buckets,
 //! is refused rather than mixed in.
@@ -7,7 +8,7 @@
 use redis::aio::ConnectionLike;
 
 use super::keys::{Keys, LAYOUT_VERSION};
-use crate::store::StoreError;
+use crate::store::{Cause, StoreError};
 
 /// Records or checks the layout of `keys` through `conn`. Each command
 /// names one key, so that it also runs on a Redis Cluster.
@@ -42,6 +43,19 @@ pub(super) async fn check(conn: &mut impl ConnectionLike, keys: &Keys) -> Result
             .arg(keys.meta())
             .arg("layout")
             .arg(LAYOUT_VERSION)
+            .ignore();
+        // For consumers of the events: the buckets' streams, by name.
+        let streams = serde_json::to_string(&keys.all_events()).map_err(|e| {
+            StoreError::not_sent(
+                op,
+                "encoding the stream names failed",
+                Some(Cause::Json(e.into())),
+            )
+        })?;
+        pipe.cmd("HSETNX")
+            .arg(keys.meta())
+            .arg("streams")
+            .arg(streams)
             .ignore();
         let _: () = pipe
             .query_async(&mut *conn)
