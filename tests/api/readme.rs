@@ -356,3 +356,88 @@ async fn the_python_consumer_reads_every_buckets_stream_on_a_cluster() {
     assert_eq!(run_consumer(&env), want);
     assert_eq!(run_consumer(&env), Vec::<String>::new(), "acknowledged");
 }
+
+/// `BASE`: six free ports from it on, their bus ports too, below 55535.
+fn six_free_ports() -> u16 {
+    loop {
+        let base = headroom_test_support::free_cluster_port();
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if (base..base + 6).all(|p| p < 45_535 && free(p) && free(p + 10_000)) {
+            return base;
+        }
+    }
+}
+
+/// Runs the guide's cluster-stop block when dropped, so that the daemons
+/// the guide starts do not outlive a failed test.
+struct StopCluster<'a>(&'a [(&'a str, &'a str)]);
+
+impl Drop for StopCluster<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .args(["-c", &block("docs/redis.md", "cluster-stop", "sh")])
+            .envs(self.0.iter().copied())
+            .output();
+    }
+}
+
+/// The guide's cluster how-to, on free ports: its first block starts a
+/// 3+3 cluster, the tracker binary runs with the settings of the second
+/// (the ports moved), takes calls, and the third block stops the cluster
+/// and removes its data.
+#[actix_rt::test]
+async fn the_cluster_how_to_works_verbatim_on_free_ports() {
+    let base = six_free_ports();
+    let data = tempfile::tempdir().expect("tempdir");
+    let (base_s, data_s) = (base.to_string(), data.path().join("hr-cluster"));
+    let env = [
+        ("BASE", base_s.as_str()),
+        ("DATA", data_s.to_str().expect("utf-8")),
+    ];
+    let stop = StopCluster(&env);
+    let lines = run_block(&block("docs/redis.md", "cluster-start", "sh"), &env);
+    assert_eq!(lines, ["cluster_state:ok"]);
+
+    // The second block's settings, its ports moved to ours.
+    let run = block("docs/redis.md", "cluster-run", "sh").replace("\\\n", " ");
+    let mut settings: Vec<(String, String)> = Vec::new();
+    for word in run.split_whitespace().take_while(|w| *w != "cargo") {
+        let (k, v) = word.split_once('=').expect("NAME=value");
+        let mut v = v.to_string();
+        for i in 0..6u16 {
+            v = v.replace(&format!(":{}", 7001 + i), &format!(":{}", base + i));
+        }
+        settings.push((k.to_string(), v));
+    }
+    assert!(run.contains("cargo run --release"), "{run}");
+    let settings: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let tracker = TrackerProcess::spawn_env(&settings);
+    let (status, body) = tracker
+        .send(
+            reqwest::Method::PUT,
+            "/v1/entitlements/acme",
+            Some(ADMIN),
+            Some(r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    for (seat, want) in [("a", 200), ("b", 200), ("c", 429)] {
+        let path = format!("/v1/entitlements/acme/seats/{seat}");
+        let (status, _) = tracker
+            .send(reqwest::Method::POST, &path, Some(CLIENT), None)
+            .await;
+        assert_eq!(status, want, "seat {seat}");
+    }
+    drop(tracker);
+    drop(stop);
+    assert!(!data_s.exists(), "the stop block removes the data");
+    for p in base..base + 6 {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", p)).is_err(),
+            "node {p} stopped"
+        );
+    }
+}

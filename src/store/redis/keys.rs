@@ -36,7 +36,8 @@
 //! - `{prefix}:{<tag>}:report:denied`: sorted set of ids by their last
 //!   denial (ms).
 //!
-//! The layout: `{prefix}:meta`, hash, `buckets` (B) and `layout`.
+//! The layout: `{prefix}:meta`, hash, `buckets` (B), `layout` and `streams`
+//! (the buckets' stream names, JSON).
 //!
 //! Webhooks, all in one slot (tag `webhooks`):
 //! - `{prefix}:{webhooks}`: hash, endpoint id → registration (with its
