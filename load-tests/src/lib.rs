@@ -713,3 +713,42 @@ pub fn release_dir(skip: bool, args: &[&str]) -> anyhow::Result<std::path::PathB
     }
     Ok(dir)
 }
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start past ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // Linux reports in clock ticks; 100 per second on every supported platform here.
+    ticks / 100.0
+}
+
+/// Commands Redis executed since the last `CONFIG RESETSTAT`, scripts'
+/// inner commands included, bookkeeping (INFO, CONFIG, CLIENT) excluded.
+pub fn redis_commands(redis: &headroom_test_support::RedisServer) -> anyhow::Result<u64> {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())?;
+    Ok(stats
+        .lines()
+        .filter(|l| {
+            l.starts_with("cmdstat_")
+                && !l.starts_with("cmdstat_info")
+                && !l.starts_with("cmdstat_config")
+                && !l.starts_with("cmdstat_client")
+        })
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum())
+}

@@ -16,7 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use headroom_load::{Conn, Report, Scenario, Spec, check_ledger, read_used, run, setup};
+use headroom_load::{
+    Conn, Report, Scenario, Spec, check_ledger, cpu_seconds, read_used, redis_commands, run, setup,
+};
 use headroom_test_support::RedisServer;
 use serde::Serialize;
 
@@ -46,20 +48,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start past ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    // Linux reports in clock ticks; 100 per second on every supported platform here.
-    ticks / 100.0
-}
-
 struct Proc {
     child: Child,
     name: String,
@@ -77,31 +65,6 @@ impl Drop for Proc {
         let _ = self.child.wait();
         eprintln!("stopped {}", self.name);
     }
-}
-
-/// Commands Redis executed since the last `CONFIG RESETSTAT`, scripts'
-/// inner commands included, bookkeeping (INFO, CONFIG, CLIENT) excluded.
-fn redis_commands(redis: &RedisServer) -> anyhow::Result<u64> {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.conn())?;
-    Ok(stats
-        .lines()
-        .filter(|l| {
-            l.starts_with("cmdstat_")
-                && !l.starts_with("cmdstat_info")
-                && !l.starts_with("cmdstat_config")
-                && !l.starts_with("cmdstat_client")
-        })
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum())
 }
 
 fn bin(dir: &Path, name: &str) -> PathBuf {
