@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use headroom::engine::EngineSettings;
-use headroom::flags::Seeds;
-use headroom::store::{RedisStore, Store, StoreSettings};
+use headroom::store::RedisStore;
 use headroom::webhooks::{Dispatcher, Webhooks};
 use headroom_test_support::RedisCluster;
 use reqwest::Method;
@@ -34,20 +32,38 @@ pub(crate) fn cluster() -> Arc<RedisCluster> {
     c
 }
 
-fn settings(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
-    StoreSettings {
-        redis_cluster: Some(Seeds(cluster.urls())),
-        redis_prefix: prefix.to_string(),
-        redis_timeout: Duration::from_secs(2),
-        ..StoreSettings::default()
+/// The shared cluster, for the scenarios of module `namespace`.
+fn on(namespace: &'static str) -> OnCluster {
+    OnCluster {
+        cluster: cluster(),
+        namespace,
     }
 }
 
-fn cluster_store(cluster: &RedisCluster, prefix: &str) -> Arc<dyn Store> {
-    let s = settings(cluster, prefix);
-    let (link, urls) = RedisStore::link(&s).expect("link").expect("a cluster");
-    let window = EngineSettings::default().idempotency_window;
-    Arc::new(RedisStore::on(link, &urls, &s, window))
+/// Every usage scenario of `usage.rs`, one after the other.
+#[actix_rt::test]
+async fn the_usage_scenarios_hold_on_a_cluster() {
+    use crate::usage::*;
+    let r = on("usage");
+    a_thousand_concurrent_usage_calls_never_pass_the_cap_on(&r).await;
+    idempotent_retry_returns_the_first_decision_and_conflicts_are_409_on(&r).await;
+    thresholds_jumped_over_in_one_call_each_emit_once_in_order_on(&r).await;
+    period_rollover_with_an_injected_clock_on(&r).await;
+    leases_expire_on_the_next_call_and_by_the_sweep_on(&r).await;
+    a_limit_lowered_below_current_use_keeps_seats_and_emits_at_once_on(&r).await;
+    delete_removes_the_entitlement_and_its_state_on(&r).await;
+    concurrent_retries_of_keys_used_before_a_restart_all_replay_on(&r).await;
+}
+
+/// The report, history and billing-record scenarios of `reports.rs`, and
+/// the restart of `seats.rs`.
+#[actix_rt::test]
+async fn the_evidence_scenarios_hold_on_a_cluster() {
+    let r = on("evidence");
+    crate::reports::the_report_lists_exactly_the_entitlements_in_overdraft_on(&r).await;
+    crate::reports::history_of_a_scripted_day_on(&r).await;
+    crate::reports::a_closed_period_is_a_billing_record_on(&r).await;
+    crate::seats::state_survives_a_restart_of_the_app_on_the_same_redis_on(&r).await;
 }
 
 #[actix_rt::test]
@@ -135,7 +151,7 @@ async fn reports_and_gauges_merge_the_buckets_of_every_node() {
 #[actix_rt::test]
 async fn webhooks_deliver_from_every_buckets_stream_on_a_cluster() {
     let c = cluster();
-    let s = settings(&c, "whc");
+    let s = cluster_settings(&c, "whc");
     let store = cluster_store(&c, "whc");
     let (link, _) = RedisStore::link(&s).expect("link").expect("a cluster");
     let hooks = Webhooks::on(link, keys("whc"), Duration::from_secs(2));

@@ -14,12 +14,83 @@ use serde_json::Value;
 pub const ADMIN: &str = "test-admin-token";
 pub const CLIENT: &str = "test-client-token";
 
-pub use headroom_test_support::{RedisServer, free_port};
+pub use headroom_test_support::{RedisCluster, RedisServer, free_port};
 
 /// The Redis key names the tests' stores write under `prefix` (the default
 /// bucket count).
 pub fn keys(prefix: &str) -> headroom::store::Keys {
     headroom::store::Keys::new(prefix, headroom::store::DEFAULT_BUCKETS)
+}
+
+/// A Redis the scenarios run on: a standalone server of the test's own, or
+/// the cluster the tests share (each scenario under a prefix of its own).
+pub trait TestRedis: Sync {
+    /// The Redis prefix a scenario's `name` runs under.
+    fn prefix(&self, name: &str) -> String;
+    /// A store under the scenario's prefix.
+    fn store(&self, name: &str) -> Arc<dyn Store>;
+    /// Every event of the scenario's buckets' streams, in order of addition.
+    fn stream(&self, name: &str) -> Vec<(String, String, Value)>;
+    /// A connection to read keys with (following the slots on a cluster).
+    fn connection(&self) -> Box<dyn redis::ConnectionLike>;
+    /// The key names of the scenario's prefix.
+    fn keys(&self, name: &str) -> headroom::store::Keys {
+        keys(&self.prefix(name))
+    }
+}
+
+impl TestRedis for RedisServer {
+    fn prefix(&self, name: &str) -> String {
+        name.to_string()
+    }
+    fn store(&self, name: &str) -> Arc<dyn Store> {
+        redis_store(self, name)
+    }
+    fn stream(&self, name: &str) -> Vec<(String, String, Value)> {
+        self.events(name)
+    }
+    fn connection(&self) -> Box<dyn redis::ConnectionLike> {
+        Box::new(self.conn())
+    }
+}
+
+/// The shared cluster, the scenarios' prefixes under `namespace` (so that
+/// scenarios of several modules never meet).
+pub struct OnCluster {
+    pub cluster: Arc<RedisCluster>,
+    pub namespace: &'static str,
+}
+
+impl TestRedis for OnCluster {
+    fn prefix(&self, name: &str) -> String {
+        format!("{}-{name}", self.namespace)
+    }
+    fn store(&self, name: &str) -> Arc<dyn Store> {
+        cluster_store(&self.cluster, &self.prefix(name))
+    }
+    fn stream(&self, name: &str) -> Vec<(String, String, Value)> {
+        self.cluster.events(&self.prefix(name))
+    }
+    fn connection(&self) -> Box<dyn redis::ConnectionLike> {
+        Box::new(self.cluster.conn())
+    }
+}
+
+/// Store settings for `prefix` on `cluster`.
+pub fn cluster_settings(cluster: &RedisCluster, prefix: &str) -> StoreSettings {
+    StoreSettings {
+        redis_cluster: Some(headroom::flags::Seeds(cluster.urls())),
+        redis_prefix: prefix.to_string(),
+        redis_timeout: Duration::from_secs(2),
+        ..StoreSettings::default()
+    }
+}
+
+pub fn cluster_store(cluster: &RedisCluster, prefix: &str) -> Arc<dyn Store> {
+    let s = cluster_settings(cluster, prefix);
+    let (link, urls) = RedisStore::link(&s).expect("link").expect("a cluster");
+    let window = EngineSettings::default().idempotency_window;
+    Arc::new(RedisStore::on(link, &urls, &s, window))
 }
 
 pub fn redis_store(redis: &RedisServer, prefix: &str) -> Arc<dyn Store> {

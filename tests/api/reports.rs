@@ -59,8 +59,13 @@ async fn report_pages(app: &TestApp, query: &str, limit: usize) -> (Vec<String>,
 /// leaves overdraft.
 #[actix_rt::test]
 async fn the_report_lists_exactly_the_entitlements_in_overdraft() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "rep")).await;
+    the_report_lists_exactly_the_entitlements_in_overdraft_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn the_report_lists_exactly_the_entitlements_in_overdraft_on(
+    redis: &impl TestRedis,
+) {
+    let app = TestApp::spawn(redis.store("rep")).await;
     let config = r#"{"seats": {"purchased": 2, "hard_cap": 3},
         "features": {"api": {"included": 10, "hard_cap": 20, "period": "month"}}}"#;
     let mut expected = BTreeSet::new();
@@ -219,10 +224,13 @@ fn yesterday() -> DateTime<Utc> {
 /// carried through quiet hours.
 #[actix_rt::test]
 async fn history_of_a_scripted_day() {
-    let redis = RedisServer::start();
+    history_of_a_scripted_day_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn history_of_a_scripted_day_on(redis: &impl TestRedis) {
     let day = yesterday();
     let clock = manual_clock(&day.to_rfc3339());
-    let app = app_with_clock(redis_store(&redis, "hist"), &clock).await;
+    let app = app_with_clock(redis.store("hist"), &clock).await;
     let at = |h: i64, m: i64| clock.set(day + Duration::hours(h) + Duration::minutes(m));
     at(0, 30);
     app.put(
@@ -360,13 +368,13 @@ async fn history_of_a_scripted_day() {
     assert_eq!(peaks, [4, 4]);
 
     // The buckets are Redis hashes that expire by themselves.
-    let mut c = redis.conn();
-    let key = keys("hist").history(
+    let mut c = redis.connection();
+    let key = redis.keys("hist").history(
         &headroom::domain::EntitlementId::parse("acme").expect("id"),
         headroom::domain::BucketSize::Hour,
         (day + Duration::hours(3)).timestamp_millis(),
     );
-    let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut c).expect("PTTL");
+    let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut *c).expect("PTTL");
     let expected = Duration::days(35) + Duration::hours(4) - (Utc::now() - day);
     assert!(
         (ttl - expected.num_milliseconds()).abs() < 120_000,
@@ -488,10 +496,13 @@ async fn bad_report_and_history_queries_are_refused() {
 /// `usage.period_closed`, with the overage.
 #[actix_rt::test]
 async fn a_closed_period_is_a_billing_record() {
-    let redis = RedisServer::start();
+    a_closed_period_is_a_billing_record_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn a_closed_period_is_a_billing_record_on(redis: &impl TestRedis) {
     let day = yesterday();
     let clock = manual_clock(&(day + Duration::hours(9)).to_rfc3339());
-    let app = app_with_clock(redis_store(&redis, "bill"), &clock).await;
+    let app = app_with_clock(redis.store("bill"), &clock).await;
     app.put(
         "acme",
         r#"{"features": {"gpu": {"included": 10, "hard_cap": 20, "period": "day"},
@@ -569,7 +580,7 @@ async fn a_closed_period_is_a_billing_record() {
         .expect("api period");
     assert_eq!(api["overage"], 0);
 
-    let events = redis.events("bill");
+    let events = redis.stream("bill");
     let closed: Vec<&Value> = events
         .iter()
         .filter(|(kind, _, _)| kind == "usage.period_closed")
@@ -698,7 +709,7 @@ fn history_matches_the_model_on_redis() {
         let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         actix_rt::System::new().block_on(history_matches_the_model(
             ops,
-            redis_store(&redis, &format!("hist{n}")),
+            redis.store(&format!("hist{n}")),
         ))
     });
     if let Err(e) = result {

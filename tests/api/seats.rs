@@ -7,7 +7,7 @@ const SEED: &str = r#"{"seats": {"purchased": 100, "hard_cap": 120}}"#;
 #[actix_rt::test]
 async fn seed_scenario_130_concurrent_activations_on_redis() {
     let redis = RedisServer::start();
-    seed_scenario(redis_store(&redis, "seed"), || redis.events("seed")).await;
+    seed_scenario(redis.store("seed"), || redis.stream("seed")).await;
 }
 
 /// 130 concurrent activations of 100 purchased seats with a hard cap of
@@ -75,8 +75,13 @@ pub async fn seed_scenario(
 
 #[actix_rt::test]
 async fn state_survives_a_restart_of_the_app_on_the_same_redis() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "restart")).await;
+    state_survives_a_restart_of_the_app_on_the_same_redis_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn state_survives_a_restart_of_the_app_on_the_same_redis_on(
+    redis: &impl TestRedis,
+) {
+    let app = TestApp::spawn(redis.store("restart")).await;
     app.put("acme", r#"{"seats": {"purchased": 2, "hard_cap": 3}}"#)
         .await;
     for s in ["a", "b", "c"] {
@@ -84,7 +89,7 @@ async fn state_survives_a_restart_of_the_app_on_the_same_redis() {
     }
     app.stop().await;
 
-    let app = TestApp::spawn(redis_store(&redis, "restart")).await;
+    let app = TestApp::spawn(redis.store("restart")).await;
     let (status, d) = app.activate("acme", "d").await;
     assert_eq!(status, 429, "{d}");
     let (status, d) = app.activate("acme", "a").await;

@@ -8,8 +8,13 @@ use crate::helpers::*;
 
 #[actix_rt::test]
 async fn a_thousand_concurrent_usage_calls_never_pass_the_cap() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "cap")).await;
+    a_thousand_concurrent_usage_calls_never_pass_the_cap_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn a_thousand_concurrent_usage_calls_never_pass_the_cap_on(
+    redis: &impl TestRedis,
+) {
+    let app = TestApp::spawn(redis.store("cap")).await;
     app.put(
         "acme",
         r#"{"features": {"gpu": {"included": 1500, "hard_cap": 2000}}}"#,
@@ -48,7 +53,7 @@ async fn a_thousand_concurrent_usage_calls_never_pass_the_cap() {
     );
     let (_, view) = app.get("acme").await;
     assert_eq!(view["features"]["gpu"]["used"].as_u64(), Some(granted));
-    let events = redis.events("cap");
+    let events = redis.stream("cap");
     assert_eq!(count_kind(&events, "acme", "usage.overdraft_entered"), 1);
     assert_eq!(
         count_kind(&events, "acme", "usage.denied"),
@@ -59,8 +64,14 @@ async fn a_thousand_concurrent_usage_calls_never_pass_the_cap() {
 
 #[actix_rt::test]
 async fn idempotent_retry_returns_the_first_decision_and_conflicts_are_409() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "idem")).await;
+    idempotent_retry_returns_the_first_decision_and_conflicts_are_409_on(&RedisServer::start())
+        .await;
+}
+
+pub(crate) async fn idempotent_retry_returns_the_first_decision_and_conflicts_are_409_on(
+    redis: &impl TestRedis,
+) {
+    let app = TestApp::spawn(redis.store("idem")).await;
     app.put("acme", r#"{"features": {"api": {"included": 10}}}"#)
         .await;
     let body = r#"{"feature": "api", "amount": 4, "idempotency_key": "evt-9"}"#;
@@ -86,7 +97,7 @@ async fn idempotent_retry_returns_the_first_decision_and_conflicts_are_409() {
     app.stop().await;
 
     // A fresh process (nothing cached) still knows the key: the store does.
-    let app = TestApp::spawn(redis_store(&redis, "idem")).await;
+    let app = TestApp::spawn(redis.store("idem")).await;
     let (s4, d4) = app.usage("acme", body).await;
     assert_eq!((s4, &d4), (200, &d1));
     let (_, view) = app.get("acme").await;
@@ -118,8 +129,13 @@ async fn a_denied_call_is_remembered_under_its_key_too() {
 
 #[actix_rt::test]
 async fn thresholds_jumped_over_in_one_call_each_emit_once_in_order() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "thr")).await;
+    thresholds_jumped_over_in_one_call_each_emit_once_in_order_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn thresholds_jumped_over_in_one_call_each_emit_once_in_order_on(
+    redis: &impl TestRedis,
+) {
+    let app = TestApp::spawn(redis.store("thr")).await;
     app.put(
         "acme",
         r#"{"features": {"api": {"included": 1000, "hard_cap": 1200, "thresholds": [50, 80, 100, 110]}}}"#,
@@ -131,7 +147,7 @@ async fn thresholds_jumped_over_in_one_call_each_emit_once_in_order() {
     assert_eq!((s, d["outcome"].as_str()), (200, Some("overdraft")));
     app.usage("acme", r#"{"feature": "api", "amount": 1}"#)
         .await;
-    let events = redis.events("thr");
+    let events = redis.stream("thr");
     let crossed: Vec<u64> = events
         .iter()
         .filter(|(k, _, _)| k == "usage.threshold_crossed")
@@ -144,13 +160,16 @@ async fn thresholds_jumped_over_in_one_call_each_emit_once_in_order() {
 
 #[actix_rt::test]
 async fn period_rollover_with_an_injected_clock() {
-    let redis = RedisServer::start();
+    period_rollover_with_an_injected_clock_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn period_rollover_with_an_injected_clock_on(redis: &impl TestRedis) {
     let clock = manual_clock("2026-01-31T10:00:00Z");
     let opts = AppOptions {
         clock: clock.clone(),
         ..AppOptions::default()
     };
-    let app = TestApp::spawn_with(redis_store(&redis, "roll"), opts).await;
+    let app = TestApp::spawn_with(redis.store("roll"), opts).await;
     app.put(
         "acme",
         r#"{"features": {"api": {"included": 10, "hard_cap": 20, "period": "month", "period_anchor": "2025-10-31T00:00:00Z"}}}"#,
@@ -174,7 +193,7 @@ async fn period_rollover_with_an_injected_clock() {
     assert_eq!(d["period_start"], "2026-02-28T00:00:00Z");
     assert_eq!(d["period_end"], "2026-03-31T00:00:00Z");
 
-    let events = redis.events("roll");
+    let events = redis.stream("roll");
     let closed: Vec<_> = events
         .iter()
         .filter(|(k, _, _)| k == "usage.period_closed")
@@ -195,7 +214,10 @@ async fn period_rollover_with_an_injected_clock() {
 
 #[actix_rt::test]
 async fn leases_expire_on_the_next_call_and_by_the_sweep() {
-    let redis = RedisServer::start();
+    leases_expire_on_the_next_call_and_by_the_sweep_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn leases_expire_on_the_next_call_and_by_the_sweep_on(redis: &impl TestRedis) {
     let clock = manual_clock("2026-11-28T00:00:00Z");
     let opts = AppOptions {
         clock: clock.clone(),
@@ -205,7 +227,7 @@ async fn leases_expire_on_the_next_call_and_by_the_sweep() {
         },
         ..AppOptions::default()
     };
-    let app = TestApp::spawn_with(redis_store(&redis, "lease"), opts).await;
+    let app = TestApp::spawn_with(redis.store("lease"), opts).await;
     app.put(
         "acme",
         r#"{"seats": {"purchased": 1, "hard_cap": 1, "lease_seconds": 60}}"#,
@@ -228,13 +250,13 @@ async fn leases_expire_on_the_next_call_and_by_the_sweep() {
     clock.advance(Duration::seconds(16));
     // The sweep timer expires the lease without any call.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while count_kind(&redis.events("lease"), "acme", "seat.expired") == 0
+    while count_kind(&redis.stream("lease"), "acme", "seat.expired") == 0
         && std::time::Instant::now() < deadline
     {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(
-        count_kind(&redis.events("lease"), "acme", "seat.expired"),
+        count_kind(&redis.stream("lease"), "acme", "seat.expired"),
         1
     );
     assert_eq!(app.activate("acme", "b").await.0, 200);
@@ -279,8 +301,13 @@ async fn disabled_and_expired_entitlements_deny_with_their_reason() {
 
 #[actix_rt::test]
 async fn a_limit_lowered_below_current_use_keeps_seats_and_emits_at_once() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "lower")).await;
+    a_limit_lowered_below_current_use_keeps_seats_and_emits_at_once_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn a_limit_lowered_below_current_use_keeps_seats_and_emits_at_once_on(
+    redis: &impl TestRedis,
+) {
+    let app = TestApp::spawn(redis.store("lower")).await;
     app.put("acme", r#"{"seats": {"purchased": 5}}"#).await;
     for s in ["a", "b", "c", "d"] {
         app.activate("acme", s).await;
@@ -290,7 +317,7 @@ async fn a_limit_lowered_below_current_use_keeps_seats_and_emits_at_once() {
         .await;
     assert_eq!(s, 200);
     assert_eq!(view["seats"]["in_use"], 4, "no seat was evicted");
-    let events = redis.events("lower");
+    let events = redis.stream("lower");
     assert_eq!(count_kind(&events, "acme", "seat.overdraft_entered"), 1);
     assert_eq!(count_kind(&events, "acme", "seat.hard_cap_reached"), 1);
     assert_eq!(
@@ -304,8 +331,11 @@ async fn a_limit_lowered_below_current_use_keeps_seats_and_emits_at_once() {
 
 #[actix_rt::test]
 async fn delete_removes_the_entitlement_and_its_state() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "del")).await;
+    delete_removes_the_entitlement_and_its_state_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn delete_removes_the_entitlement_and_its_state_on(redis: &impl TestRedis) {
+    let app = TestApp::spawn(redis.store("del")).await;
     app.put(
         "acme",
         r#"{"seats": {"purchased": 5}, "features": {"f": {"included": 5}}}"#,
@@ -338,15 +368,15 @@ async fn delete_removes_the_entitlement_and_its_state() {
         .await;
     assert_eq!(s, 404);
     assert_eq!(
-        count_kind(&redis.events("del"), "acme", "entitlement.deleted"),
+        count_kind(&redis.stream("del"), "acme", "entitlement.deleted"),
         1
     );
-    let mut c = redis.conn();
+    let mut c = redis.connection();
     let acme = headroom::domain::EntitlementId::parse("acme").expect("id");
     let exists: u64 = redis::cmd("EXISTS")
-        .arg(keys("del").state(&acme))
-        .arg(keys("del").seats(&acme))
-        .query(&mut c)
+        .arg(redis.keys("del").state(&acme))
+        .arg(redis.keys("del").seats(&acme))
+        .query(&mut *c)
         .unwrap_or(99);
     assert_eq!(exists, 0);
     // Re-created, it starts afresh: the old idempotency key is not in force.
@@ -367,8 +397,13 @@ async fn delete_removes_the_entitlement_and_its_state() {
 /// replayed, none is applied twice.
 #[actix_rt::test]
 async fn concurrent_retries_of_keys_used_before_a_restart_all_replay() {
-    let redis = RedisServer::start();
-    let app = TestApp::spawn(redis_store(&redis, "storm")).await;
+    concurrent_retries_of_keys_used_before_a_restart_all_replay_on(&RedisServer::start()).await;
+}
+
+pub(crate) async fn concurrent_retries_of_keys_used_before_a_restart_all_replay_on(
+    redis: &impl TestRedis,
+) {
+    let app = TestApp::spawn(redis.store("storm")).await;
     app.put("acme", r#"{"features": {"api": {"included": 1000000}}}"#)
         .await;
     let body =
@@ -378,7 +413,7 @@ async fn concurrent_retries_of_keys_used_before_a_restart_all_replay() {
     }
     app.stop().await;
 
-    let app = TestApp::spawn(redis_store(&redis, "storm")).await;
+    let app = TestApp::spawn(redis.store("storm")).await;
     let retries = (0..200).map(|i| {
         let (app, body) = (&app, body(i));
         async move { app.usage("acme", &body).await.0 }
