@@ -10,6 +10,9 @@
 //!
 //! ```sh
 //! cargo run --release -p headroom-load --bin topologies -- --duration 8s --rounds 3
+//! # before and after a change, on the standalone Redis only:
+//! cargo run --release -p headroom-load --bin topologies -- --standalone-only \
+//!     --before ../base/target/release/headroom --rounds 5
 //! ```
 
 use std::net::SocketAddr;
@@ -35,6 +38,17 @@ struct Args {
     entitlements: Vec<usize>,
     #[arg(long, default_value_t = 1.1)]
     zipf: f64,
+    /// Also run this tracker binary (an earlier build) on the standalone
+    /// Redis, alternating with this build: a before and after.
+    #[arg(long)]
+    before: Option<std::path::PathBuf>,
+    /// Also run this build on the standalone Redis with each of these
+    /// bucket counts (`HEADROOM_REDIS_BUCKETS`; the default is 64).
+    #[arg(long, value_delimiter = ',')]
+    buckets: Vec<u32>,
+    /// Only the standalone Redis (no clusters).
+    #[arg(long)]
+    standalone_only: bool,
     /// Skip `cargo build --release` (when the binaries are fresh).
     #[arg(long)]
     no_build: bool,
@@ -108,13 +122,13 @@ struct Run {
 }
 
 async fn measure(
-    bin: &std::path::Path,
-    backend: &Backend,
+    (bin, backend, extra): (&std::path::Path, &Backend, &[(&'static str, String)]),
     args: &Args,
     entitlements: usize,
     prefix: &str,
 ) -> anyhow::Result<Run> {
     let mut env = backend.env();
+    env.extend(extra.iter().cloned());
     env.extend([
         ("HEADROOM_REDIS_PREFIX", prefix.to_string()),
         ("HEADROOM_ADMIN_TOKENS", "bench-admin".into()),
@@ -194,31 +208,49 @@ fn main() -> anyhow::Result<()> {
         }
         c
     };
-    let backends = [
-        Backend::Standalone(RedisServer::start_with(&EVERYSEC)),
-        Backend::Cluster {
+    let mut backends = vec![Backend::Standalone(RedisServer::start_with(&EVERYSEC))];
+    if !args.standalone_only {
+        backends.push(Backend::Cluster {
             cluster: cluster_extra(RedisCluster::start(3, 0)),
             wait: 0,
-        },
-        Backend::Cluster {
+        });
+        backends.push(Backend::Cluster {
             cluster: cluster_extra(RedisCluster::start(3, 1)),
             wait: 1,
-        },
-    ];
+        });
+    }
+    // (name, tracker binary, backend, settings of its own)
+    type Setup<'a> = (
+        String,
+        &'a std::path::Path,
+        &'a Backend,
+        Vec<(&'static str, String)>,
+    );
+    let mut setups: Vec<Setup> = Vec::new();
+    if let Some(before) = &args.before {
+        setups.push(("standalone, before".into(), before, &backends[0], vec![]));
+    }
+    for b in &backends {
+        setups.push((b.name().to_string(), &bin, b, vec![]));
+    }
+    for &buckets in &args.buckets {
+        let name = format!("standalone, {buckets} buckets");
+        let env = vec![("HEADROOM_REDIS_BUCKETS", buckets.to_string())];
+        setups.push((name, &bin, &backends[0], env));
+    }
     let mut runs: Vec<Vec<Vec<Run>>> =
-        vec![vec![Vec::new(); args.entitlements.len()]; backends.len()];
+        vec![vec![Vec::new(); args.entitlements.len()]; setups.len()];
     for round in 0..args.rounds {
         for (e, &n) in args.entitlements.iter().enumerate() {
-            for (b, backend) in backends.iter().enumerate() {
-                let prefix = format!("t{round}e{n}");
-                let r = rt.block_on(measure(&bin, backend, &args, n, &prefix))?;
+            for (s, (name, bin, backend, extra)) in setups.iter().enumerate() {
+                // A prefix per run: the builds may differ in key layout.
+                let prefix = format!("t{round}e{n}s{s}");
+                let r = rt.block_on(measure((bin, backend, extra), &args, n, &prefix))?;
                 eprintln!(
-                    "round {round}, {n} entitlements, {}: {:.0} decisions/s, p99 {:.2} ms",
-                    backend.name(),
-                    r.decisions_per_s,
-                    r.p99_ms
+                    "round {round}, {n} entitlements, {name}: {:.0} decisions/s, p99 {:.2} ms",
+                    r.decisions_per_s, r.p99_ms
                 );
-                runs[b][e].push(r);
+                runs[s][e].push(r);
             }
         }
     }
@@ -226,17 +258,16 @@ fn main() -> anyhow::Result<()> {
         "| Redis | entitlements | decisions/s | p50 ms | p99 ms | server CPU µs/decision | Redis CPU µs/decision (all nodes) | Redis cmds/decision (primaries) |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (b, backend) in backends.iter().enumerate() {
+    for (s, (name, ..)) in setups.iter().enumerate() {
         for (e, &n) in args.entitlements.iter().enumerate() {
-            let rs = &runs[b][e];
+            let rs = &runs[s][e];
             let m = |f: fn(&Run) -> f64| median(rs.iter().map(f).collect());
             let each: Vec<String> = rs
                 .iter()
                 .map(|r| format!("{:.0}", r.decisions_per_s))
                 .collect();
             println!(
-                "| {} | {n} | {:.0} ({}) | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |",
-                backend.name(),
+                "| {name} | {n} | {:.0} ({}) | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |",
                 m(|r| r.decisions_per_s),
                 each.join(" / "),
                 m(|r| r.p50_ms),
