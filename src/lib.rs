@@ -31,7 +31,7 @@
 //!   write is in flight share its next write (`engine/actor/commit.rs`,
 //!   `PendingWrite`); (2) each worker thread's committer sends the writes
 //!   of all its actors as one pipeline with one script call (on a Redis
-//!   Cluster, one call per bucket, all at once) (`store/redis/committer.rs`).
+//!   Cluster, one call per bucket, all at once) (`store/redis/committer/`).
 //! - **Redis keys**: every one is built in `store/redis/keys.rs`, which
 //!   lists them and explains the buckets (hash slots); the scripts
 //!   (`store/redis/lua/`) and the layout of their arguments
@@ -45,6 +45,9 @@
 //! - **Metrics**: described once in `telemetry/catalog.rs` (METRICS.md is
 //!   generated from it); what the actors publish per decision in
 //!   `telemetry/engine.rs`.
+//! - **Several nodes**: [`nodes`]: each node's registration and lease in
+//!   Redis and the live members (`nodes/mod.rs`), who owns an entitlement
+//!   (rendezvous hashing, `nodes/ring.rs`); `GET /v1/cluster` shows them.
 //! - **Webhooks**: registrations and signing in [`webhooks`], the
 //!   dispatcher (stream reader, delivery workers, retry schedule) in
 //!   `webhooks/dispatch/`.
@@ -53,6 +56,7 @@ pub mod domain;
 pub mod engine;
 pub mod flags;
 pub mod http;
+pub mod nodes;
 pub mod settings;
 pub mod startup;
 pub mod store;

@@ -8,6 +8,7 @@ use clap::{ArgAction, Parser};
 
 use crate::engine::EngineSettings;
 use crate::http::HttpSettings;
+use crate::nodes::NodeSettings;
 use crate::store::StoreSettings;
 use crate::webhooks::WebhookSettings;
 
@@ -26,6 +27,8 @@ pub struct Settings {
     pub engine: EngineSettings,
     #[command(flatten)]
     pub webhooks: WebhookSettings,
+    #[command(flatten)]
+    pub nodes: NodeSettings,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "HEADROOM_LOG_JSON", value_parser = BoolishValueParser::new(), action = ArgAction::SetTrue)]
     pub log_json: bool,
@@ -72,6 +75,25 @@ impl Settings {
                 humantime::format_duration(w.backoff).to_string(),
             ));
         }
+        let redis = self.store.redis_url.is_some() || self.store.redis_cluster.is_some();
+        if self.nodes.cluster_secret.is_some() && !redis {
+            return Err(
+                "--cluster-secret (HEADROOM_CLUSTER_SECRET) is set but there is no Redis: \
+                 several nodes find each other and share their entitlements in Redis; set \
+                 --redis-url (HEADROOM_REDIS_URL) or --redis-cluster (HEADROOM_REDIS_CLUSTER)"
+                    .into(),
+            );
+        }
+        if self.nodes.cluster_secret.is_some()
+            && self.nodes.advertise.is_none()
+            && self.http.listen.ip().is_unspecified()
+        {
+            return Err(format!(
+                "--listen (HEADROOM_LISTEN) = \"{}\" is no address other nodes can reach; set \
+                 --advertise (HEADROOM_ADVERTISE) to the host:port they use",
+                self.http.listen
+            ));
+        }
         Ok(())
     }
 }
@@ -106,10 +128,10 @@ fn one_line(e: &clap::Error) -> String {
         .unwrap_or_else(first_line);
     match text(ContextKind::InvalidValue) {
         Some(value) => {
-            let shown = if long == "redis-url" {
-                masked_url(&value)
-            } else {
-                value
+            let shown = match long {
+                "redis-url" => masked_url(&value),
+                "cluster-secret" => "***".to_string(),
+                _ => value,
             };
             format!("{flag}{env} = {shown:?}: {reason}")
         }

@@ -10,8 +10,9 @@ use actix_web::web;
 
 use crate::engine::{Clock, Engine, SystemClock};
 use crate::http::{self, AppState, Generated};
+use crate::nodes::{Membership, SelfNode};
 use crate::settings::Settings;
-use crate::store::{MemoryStore, RedisStore, Store, StoreError, chain};
+use crate::store::{MemoryStore, RedisLink, RedisStore, Store, StoreError, chain};
 use crate::webhooks::{DispatchError, Dispatcher, Webhooks};
 
 /// Why the tracker could not start (or its server failed); each message is
@@ -42,6 +43,8 @@ pub struct Wiring {
     pub clock: Arc<dyn Clock>,
     /// Webhook registrations (with Redis only).
     pub webhooks: Option<Webhooks>,
+    /// The Redis connection, for the node registry (with Redis only).
+    pub redis: Option<RedisLink>,
     /// Start the dispatcher that delivers to the registered webhooks.
     pub dispatch: bool,
     /// Stop gracefully on SIGINT/SIGTERM.
@@ -53,7 +56,9 @@ impl Wiring {
     /// system clock, webhooks and the dispatcher with Redis, and signals.
     pub async fn from_settings(settings: &Settings) -> Result<Self, StartupError> {
         let window = settings.engine.idempotency_window;
-        let (store, webhooks): (Arc<dyn Store>, _) = match RedisStore::link(&settings.store)? {
+        let (store, webhooks, redis): (Arc<dyn Store>, _, _) = match RedisStore::link(
+            &settings.store,
+        )? {
             Some((link, urls)) => {
                 let cluster = link.is_cluster();
                 let store = RedisStore::on(link.clone(), &urls, &settings.store, window);
@@ -74,21 +79,26 @@ impl Wiring {
                     wait_replicas = settings.store.redis_wait_replicas,
                     "persisting to Redis"
                 );
-                let hooks = Webhooks::on(link, store.keys().clone(), settings.store.redis_timeout);
-                (Arc::new(store), Some(hooks))
+                let hooks = Webhooks::on(
+                    link.clone(),
+                    store.keys().clone(),
+                    settings.store.redis_timeout,
+                );
+                (Arc::new(store), Some(hooks), Some(link))
             }
             None => {
                 tracing::warn!(
                     "no --redis-url or --redis-cluster: running on the embedded in-memory store; NOTHING SURVIVES A RESTART"
                 );
                 let store = MemoryStore::new(settings.store.stream_maxlen as usize, window);
-                (Arc::new(store), None)
+                (Arc::new(store), None, None)
             }
         };
         Ok(Wiring {
             store,
             clock: Arc::new(SystemClock),
             webhooks,
+            redis,
             dispatch: true,
             signals: true,
         })
@@ -101,6 +111,7 @@ pub struct Application {
     port: u16,
     engine: Engine,
     dispatcher: Option<Dispatcher>,
+    nodes: Option<Membership>,
 }
 
 impl Application {
@@ -110,14 +121,30 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let listener = bind(settings.http.listen)?;
         let wiring = Wiring::from_settings(&settings).await?;
-        Self::build_on(listener, settings, wiring)
+        let node = self_node(&settings, &listener)?;
+        let nodes = match (&settings.nodes.cluster_secret, &wiring.redis) {
+            (Some(_), Some(link)) => Some(
+                Membership::join(
+                    link.clone(),
+                    &settings.store.redis_prefix,
+                    node.id.clone(),
+                    node.address.clone(),
+                    settings.nodes.cluster_lease,
+                    settings.store.redis_timeout,
+                )
+                .await,
+            ),
+            _ => None,
+        };
+        Self::build_on(listener, settings, wiring, (node, nodes))
     }
 
     /// Builds the application on the given wiring (tests: a store and a
     /// clock of their own).
     pub fn build_with(settings: Settings, wiring: Wiring) -> Result<Self, StartupError> {
         let listener = bind(settings.http.listen)?;
-        Self::build_on(listener, settings, wiring)
+        let node = self_node(&settings, &listener)?;
+        Self::build_on(listener, settings, wiring, (node, None))
     }
 
     /// Starts the application on a bound listener; generated tokens are
@@ -126,6 +153,7 @@ impl Application {
         listener: TcpListener,
         settings: Settings,
         wiring: Wiring,
+        (node, nodes): (SelfNode, Option<Membership>),
     ) -> Result<Self, StartupError> {
         let addr = settings.http.listen;
         let port = listener
@@ -150,6 +178,8 @@ impl Application {
             limits: settings.http.limits.clone(),
             metrics: crate::telemetry::metrics(),
             webhooks: wiring.webhooks,
+            nodes: nodes.clone(),
+            node,
         });
         let workers = settings
             .http
@@ -167,6 +197,7 @@ impl Application {
             port,
             engine,
             dispatcher,
+            nodes,
         })
     }
 
@@ -195,10 +226,33 @@ impl Application {
         if let Some(d) = self.dispatcher {
             d.stop().await;
         }
+        if let Some(n) = &self.nodes
+            && let Err(e) = n.leave().await
+        {
+            tracing::warn!(error = %chain(&e), "could not remove this node's registration; it runs out with its lease");
+        }
         self.engine.shutdown().await;
         tracing::info!("stopped");
         served
     }
+}
+
+/// This node: a fresh id, and the address other nodes reach it at
+/// (`--advertise`, or the address it listens on).
+fn self_node(settings: &Settings, listener: &TcpListener) -> Result<SelfNode, StartupError> {
+    let addr = settings.http.listen;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartupError::Listen { addr, source })?;
+    Ok(SelfNode {
+        id: crate::nodes::new_node_id(),
+        address: settings
+            .nodes
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local.to_string()),
+        started: chrono::Utc::now(),
+    })
 }
 
 fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, StartupError> {

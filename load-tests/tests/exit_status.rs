@@ -22,6 +22,7 @@ async fn tracker() -> (Application, String) {
         store: Arc::new(MemoryStore::new(100_000, Duration::from_secs(3600))),
         clock: Arc::new(SystemClock),
         webhooks: None,
+        redis: None,
         dispatch: false,
         signals: false,
     };

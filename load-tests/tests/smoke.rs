@@ -23,6 +23,7 @@ async fn every_scenario_runs_and_its_ledger_holds() {
         store,
         clock: Arc::new(SystemClock),
         webhooks: None,
+        redis: None,
         dispatch: false,
         signals: false,
     };

@@ -240,6 +240,50 @@ pub async fn record_batch(
         .body(batch::encode(&results).map_err(ApiError::encoding)?))
 }
 
+/// The nodes and their shares: this node alone unless several share the
+/// Redis (a cluster secret set).
+pub async fn cluster(_: Admin, state: web::Data<AppState>) -> HttpResponse {
+    #[derive(serde::Serialize)]
+    struct Node<'a> {
+        id: &'a str,
+        address: &'a str,
+        since: Option<DateTime<Utc>>,
+        /// When its registration runs out unless renewed.
+        lease_expires: Option<DateTime<Utc>>,
+        /// The fraction of entitlement ids it owns, estimated over fixed
+        /// sample ids.
+        share: f64,
+    }
+    let at = DateTime::from_timestamp_millis;
+    let me = &state.node;
+    let Some(m) = &state.nodes else {
+        let alone = Node {
+            id: &me.id,
+            address: &me.address,
+            since: Some(me.started),
+            lease_expires: None,
+            share: 1.0,
+        };
+        return HttpResponse::Ok().json(serde_json::json!({ "self": me.id, "members": [alone] }));
+    };
+    let view = m.view();
+    let ids: Vec<&str> = view.members.iter().map(|n| n.id.as_str()).collect();
+    let shares = crate::nodes::ring::shares(&ids);
+    let members: Vec<Node> = view
+        .members
+        .iter()
+        .zip(shares)
+        .map(|(n, share)| Node {
+            id: &n.id,
+            address: &n.address,
+            since: at(n.since_ms),
+            lease_expires: at(n.expires_ms),
+            share,
+        })
+        .collect();
+    HttpResponse::Ok().json(serde_json::json!({ "self": me.id, "members": members }))
+}
+
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }

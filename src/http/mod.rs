@@ -75,6 +75,10 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Webhook registrations (with Redis only).
     pub webhooks: Option<crate::webhooks::Webhooks>,
+    /// This node's membership among several (with a cluster secret only).
+    pub nodes: Option<crate::nodes::Membership>,
+    /// This node: its id, advertised address and start.
+    pub node: crate::nodes::SelfNode,
 }
 
 async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -203,6 +207,7 @@ api! {
     "/v1/webhooks" => { post => webhooks::create, get => webhooks::list },
     "/v1/webhooks/{id}" => { get => webhooks::get, delete => webhooks::delete },
     "/v1/webhooks/{id}/deliveries" => { get => webhooks::deliveries },
+    "/v1/cluster" => { get => handlers::cluster },
     "/healthz" => { get => handlers::healthz },
     "/readyz" => { get => handlers::readyz },
     "/metrics" => { get => handlers::metrics },

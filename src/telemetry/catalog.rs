@@ -81,6 +81,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/webhooks",
     "/v1/webhooks/{id}",
     "/v1/webhooks/{id}/deliveries",
+    "/v1/cluster",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -192,6 +193,12 @@ pub const METRICS: &[MetricDef] = &[
         name: "headroom_entitlement_actors",
         kind: MetricKind::Gauge,
         help: "Entitlements served by an actor now.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_cluster_members",
+        kind: MetricKind::Gauge,
+        help: "Live headroom nodes this node saw at its last registration renewal (with a cluster secret).",
         labels: &[],
     },
     MetricDef {

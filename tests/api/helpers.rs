@@ -203,6 +203,7 @@ impl TestApp {
             store,
             clock: opts.clock,
             webhooks: opts.webhooks,
+            redis: None,
             dispatch: false,
             signals: false,
         };

@@ -8,6 +8,7 @@ mod faults;
 mod fuzz;
 mod grafana;
 mod helpers;
+mod nodes;
 mod ops;
 mod readme;
 mod reference;

@@ -165,6 +165,35 @@ fn bad_settings_are_one_line_each_naming_flag_variable_and_value() {
             "no-such-host.invalid:80",
         ),
         (
+            vec![],
+            vec![("HEADROOM_CLUSTER_SECRET", "short")],
+            ["--cluster-secret", "HEADROOM_CLUSTER_SECRET"],
+            "16 characters",
+        ),
+        (
+            vec![],
+            vec![("HEADROOM_CLUSTER_SECRET", "0123456789abcdef0123")],
+            ["--cluster-secret", "--redis-url"],
+            "no Redis",
+        ),
+        (
+            vec![
+                "--listen",
+                "0.0.0.0:0",
+                "--redis-url",
+                "redis://127.0.0.1:1/",
+            ],
+            vec![("HEADROOM_CLUSTER_SECRET", "0123456789abcdef0123")],
+            ["--listen", "HEADROOM_ADVERTISE"],
+            "0.0.0.0:0",
+        ),
+        (
+            vec!["--advertise", "node-1"],
+            vec![],
+            ["--advertise", "HEADROOM_ADVERTISE"],
+            "node-1",
+        ),
+        (
             vec!["--webhook-backoff", "10s", "--webhook-backoff-max", "1s"],
             vec![],
             ["--webhook-backoff-max", "--webhook-backoff"],
@@ -181,10 +210,13 @@ fn bad_settings_are_one_line_each_naming_flag_variable_and_value() {
 }
 
 #[test]
-fn a_redis_password_never_appears_in_an_error() {
+fn a_redis_password_or_the_cluster_secret_never_appears_in_an_error() {
     let (line, _) = refused(&["--redis-url", "redis://:s3cret@127.0.0.1:notaport/"], &[]);
     assert!(line.contains("--redis-url"), "{line}");
     assert!(!line.contains("s3cret"), "password shown: {line}");
+    let (line, _) = refused(&[], &[("HEADROOM_CLUSTER_SECRET", "tooshort")]);
+    assert!(line.contains("--cluster-secret"), "{line}");
+    assert!(!line.contains("tooshort"), "secret shown: {line}");
 }
 
 /// Waits until `/healthz` answers on `addr`.
