@@ -31,6 +31,8 @@ pub enum StartupError {
     Store(#[from] StoreError),
     #[error("the webhook dispatcher cannot start ({})", chain(.0))]
     Dispatcher(#[from] DispatchError),
+    #[error("the client that sends calls on to other nodes cannot start ({0})")]
+    Forwarder(#[source] reqwest::Error),
     #[error("the HTTP server failed ({0})")]
     Serve(#[source] std::io::Error),
 }
@@ -178,6 +180,17 @@ impl Application {
             limits: settings.http.limits.clone(),
             metrics: crate::telemetry::metrics(),
             webhooks: wiring.webhooks,
+            forwarder: match (&nodes, &settings.nodes.cluster_secret) {
+                (Some(m), Some(secret)) => Some(
+                    crate::nodes::forward::Forwarder::new(
+                        m.clone(),
+                        secret.clone(),
+                        settings.nodes.forward_timeout,
+                    )
+                    .map_err(StartupError::Forwarder)?,
+                ),
+                _ => None,
+            },
             nodes: nodes.clone(),
             node,
         });

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod batch;
 mod extract;
+mod forwarding;
 mod handlers;
 pub mod problem;
 pub mod reports;
@@ -79,6 +80,8 @@ pub struct AppState {
     pub nodes: Option<crate::nodes::Membership>,
     /// This node: its id, advertised address and start.
     pub node: crate::nodes::SelfNode,
+    /// Sends calls on to their owners (with several nodes only).
+    pub forwarder: Option<crate::nodes::forward::Forwarder>,
 }
 
 async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -306,6 +309,7 @@ pub fn serve(
                 }
             })
             .configure(routes)
+            .wrap(forwarding::Forwarding)
     })
     .on_connect(move |_, ext| {
         ext.insert(gate.enter());

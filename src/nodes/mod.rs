@@ -10,6 +10,7 @@
 //! whether a write is safe: the owner epoch fences a node that believes it
 //! owns an entitlement it no longer does.
 
+pub mod forward;
 pub mod ring;
 
 use std::sync::Arc;
@@ -37,6 +38,10 @@ pub struct NodeSettings {
     /// a node that died is dropped after it.
     #[arg(long, env = "HEADROOM_CLUSTER_LEASE", default_value = "6s", value_parser = lease)]
     pub cluster_lease: Duration,
+    /// Longest wait for the owner's answer to a call sent on to it; then
+    /// the call answers `504` (retry it with its idempotency key).
+    #[arg(long, env = "HEADROOM_FORWARD_TIMEOUT", default_value = "5s", value_parser = crate::flags::duration)]
+    pub forward_timeout: Duration,
 }
 
 impl Default for NodeSettings {

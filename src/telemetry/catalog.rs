@@ -133,6 +133,21 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[],
     },
     MetricDef {
+        name: "headroom_forwards_total",
+        kind: MetricKind::Counter,
+        help: "Calls sent on to the node that owns their entitlement, by outcome: answered (the owner's answer relayed), unreachable (nothing sent; served here), no_answer (sent, no answer in --forward-timeout; answered 504).",
+        labels: &[LabelDef::fixed(
+            "outcome",
+            &["answered", "unreachable", "no_answer"],
+        )],
+    },
+    MetricDef {
+        name: "headroom_forward_duration_seconds",
+        kind: MetricKind::Histogram,
+        help: "Time from sending a call on to its owner to having its answer (or failing).",
+        labels: &[],
+    },
+    MetricDef {
         name: "headroom_webhook_deliveries_total",
         kind: MetricKind::Counter,
         help: "Webhook delivery attempts by outcome: delivered, failed (retried later), dead_lettered (retries exhausted), dropped (endpoint deleted).",

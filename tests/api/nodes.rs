@@ -119,3 +119,123 @@ async fn nodes_register_see_each_other_and_are_dropped_when_they_stop_or_die() {
     let views = until_members(&[&a], 1).await;
     assert!(!ids(&views[0]).contains(&died), "dropped after its lease");
 }
+
+/// Keyed usage calls on three entitlements, sent round robin through three
+/// nodes (8 at a time): each call is served by its entitlement's owner, and
+/// a read through any node then answers exactly the acknowledged total.
+#[actix_rt::test]
+async fn calls_through_any_node_are_served_by_the_owner_and_reads_are_exact() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis), node(&redis), node(&redis)];
+    until_members(&[&nodes[0], &nodes[1], &nodes[2]], 3).await;
+    let ids = ["acme", "globex", "initech"];
+    for id in ids {
+        let (status, body) = nodes[0]
+            .send(
+                Method::PUT,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                Some(r#"{"features": {"api": {"included": 1000000}}}"#),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let calls: Vec<(usize, &str, String)> = (0..600)
+        .map(|n| (n % 3, ids[(n / 3) % 3], format!("k{n}")))
+        .collect();
+    let acked = std::sync::Mutex::new(std::collections::HashMap::<&str, u64>::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = (0..8).map(|_| async {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some((via, id, key)) = calls.get(i) else {
+                return;
+            };
+            let body = format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#);
+            let (status, answer) = nodes[*via]
+                .send(
+                    Method::POST,
+                    &format!("/v1/entitlements/{id}/usage"),
+                    Some(CLIENT),
+                    Some(&body),
+                )
+                .await;
+            assert_eq!(status, 200, "{answer}");
+            *acked.lock().expect("lock").entry(id).or_default() += 1;
+        }
+    });
+    futures_util::future::join_all(workers).await;
+    let acked = acked.into_inner().expect("acked");
+    for id in ids {
+        for (n, node) in nodes.iter().enumerate() {
+            let (status, view) = node
+                .send(
+                    Method::GET,
+                    &format!("/v1/entitlements/{id}"),
+                    Some(ADMIN),
+                    None,
+                )
+                .await;
+            assert_eq!(status, 200, "{view}");
+            assert_eq!(
+                view["features"]["api"]["used"].as_u64(),
+                Some(acked[id]),
+                "{id} read through node {n}"
+            );
+        }
+    }
+    // Two of every three calls went through a node that does not own the
+    // entitlement and were sent on.
+    let mut forwarded = 0.0;
+    for node in &nodes {
+        let (_, text) = node.send(Method::GET, "/metrics", Some(ADMIN), None).await;
+        let text = text.as_str().unwrap_or_default().to_string();
+        for name in [
+            "headroom_cluster_members 3",
+            "headroom_forward_duration_seconds_count",
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(name)), "{name}: {text}");
+        }
+        forwarded += text
+            .lines()
+            .filter(|l| l.starts_with("headroom_forwards_total{outcome=\"answered\"}"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(forwarded >= 300.0, "forwarded {forwarded}");
+}
+
+/// A call marked as sent on by a node is served only with the cluster
+/// secret; client and admin tokens do not stand in for it.
+#[actix_rt::test]
+async fn a_call_marked_as_forwarded_needs_the_cluster_secret() {
+    let redis = RedisServer::start();
+    let n = node(&redis);
+    until_members(&[&n], 1).await;
+    let http = http_client();
+    for secret in [
+        None,
+        Some("wrong-secret-0123456789"),
+        Some(ADMIN),
+        Some(CLIENT),
+    ] {
+        let mut req = http
+            .get(format!("{}/v1/entitlements/acme", n.base))
+            .bearer_auth(ADMIN)
+            .header("headroom-forwarded-by", "n-000000000000");
+        if let Some(s) = secret {
+            req = req.header("headroom-node-secret", s);
+        }
+        let answer = req.send().await.expect("send");
+        assert_eq!(answer.status(), 403, "{secret:?}");
+    }
+    let answer = http
+        .get(format!("{}/v1/entitlements/acme", n.base))
+        .bearer_auth(ADMIN)
+        .header("headroom-forwarded-by", "n-000000000000")
+        .header("headroom-node-secret", SECRET)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(answer.status(), 404, "served here: not created");
+}

@@ -1,0 +1,232 @@
+//! One internal hop: a call for an entitlement another live node owns is
+//! sent on to that node, as it came (method, path, query, headers, body —
+//! the client's token and idempotency key with it), and its answer is
+//! relayed as it is. The hop is marked with this node's id and
+//! authenticated with the cluster secret; the owner serves a marked call
+//! itself, whatever its own view of the members, so a call is never sent on
+//! twice. If the owner cannot be reached at all (nothing was sent), this
+//! node serves the call: the owner epoch fences whichever of the two writes
+//! second. If it was sent and no answer came, the outcome is unknown:
+//! `504`, retried safely with the idempotency key.
+
+use std::time::{Duration, Instant};
+
+use actix_web::dev::ServiceRequest;
+use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::web::Bytes;
+use actix_web::{HttpRequest, HttpResponse};
+use subtle::ConstantTimeEq;
+
+use super::{Member, Membership, Secret};
+
+/// The header naming the node that sent a call on.
+pub const FORWARDED_BY: &str = "headroom-forwarded-by";
+/// The header that carries the cluster secret on a forwarded call.
+pub const NODE_SECRET: &str = "headroom-node-secret";
+
+/// Headers that belong to one connection, not to the call.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// Sends calls on to their owners.
+#[derive(Clone)]
+pub struct Forwarder {
+    membership: Membership,
+    secret: Secret,
+    client: reqwest::Client,
+}
+
+/// Where a call is served.
+pub enum Route {
+    /// Here: this node owns the entitlement, or the call is not about one,
+    /// or it was sent on to this node already.
+    Local,
+    /// At the owner.
+    To(Member),
+    /// Marked as forwarded, without the cluster secret.
+    Forged,
+}
+
+/// Why a forward failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// Nothing reached the owner: the call can be served here.
+    #[error("the owner {node} at {address} cannot be reached: {source}")]
+    Unreachable {
+        node: String,
+        address: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Sent, and no (whole) answer came back in time.
+    #[error("no answer from the owner {node} at {address}: {source}")]
+    NoAnswer {
+        node: String,
+        address: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl Forwarder {
+    /// Forwards with a client that waits at most `timeout` for an answer.
+    pub fn new(
+        membership: Membership,
+        secret: Secret,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(timeout)
+            .pool_max_idle_per_host(64)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Forwarder {
+            membership,
+            secret,
+            client,
+        })
+    }
+
+    /// Where `req` is served.
+    pub fn route(&self, req: &ServiceRequest) -> Route {
+        if req.headers().contains_key(FORWARDED_BY) {
+            let given = req
+                .headers()
+                .get(NODE_SECRET)
+                .map(HeaderValue::as_bytes)
+                .unwrap_or_default();
+            return if bool::from(given.ct_eq(self.secret.0.as_bytes())) {
+                Route::Local
+            } else {
+                Route::Forged
+            };
+        }
+        let Some(id) = entitlement_of(req.path()) else {
+            return Route::Local;
+        };
+        let view = self.membership.view();
+        match view.owner(&id) {
+            Some(owner) if owner.id != self.membership.me() => Route::To(owner.clone()),
+            _ => Route::Local,
+        }
+    }
+
+    /// Sends the call (`req` and its `body`) to `owner` and answers what
+    /// the owner answered.
+    pub async fn forward(
+        &self,
+        owner: &Member,
+        req: &HttpRequest,
+        body: Bytes,
+    ) -> Result<HttpResponse, ForwardError> {
+        let started = Instant::now();
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let url = format!("http://{}{path}", owner.address);
+        let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+            .unwrap_or(reqwest::Method::GET);
+        let mut out = self.client.request(method, &url).body(body);
+        for (name, value) in req.headers() {
+            if !HOP_BY_HOP.contains(&name.as_str()) && name != NODE_SECRET {
+                out = out.header(name.as_str(), value.as_bytes());
+            }
+        }
+        out = out
+            .header(FORWARDED_BY, self.membership.me())
+            .header(NODE_SECRET, &*self.secret.0);
+        let outcome = |o: &'static str| {
+            metrics::counter!("headroom_forwards_total", "outcome" => o).increment(1);
+            metrics::histogram!("headroom_forward_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+        };
+        let sent = match out.send().await {
+            Ok(r) => r,
+            Err(source) => {
+                let unreachable = source.is_connect();
+                outcome(if unreachable {
+                    "unreachable"
+                } else {
+                    "no_answer"
+                });
+                let (node, address) = (owner.id.clone(), owner.address.clone());
+                return Err(if unreachable {
+                    ForwardError::Unreachable {
+                        node,
+                        address,
+                        source,
+                    }
+                } else {
+                    ForwardError::NoAnswer {
+                        node,
+                        address,
+                        source,
+                    }
+                });
+            }
+        };
+        let status = StatusCode::from_u16(sent.status().as_u16())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut answer = HttpResponse::build(status);
+        for (name, value) in sent.headers() {
+            if HOP_BY_HOP.contains(&name.as_str()) {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_str().as_bytes()),
+                HeaderValue::from_bytes(value.as_bytes()),
+            ) {
+                answer.append_header((n, v));
+            }
+        }
+        let body = sent.bytes().await.map_err(|source| {
+            outcome("no_answer");
+            ForwardError::NoAnswer {
+                node: owner.id.clone(),
+                address: owner.address.clone(),
+                source,
+            }
+        })?;
+        outcome("answered");
+        Ok(answer.body(body))
+    }
+}
+
+/// The entitlement a path is about: `/v1/entitlements/{id}` and below
+/// (percent-decoded, as the handlers read it).
+fn entitlement_of(path: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let rest = path.strip_prefix("/v1/entitlements/")?;
+    let id = rest.split('/').next()?;
+    if id.is_empty() {
+        return None;
+    }
+    percent_encoding::percent_decode_str(id).decode_utf8().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_entitlement_of_a_path() {
+        let of = |p| entitlement_of(p).map(|c| c.into_owned());
+        assert_eq!(of("/v1/entitlements/acme").as_deref(), Some("acme"));
+        assert_eq!(
+            of("/v1/entitlements/acme/seats/u1").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(of("/v1/entitlements/%61cme").as_deref(), Some("acme"));
+        assert_eq!(entitlement_of("/v1/entitlements/"), None);
+        assert_eq!(entitlement_of("/v1/usage/batch"), None);
+        assert_eq!(entitlement_of("/v1/cluster"), None);
+    }
+}
