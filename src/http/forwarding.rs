@@ -98,6 +98,18 @@ where
                         .await
                         .map(ServiceResponse::map_into_boxed_body)
                 }
+                Err(e @ ForwardError::NoAnswer { .. }) if safe_again(&http, &body) => {
+                    // The owner died with the call, or answers no more: a
+                    // call that can be applied again without effect is
+                    // served here (a keyed one replays what the owner
+                    // wrote, if it did).
+                    tracing::debug!(error = %e, "serving again here a call its owner did not answer");
+                    let req = ServiceRequest::from_parts(http, Payload::from(body));
+                    service
+                        .call(req)
+                        .await
+                        .map(ServiceResponse::map_into_boxed_body)
+                }
                 Err(e @ ForwardError::NoAnswer { .. }) => {
                     let mut err = ApiError::new(Kind::OutcomeUnknown, e.to_string());
                     err.retry_after = Some(1);
@@ -106,4 +118,20 @@ where
             }
         })
     }
+}
+
+/// Whether a call may be applied a second time without a second effect:
+/// reads, configuration (`PUT`, `DELETE`), seats (by seat id), and usage
+/// with an idempotency key (header or body). Usage without one may not.
+fn safe_again(req: &actix_web::HttpRequest, body: &[u8]) -> bool {
+    if !req.path().ends_with("/usage") {
+        return true;
+    }
+    if req.headers().contains_key(super::extract::IDEMPOTENCY_KEY) {
+        return true;
+    }
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("idempotency_key").map(serde_json::Value::is_string))
+        .unwrap_or(false)
 }

@@ -6,8 +6,10 @@
 //! itself, whatever its own view of the members, so a call is never sent on
 //! twice. If the owner cannot be reached at all (nothing was sent), this
 //! node serves the call: the owner epoch fences whichever of the two writes
-//! second. If it was sent and no answer came, the outcome is unknown:
-//! `504`, retried safely with the idempotency key.
+//! second. If it was sent and no answer came, a call that can be applied
+//! again without a second effect is served here (see
+//! `http/forwarding.rs`); one that cannot (usage without an idempotency
+//! key) answers `504`: its outcome is unknown.
 
 use std::time::{Duration, Instant};
 

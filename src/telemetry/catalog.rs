@@ -135,7 +135,7 @@ pub const METRICS: &[MetricDef] = &[
     MetricDef {
         name: "headroom_forwards_total",
         kind: MetricKind::Counter,
-        help: "Calls sent on to the node that owns their entitlement, by outcome: answered (the owner's answer relayed), unreachable (nothing sent; served here), no_answer (sent, no answer in --forward-timeout; answered 504).",
+        help: "Calls sent on to the node that owns their entitlement, by outcome: answered (the owner's answer relayed), unreachable (nothing sent; served here), no_answer (sent, no answer in --forward-timeout: served here when it can be applied again, else answered 504).",
         labels: &[LabelDef::fixed(
             "outcome",
             &["answered", "unreachable", "no_answer"],

@@ -317,6 +317,9 @@ impl TestApp {
 pub struct TrackerProcess {
     pub base: String,
     inner: headroom_test_support::Tracker,
+    /// One client for every call: a client per call pays for its set-up
+    /// (TLS roots) and a new connection each time.
+    client: reqwest::Client,
 }
 
 impl TrackerProcess {
@@ -367,7 +370,7 @@ impl TrackerProcess {
         body: Option<&str>,
     ) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
-        call(&http_client(), url, method, token, body).await
+        call(&self.client, url, method, token, body).await
     }
 
     fn spawn(env: &[(&str, &str)]) -> Self {
@@ -377,6 +380,7 @@ impl TrackerProcess {
         TrackerProcess {
             base: format!("http://{}", inner.addr()),
             inner,
+            client: http_client(),
         }
     }
 

@@ -239,3 +239,109 @@ async fn a_call_marked_as_forwarded_needs_the_cluster_secret() {
         .expect("send");
     assert_eq!(answer.status(), 404, "served here: not created");
 }
+
+/// One keyed usage call through `node`: its status, or 0 without answer.
+async fn use_via(node: &TrackerProcess, id: &str, key: &str) -> u16 {
+    let body = format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#);
+    node.send(
+        Method::POST,
+        &format!("/v1/entitlements/{id}/usage"),
+        Some(CLIENT),
+        Some(&body),
+    )
+    .await
+    .0
+}
+
+/// A node SIGKILLed under load: calls through the others for the
+/// entitlements it owned are served (its owner unreachable, they are
+/// served where they arrive), never answered 5xx; once its lease ran out
+/// the others own its share; every call sent again with its key is
+/// answered as first acknowledged, and what is used is what was granted.
+#[actix_rt::test]
+async fn a_node_killed_under_load_loses_no_acknowledged_call() {
+    let redis = RedisServer::start();
+    let mut nodes = vec![node(&redis), node(&redis), node(&redis)];
+    until_members(&[&nodes[0], &nodes[1], &nodes[2]], 3).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("k-{i}")).collect();
+    for id in &ids {
+        let (status, _) = nodes[0]
+            .send(
+                Method::PUT,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                Some(r#"{"features": {"api": {"included": 100, "hard_cap": 120}}}"#),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    // Calls only through the two nodes that live on; the third is killed
+    // after a third of them.
+    let calls: Vec<(usize, String, String)> = (0..1_200)
+        .map(|n| (n % 2, ids[n % ids.len()].clone(), format!("c{n}")))
+        .collect();
+    let statuses = std::sync::Mutex::new(vec![0u16; calls.len()]);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let victim = nodes.pop().expect("a third node");
+    let victim = std::sync::Mutex::new(victim);
+    let nodes = &nodes;
+    let workers = (0..6).map(|_| async {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some((via, id, key)) = calls.get(i) else {
+                return;
+            };
+            if i == 400 {
+                victim.lock().expect("victim").kill();
+            }
+            let status = use_via(&nodes[*via], id, key).await;
+            statuses.lock().expect("statuses")[i] = status;
+        }
+    });
+    futures_util::future::join_all(workers).await;
+    let statuses = statuses.into_inner().expect("statuses");
+    let mut seen = std::collections::BTreeMap::<u16, usize>::new();
+    for s in &statuses {
+        *seen.entry(*s).or_default() += 1;
+    }
+    assert!(
+        seen.keys().all(|s| [200, 429].contains(s)),
+        "answers while a node died: {seen:?}"
+    );
+    // Its share is the others' once its lease ran out.
+    until_members(&[&nodes[0], &nodes[1]], 2).await;
+    let pairs: Vec<_> = calls.iter().zip(&statuses).collect();
+    let again = futures_util::future::join_all(pairs.chunks(pairs.len().div_ceil(6)).map(
+        |chunk| async move {
+            let mut out = Vec::new();
+            for ((via, id, key), _) in chunk {
+                out.push(use_via(&nodes[1 - via], id, key).await);
+            }
+            out
+        },
+    ))
+    .await
+    .concat();
+    let mut granted = std::collections::HashMap::<&str, u64>::new();
+    for (((_, id, key), first), again) in pairs.iter().zip(again) {
+        assert_eq!(again, **first, "{key} through the other node");
+        if again == 200 {
+            *granted.entry(id.as_str()).or_default() += 1;
+        }
+    }
+    for id in &ids {
+        for node in nodes {
+            let (_, view) = node
+                .send(
+                    Method::GET,
+                    &format!("/v1/entitlements/{id}"),
+                    Some(ADMIN),
+                    None,
+                )
+                .await;
+            let used = view["features"]["api"]["used"].as_u64().expect("used");
+            assert!(used <= 120, "{id}: {used}");
+            assert_eq!(used, granted[id.as_str()], "{id}: used vs granted");
+        }
+    }
+}
