@@ -128,7 +128,10 @@ impl Application {
             (Some(_), Some(link)) => Some(
                 Membership::join(
                     link.clone(),
-                    &settings.store.redis_prefix,
+                    &crate::store::Keys::new(
+                        settings.store.redis_prefix.clone(),
+                        settings.store.redis_buckets,
+                    ),
                     node.id.clone(),
                     node.address.clone(),
                     settings.nodes.cluster_lease,

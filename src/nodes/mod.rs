@@ -194,13 +194,13 @@ struct Inner {
 }
 
 impl Membership {
-    /// Registers this node (id `me`, reachable at `address`) under
-    /// `prefix`, and renews it every third of `lease` while a handle lives.
+    /// Registers this node (id `me`, reachable at `address`) in the
+    /// registry of `keys`, and renews it every third of `lease` while a handle lives.
     /// If Redis cannot be reached now, the renewals keep trying; the node
     /// is a member once one gets through.
     pub async fn join(
         link: RedisLink,
-        prefix: &str,
+        keys: &crate::store::Keys,
         me: String,
         address: String,
         lease: Duration,
@@ -213,8 +213,8 @@ impl Membership {
             me,
             address,
             link,
-            registry: format!("{prefix}:{{nodes}}"),
-            leases: format!("{prefix}:{{nodes}}:leases"),
+            registry: keys.node_registry(),
+            leases: keys.node_leases(),
             lease,
             timeout,
             view,

@@ -48,6 +48,10 @@
 //!   (ms).
 //! - `{prefix}:{webhooks}:pending`: hash, delivery id → delivery (JSON).
 //! - `{prefix}:{webhooks}:dead`: the dead-letter stream.
+//!
+//! Nodes, in one slot (tag `nodes`):
+//! - `{prefix}:{nodes}`: hash, node id → its address and join time (JSON).
+//! - `{prefix}:{nodes}:leases`: sorted set of node ids by lease expiry (ms).
 
 use std::sync::Arc;
 
@@ -197,6 +201,16 @@ impl Keys {
 
     pub fn webhooks(&self) -> String {
         self.webhook("")
+    }
+
+    /// The headroom nodes sharing this prefix: id → address and join time.
+    pub fn node_registry(&self) -> String {
+        format!("{}:{{nodes}}", self.prefix)
+    }
+
+    /// The nodes' leases: id → expiry (ms), same slot as the registry.
+    pub fn node_leases(&self) -> String {
+        format!("{}:{{nodes}}:leases", self.prefix)
     }
 
     pub fn webhook_log(&self, webhook: &str) -> String {
