@@ -129,14 +129,24 @@ async fn reports_and_gauges_merge_the_buckets_of_every_node() {
         )
         .await;
     assert_eq!(status, 200, "{denied}");
-    let at: Vec<String> = denied["items"]
+    // Compared as times: RFC 3339 text of a whole second has no fraction
+    // ("…:01Z" sorts after "…:01.123Z" as text).
+    let at: Vec<chrono::DateTime<chrono::Utc>> = denied["items"]
         .as_array()
         .expect("items")
         .iter()
-        .map(|e| e["last_denied_at"].as_str().expect("at").to_string())
+        .map(|e| {
+            let text = e["last_denied_at"].as_str().expect("at");
+            chrono::DateTime::parse_from_rfc3339(text)
+                .expect("RFC 3339")
+                .to_utc()
+        })
         .collect();
     assert_eq!(at.len(), 120);
-    assert!(at.windows(2).all(|w| w[0] >= w[1]), "most recent first");
+    assert!(
+        at.windows(2).all(|w| w[0] >= w[1]),
+        "most recent first: {at:?}"
+    );
 
     let metrics = app.scrape().await;
     assert!(
