@@ -86,36 +86,27 @@ where
                 body.extend_from_slice(&chunk);
             }
             let body = body.freeze();
-            match forwarder.forward(&owner, &http, body.clone()).await {
-                Ok(answer) => Ok(ServiceResponse::new(http, answer)),
-                Err(e @ ForwardError::Unreachable { .. }) => {
-                    // Nothing was sent: served here; the epoch fences
-                    // whichever write comes second.
-                    tracing::debug!(error = %e, "serving a call of an unreachable owner here");
-                    let req = ServiceRequest::from_parts(http, Payload::from(body));
-                    service
-                        .call(req)
-                        .await
-                        .map(ServiceResponse::map_into_boxed_body)
-                }
-                Err(e @ ForwardError::NoAnswer { .. }) if safe_again(&http, &body) => {
-                    // The owner died with the call, or answers no more: a
-                    // call that can be applied again without effect is
-                    // served here (a keyed one replays what the owner
-                    // wrote, if it did).
-                    tracing::debug!(error = %e, "serving again here a call its owner did not answer");
-                    let req = ServiceRequest::from_parts(http, Payload::from(body));
-                    service
-                        .call(req)
-                        .await
-                        .map(ServiceResponse::map_into_boxed_body)
-                }
+            let serve_here = match forwarder.forward(&owner, &http, body.clone()).await {
+                Ok(answer) => return Ok(ServiceResponse::new(http, answer)),
+                // Nothing was sent: served here; the epoch fences whichever
+                // write comes second.
+                Err(e @ ForwardError::Unreachable { .. }) => e,
+                // The owner died with the call, or answers no more: a call
+                // that can be applied again without effect is served here
+                // (a keyed one replays what the owner wrote, if it did).
+                Err(e @ ForwardError::NoAnswer { .. }) if safe_again(&http, &body) => e,
                 Err(e @ ForwardError::NoAnswer { .. }) => {
                     let mut err = ApiError::new(Kind::OutcomeUnknown, e.to_string());
                     err.retry_after = Some(1);
-                    Ok(ServiceResponse::new(http, err.error_response()))
+                    return Ok(ServiceResponse::new(http, err.error_response()));
                 }
-            }
+            };
+            tracing::debug!(error = %serve_here, "serving here a call its owner did not take");
+            let req = ServiceRequest::from_parts(http, Payload::from(body));
+            service
+                .call(req)
+                .await
+                .map(ServiceResponse::map_into_boxed_body)
         })
     }
 }

@@ -263,15 +263,6 @@ async fn the_binary_runs_on_a_cluster_from_its_seed_nodes() {
 /// A usage call: entitlement, idempotency key.
 type Call = (String, String);
 
-async fn use_one(tracker: &TrackerProcess, (id, key): &Call) -> u16 {
-    let body = format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#);
-    let path = format!("/v1/entitlements/{id}/usage");
-    tracker
-        .send(Method::POST, &path, Some(CLIENT), Some(&body))
-        .await
-        .0
-}
-
 /// Three primaries with a replica each, the tracker acknowledging only
 /// writes that reached a replica (`HEADROOM_REDIS_WAIT_REPLICAS=1`): a
 /// primary SIGKILLed under load is replaced by its replica, the answers
@@ -315,7 +306,7 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_call_with_wait_replic
             if n >= calls.len() {
                 return;
             }
-            let status = use_one(&tracker, &calls[n]).await;
+            let status = tracker.use_api(&calls[n].0, &calls[n].1).await;
             statuses.lock().expect("lock")[n] = status;
         }
     });
@@ -374,7 +365,7 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_call_with_wait_replic
     let again = join_all(calls.chunks(300).map(|chunk| async move {
         let mut out = Vec::new();
         for call in chunk {
-            out.push(use_one(tracker, call).await);
+            out.push(tracker.use_api(&call.0, &call.1).await);
         }
         out
     }))
@@ -391,15 +382,7 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_call_with_wait_replic
         }
     }
     for id in &ids {
-        let (_, view) = tracker
-            .send(
-                Method::GET,
-                &format!("/v1/entitlements/{id}"),
-                Some(ADMIN),
-                None,
-            )
-            .await;
-        let used = view["features"]["api"]["used"].as_u64().expect("used");
+        let used = tracker.api_used(id).await.1.expect("used");
         assert!(used <= 120, "{id} passed its cap: {used}");
         assert_eq!(used, granted[id.as_str()], "{id}: used vs granted");
     }

@@ -373,6 +373,24 @@ impl TrackerProcess {
         call(&self.client, url, method, token, body).await
     }
 
+    /// One keyed call using 1 unit of feature `api` of `id`: its status.
+    pub async fn use_api(&self, id: &str, key: &str) -> u16 {
+        let body = format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#);
+        let path = format!("/v1/entitlements/{id}/usage");
+        self.send(reqwest::Method::POST, &path, Some(CLIENT), Some(&body))
+            .await
+            .0
+    }
+
+    /// `GET /v1/entitlements/{id}` as admin: its status and `api`'s `used`.
+    pub async fn api_used(&self, id: &str) -> (u16, Option<u64>) {
+        let path = format!("/v1/entitlements/{id}");
+        let (status, view) = self
+            .send(reqwest::Method::GET, &path, Some(ADMIN), None)
+            .await;
+        (status, view["features"]["api"]["used"].as_u64())
+    }
+
     fn spawn(env: &[(&str, &str)]) -> Self {
         let inner =
             headroom_test_support::Tracker::start(env!("CARGO_BIN_EXE_headroom").as_ref(), env)

@@ -168,20 +168,9 @@ async fn calls_through_any_node_are_served_by_the_owner_and_reads_are_exact() {
     let acked = acked.into_inner().expect("acked");
     for id in ids {
         for (n, node) in nodes.iter().enumerate() {
-            let (status, view) = node
-                .send(
-                    Method::GET,
-                    &format!("/v1/entitlements/{id}"),
-                    Some(ADMIN),
-                    None,
-                )
-                .await;
-            assert_eq!(status, 200, "{view}");
-            assert_eq!(
-                view["features"]["api"]["used"].as_u64(),
-                Some(acked[id]),
-                "{id} read through node {n}"
-            );
+            let (status, used) = node.api_used(id).await;
+            assert_eq!(status, 200, "{id} read through node {n}");
+            assert_eq!(used, Some(acked[id]), "{id} read through node {n}");
         }
     }
     // Two of every three calls went through a node that does not own the
@@ -243,19 +232,6 @@ async fn a_call_marked_as_forwarded_needs_the_cluster_secret() {
     assert_eq!(answer.status(), 404, "served here: not created");
 }
 
-/// One keyed usage call through `node`: its status, or 0 without answer.
-async fn use_via(node: &TrackerProcess, id: &str, key: &str) -> u16 {
-    let body = format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#);
-    node.send(
-        Method::POST,
-        &format!("/v1/entitlements/{id}/usage"),
-        Some(CLIENT),
-        Some(&body),
-    )
-    .await
-    .0
-}
-
 /// A node SIGKILLed under load: calls through the others for the
 /// entitlements it owned are served (its owner unreachable, they are
 /// served where they arrive), never answered 5xx; once its lease ran out
@@ -297,7 +273,7 @@ async fn a_node_killed_under_load_loses_no_acknowledged_call() {
             if i == 400 {
                 victim.lock().expect("victim").kill();
             }
-            let status = use_via(&nodes[*via], id, key).await;
+            let status = nodes[*via].use_api(id, key).await;
             statuses.lock().expect("statuses")[i] = status;
         }
     });
@@ -318,7 +294,7 @@ async fn a_node_killed_under_load_loses_no_acknowledged_call() {
         |chunk| async move {
             let mut out = Vec::new();
             for ((via, id, key), _) in chunk {
-                out.push(use_via(&nodes[1 - via], id, key).await);
+                out.push(nodes[1 - via].use_api(id, key).await);
             }
             out
         },
@@ -334,15 +310,7 @@ async fn a_node_killed_under_load_loses_no_acknowledged_call() {
     }
     for id in &ids {
         for node in nodes {
-            let (_, view) = node
-                .send(
-                    Method::GET,
-                    &format!("/v1/entitlements/{id}"),
-                    Some(ADMIN),
-                    None,
-                )
-                .await;
-            let used = view["features"]["api"]["used"].as_u64().expect("used");
+            let used = node.api_used(id).await.1.expect("used");
             assert!(used <= 120, "{id}: {used}");
             assert_eq!(used, granted[id.as_str()], "{id}: used vs granted");
         }
