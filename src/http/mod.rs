@@ -272,6 +272,7 @@ pub fn serve(
 ) -> std::io::Result<Server> {
     let limits = state.limits.clone();
     let gate = ConnectionGate::new(limits.max_connections);
+    let forwarding_on = state.forwarder.is_some();
     let server = HttpServer::new(move || {
         // Runs once on each worker thread as it starts: open this thread's
         // store connection now, so that the first calls do not pay for it.
@@ -309,7 +310,11 @@ pub fn serve(
                 }
             })
             .configure(routes)
-            .wrap(forwarding::Forwarding)
+            // Only with several nodes: alone, a request pays nothing for it.
+            .wrap(actix_web::middleware::Condition::new(
+                forwarding_on,
+                forwarding::Forwarding,
+            ))
     })
     .on_connect(move |_, ext| {
         ext.insert(gate.enter());
