@@ -36,7 +36,7 @@ fn json(c: &mut Criterion) {
         .into_iter()
         .map(|d| {
             let (_, req) = d.expect("valid event");
-            Ok(UsageReply {
+            batch::Slot::Decided(Ok(UsageReply {
                 decision: UsageDecision {
                     outcome: Outcome::Granted,
                     reason: None,
@@ -51,7 +51,7 @@ fn json(c: &mut Criterion) {
                     period_end: None,
                 },
                 replayed: false,
-            })
+            }))
         })
         .collect();
     g.bench_function("encode", |b| {

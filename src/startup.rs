@@ -165,7 +165,13 @@ impl Application {
             .local_addr()
             .map_err(|source| StartupError::Listen { addr, source })?
             .port();
-        let engine = Engine::new(wiring.store, wiring.clock, settings.engine.clone());
+        let mut engine_settings = settings.engine.clone();
+        engine_settings.among_nodes = nodes.is_some();
+        let engine = Engine::new(wiring.store, wiring.clock, engine_settings);
+        if let Some(m) = &nodes {
+            engine.on_fenced(m.renew_soon_handle());
+            actix_rt::spawn(hand_over_on_changes(engine.clone(), m.clone()));
+        }
         let dispatcher = match (&wiring.webhooks, wiring.dispatch) {
             (Some(hooks), true) => {
                 let mut webhooks = settings.webhooks.clone();
@@ -206,7 +212,10 @@ impl Application {
         show_next_step(&generated, &local_url(addr, port));
         tracing::info!(listen = %addr, port, workers, "headroom is listening");
         if wiring.signals {
-            actix_rt::spawn(stop_on_signals(server.handle()));
+            let leaving = nodes
+                .clone()
+                .map(|m| (m, settings.nodes.cluster_lease / 3 + LEAVE_MARGIN));
+            actix_rt::spawn(stop_on_signals(server.handle(), leaving));
         }
         Ok(Application {
             server,
@@ -243,6 +252,7 @@ impl Application {
             d.stop().await;
         }
         if let Some(n) = &self.nodes
+            && !n.has_left()
             && let Err(e) = n.leave().await
         {
             tracing::warn!(error = %chain(&e), "could not remove this node's registration; it runs out with its lease");
@@ -250,6 +260,35 @@ impl Application {
         self.engine.shutdown().await;
         tracing::info!("stopped");
         served
+    }
+}
+
+/// How long after a third of the lease a leaving node keeps serving: by
+/// then every other node has renewed, seen it gone, and stopped sending it
+/// calls.
+const LEAVE_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Each time the members change, lets go of the resident entitlements
+/// another node owns now (all of them once this node left).
+async fn hand_over_on_changes(engine: Engine, nodes: Membership) {
+    let mut changes = nodes.changes();
+    while changes.changed().await.is_ok() {
+        let view = changes.borrow_and_update().clone();
+        let left = nodes.has_left();
+        if view.members.is_empty() && !left {
+            // Not registered yet (or Redis unreachable): nobody else owns anything.
+            continue;
+        }
+        let me = nodes.me();
+        let moved =
+            engine.hand_over(|id| !left && view.owner(id.as_str()).is_some_and(|o| o.id == me));
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                members = view.members.len(),
+                "members changed; handed over the entitlements other nodes own now"
+            );
+        }
     }
 }
 
@@ -308,7 +347,7 @@ fn show_next_step(generated: &Generated, base: &str) {
 /// then the engine writes what it holds. A second signal exits at once:
 /// every call answered so far was durable, calls still in flight get no
 /// answer.
-async fn stop_on_signals(server: ServerHandle) {
+async fn stop_on_signals(server: ServerHandle, leaving: Option<(Membership, std::time::Duration)>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
@@ -325,7 +364,18 @@ async fn stop_on_signals(server: ServerHandle) {
         signal = name,
         "stopping: finishing the calls in flight (send it again to stop at once)"
     );
-    actix_rt::spawn(server.stop(true));
+    actix_rt::spawn(async move {
+        if let Some((nodes, grace)) = leaving {
+            // Leave first, then keep serving (sending calls on to their new
+            // owners) until every other node has seen this one gone.
+            if let Err(e) = nodes.leave().await {
+                tracing::warn!(error = %chain(&e), "could not remove this node's registration; it runs out with its lease");
+            }
+            tracing::info!(grace = ?grace, "left the cluster; serving until the other nodes have seen it");
+            tokio::time::sleep(grace).await;
+        }
+        server.stop(true).await;
+    });
     let name = tokio::select! {
         _ = int.recv() => "SIGINT",
         _ = term.recv() => "SIGTERM",

@@ -82,6 +82,11 @@ pub struct EngineSettings {
     /// CloudEvents `source`.
     #[arg(skip = String::from("headroom"))]
     pub source: String,
+    /// Other nodes may own entitlements of this store (set when the node
+    /// joins a cluster): a read answered from memory is checked against
+    /// the stored owner epoch first.
+    #[arg(skip = false)]
+    pub among_nodes: bool,
 }
 
 impl Default for EngineSettings {
@@ -281,11 +286,88 @@ impl Engine {
     }
 
     pub async fn get(&self, id: &EntitlementId) -> Result<EntitlementView, EngineError> {
-        self.call(id, Get).await.map(|v| *v)
+        self.read(id, Get, |e| Box::new(e.view())).await.map(|v| *v)
     }
 
     pub async fn seats(&self, id: &EntitlementId) -> Result<Vec<SeatView>, EngineError> {
-        self.call(id, ListSeats).await
+        self.read(id, ListSeats, |e| e.seat_list()).await
+    }
+
+    /// A read, as exact as a write. The actor answers from memory with the
+    /// owner epoch it holds. Alone, that is the answer. Among nodes,
+    /// another node may have taken the entitlement since (views of the
+    /// members disagree for a moment when one joins or leaves): every write
+    /// another node had acknowledged before this read began came after its
+    /// claim, which raised the stored epoch. So an unchanged stored epoch
+    /// means memory holds every acknowledged write; a changed one means the
+    /// stored state is read (without claiming it) and answered instead.
+    async fn read<R, T>(
+        &self,
+        id: &EntitlementId,
+        request: R,
+        answer: impl FnOnce(&crate::domain::Entitlement) -> T,
+    ) -> Result<T, EngineError>
+    where
+        R: Request<Answer = actor::Held<T>> + Clone,
+    {
+        let held = self.call(id, request).await?;
+        if !self.core.settings.among_nodes
+            || !matches!(held.result, Ok(_) | Err(EngineError::NotFound(_)))
+        {
+            return held.result;
+        }
+        if self.core.store.epoch(id).await? == held.epoch {
+            return held.result;
+        }
+        metrics::counter!("headroom_stale_reads_total").increment(1);
+        let peeked = self
+            .core
+            .store
+            .peek_many(std::slice::from_ref(id))
+            .await?
+            .pop()
+            .unwrap_or(Ok(None))?;
+        match peeked {
+            Some(mut e) => {
+                e.housekeeping(self.now(), &mut crate::domain::Effects::default());
+                Ok(answer(&e))
+            }
+            None => Err(EngineError::NotFound(id.clone())),
+        }
+    }
+
+    /// Lets go of the resident entitlements `keep` says no to (they moved
+    /// to another node): a live one writes what it holds and stops, a
+    /// dormant one is dropped. A call that meets one of them later starts
+    /// it again from the store. Answers how many were let go.
+    pub fn hand_over(&self, keep: impl Fn(&EntitlementId) -> bool) -> usize {
+        let mut drained = Vec::new();
+        let mut count = 0;
+        self.core.registry.retain(|id, resident| {
+            if keep(id) {
+                return true;
+            }
+            count += 1;
+            match resident {
+                registry::Resident::Live { addr, .. } => {
+                    drained.push(addr.clone());
+                    true
+                }
+                registry::Resident::Dormant(_) => false,
+            }
+        });
+        for addr in drained {
+            addr.do_send(Drain);
+        }
+        metrics::counter!("headroom_entitlements_handed_over_total").increment(count as u64);
+        count
+    }
+
+    /// Called (from an actor) each time a write is fenced: another node
+    /// took an entitlement this one thought it owned, so this node's view
+    /// of the members is probably behind.
+    pub fn on_fenced(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.core.on_fenced.set(Box::new(f));
     }
 
     /// Refuses new calls, waits until every resident entitlement has written

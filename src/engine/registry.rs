@@ -63,6 +63,8 @@ pub(crate) struct EngineCore {
     pub(crate) settings: EngineSettings,
     generation: AtomicU64,
     pub(crate) stopping: AtomicBool,
+    /// Told of every fenced write (see `Engine::on_fenced`).
+    pub(crate) on_fenced: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// The dormant-entitlement sweeper: started with the first call, told to
     /// stop and awaited by `shutdown`.
     sweeper: std::sync::Mutex<Option<SweeperHandle>>,
@@ -81,6 +83,7 @@ impl EngineCore {
             settings,
             generation: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            on_fenced: std::sync::OnceLock::new(),
             sweeper: std::sync::Mutex::new(None),
         }
     }

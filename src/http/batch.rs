@@ -62,11 +62,25 @@ pub fn decode(body: &[u8]) -> Result<Vec<DecodedEvent>, ApiError> {
         .collect())
 }
 
+/// One event's answer: decided here, or relayed as the node that owns
+/// its entitlement answered it.
+pub enum Slot {
+    Decided(Result<UsageReply, ApiError>),
+    Relayed(Box<RawValue>),
+}
+
+impl From<Result<UsageReply, EngineError>> for Slot {
+    fn from(r: Result<UsageReply, EngineError>) -> Self {
+        Slot::Decided(r.map_err(ApiError::from))
+    }
+}
+
 #[derive(Serialize)]
 #[serde(untagged)]
 enum BatchResult<'a> {
     Decision(&'a UsageDecision),
     Error { error: super::problem::Problem<'a> },
+    Relayed(&'a RawValue),
 }
 
 #[derive(Serialize)]
@@ -75,20 +89,63 @@ struct Results<'a> {
 }
 
 /// Encodes the results, one per event, in input order.
-pub fn encode(results: &[Result<UsageReply, ApiError>]) -> Result<Vec<u8>, serde_json::Error> {
+pub fn encode(results: &[Slot]) -> Result<Vec<u8>, serde_json::Error> {
     let slots = results
         .iter()
         .map(|r| match r {
-            Ok(reply) => BatchResult::Decision(&reply.decision),
-            Err(e) => BatchResult::Error { error: e.problem() },
+            Slot::Decided(Ok(reply)) => BatchResult::Decision(&reply.decision),
+            Slot::Decided(Err(e)) => BatchResult::Error { error: e.problem() },
+            Slot::Relayed(raw) => BatchResult::Relayed(raw),
         })
         .collect();
     serde_json::to_vec(&Results { results: slots })
 }
 
+#[derive(Serialize)]
+struct OutEvent<'a> {
+    entitlement: &'a EntitlementId,
+    feature: &'a FeatureKey,
+    amount: Amount,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<&'a IdempotencyKey>,
+}
+
+#[derive(Serialize)]
+struct OutBatch<'a> {
+    events: Vec<OutEvent<'a>>,
+}
+
+/// A batch body of `events` (one owner's part of a batch, sent on to it).
+pub fn encode_events<'a>(
+    events: impl IntoIterator<Item = &'a (EntitlementId, UsageRequest)>,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let events = events
+        .into_iter()
+        .map(|(id, r)| OutEvent {
+            entitlement: id,
+            feature: &r.feature,
+            amount: r.amount,
+            idempotency_key: r.idempotency_key.as_ref(),
+        })
+        .collect();
+    serde_json::to_vec(&OutBatch { events })
+}
+
+#[derive(Deserialize)]
+struct RelayedResults {
+    results: Vec<Box<RawValue>>,
+}
+
+/// The results of a batch answered by another node: `expected` slots, or
+/// `None` when its answer is not that.
+pub fn decode_results(body: &[u8], expected: usize) -> Option<Vec<Box<RawValue>>> {
+    let r: RelayedResults = serde_json::from_slice(body).ok()?;
+    (r.results.len() == expected).then_some(r.results)
+}
+
 /// The slots of a decoded batch while its valid events are with the engine.
 pub struct Pending {
-    slots: Vec<Option<Result<UsageReply, ApiError>>>,
+    slots: Vec<Option<Slot>>,
     valid_idx: Vec<usize>,
 }
 
@@ -104,24 +161,21 @@ pub fn split(decoded: Vec<DecodedEvent>) -> (Pending, Vec<(EntitlementId, UsageR
                 valid.push(ev);
                 slots.push(None);
             }
-            Err(e) => slots.push(Some(Err(e))),
+            Err(e) => slots.push(Some(Slot::Decided(Err(e)))),
         }
     }
     (Pending { slots, valid_idx }, valid)
 }
 
 impl Pending {
-    /// Puts the engine's answers for the valid events back into their slots.
-    pub fn fill(
-        mut self,
-        answers: Vec<Result<UsageReply, EngineError>>,
-    ) -> Vec<Result<UsageReply, ApiError>> {
+    /// Puts the answers for the valid events back into their slots.
+    pub fn fill(mut self, answers: impl IntoIterator<Item = Slot>) -> Vec<Slot> {
         for (i, r) in self.valid_idx.into_iter().zip(answers) {
-            self.slots[i] = Some(r.map_err(ApiError::from));
+            self.slots[i] = Some(r);
         }
         self.slots
             .into_iter()
-            .map(|s| s.unwrap_or_else(|| Err(ApiError::from(EngineError::ActorUnavailable))))
+            .map(|s| s.unwrap_or_else(|| Slot::Decided(Err(EngineError::ActorUnavailable.into()))))
             .collect()
     }
 }

@@ -1,5 +1,6 @@
 //! The middleware that sends a call for an entitlement another node owns
-//! on to that node ([`crate::nodes::forward`]), before routing.
+//! on to that node ([`crate::nodes::forward`]), before routing; and a
+//! batch of usage events split per owner ([`spread_batch`]).
 
 use std::rc::Rc;
 
@@ -10,8 +11,12 @@ use futures_util::StreamExt;
 use futures_util::future::{LocalBoxFuture, Ready, ready};
 
 use super::AppState;
+use super::batch::{self, Slot};
 use super::problem::{ApiError, Kind};
-use crate::nodes::forward::{ForwardError, Route};
+use crate::domain::EntitlementId;
+use crate::engine::UsageRequest;
+use crate::nodes::Member;
+use crate::nodes::forward::{FORWARDED_BY, ForwardError, Forwarder, Route};
 
 /// Wraps the application: see the module.
 pub struct Forwarding;
@@ -125,4 +130,133 @@ fn safe_again(req: &actix_web::HttpRequest, body: &[u8]) -> bool {
         .ok()
         .and_then(|v| v.get("idempotency_key").map(serde_json::Value::is_string))
         .unwrap_or(false)
+}
+
+/// The answers to a batch's valid events, in order: each owner's part sent
+/// on to it, all at once, this node's own part decided here meanwhile. A
+/// batch sent on by another node is decided here whole (one hop).
+pub(super) async fn spread_batch(
+    state: &AppState,
+    req: &actix_web::HttpRequest,
+    events: Vec<(EntitlementId, UsageRequest)>,
+) -> Vec<Slot> {
+    let forwarder = match &state.forwarder {
+        Some(f) if !req.headers().contains_key(FORWARDED_BY) => f,
+        _ => return slots(state.engine.consume_batch(events).await),
+    };
+    let mut here = Vec::new();
+    let mut away: std::collections::BTreeMap<String, (Member, Vec<usize>)> = Default::default();
+    for (i, (id, _)) in events.iter().enumerate() {
+        match forwarder.owner_elsewhere(id.as_str()) {
+            None => here.push(i),
+            Some(m) => away
+                .entry(m.id.clone())
+                .or_insert((m, Vec::new()))
+                .1
+                .push(i),
+        }
+    }
+    if away.is_empty() {
+        return slots(state.engine.consume_batch(events).await);
+    }
+    let events = &events;
+    let local = async move {
+        let part = here.iter().map(|&i| events[i].clone()).collect();
+        (here, slots(state.engine.consume_batch(part).await))
+    };
+    let parts = away.into_values().map(|(owner, idx)| async move {
+        let answers = send_part(state, forwarder, req, &owner, events, &idx).await;
+        (idx, answers)
+    });
+    let (local, remote) = futures_util::join!(local, futures_util::future::join_all(parts));
+    let mut out: Vec<Option<Slot>> = std::iter::repeat_with(|| None).take(events.len()).collect();
+    for (idx, answers) in std::iter::once(local).chain(remote) {
+        for (i, a) in idx.into_iter().zip(answers) {
+            out[i] = Some(a);
+        }
+    }
+    // Every index is in one part, which answers each of its events.
+    out.into_iter()
+        .map(|s| s.unwrap_or_else(|| Slot::from(Err(crate::engine::EngineError::ActorUnavailable))))
+        .collect()
+}
+
+fn slots(answers: Vec<Result<crate::engine::UsageReply, crate::engine::EngineError>>) -> Vec<Slot> {
+    answers.into_iter().map(Slot::from).collect()
+}
+
+/// One owner's part of a batch (the events at `idx`), sent on to it. If
+/// the owner cannot be reached, or is stopping, the part is decided here
+/// (the owner epoch fences the other's writes); if it was sent and no
+/// answer came, the keyed events are decided here (they replay what the
+/// owner wrote, if it did) and the others answer `outcome_unknown`.
+async fn send_part(
+    state: &AppState,
+    forwarder: &Forwarder,
+    req: &actix_web::HttpRequest,
+    owner: &Member,
+    events: &[(EntitlementId, UsageRequest)],
+    idx: &[usize],
+) -> Vec<Slot> {
+    let part = || idx.iter().map(|&i| events[i].clone()).collect::<Vec<_>>();
+    let body = match batch::encode_events(idx.iter().map(|&i| &events[i])) {
+        Ok(b) => b,
+        Err(e) => {
+            let e = ApiError::encoding(e);
+            return idx.iter().map(|_| Slot::Decided(Err(e.clone()))).collect();
+        }
+    };
+    let failure = match forwarder.forward_batch(owner, req, body.into()).await {
+        Ok((status, body)) if status.is_success() => {
+            match batch::decode_results(&body, idx.len()) {
+                Some(results) => return results.into_iter().map(Slot::Relayed).collect(),
+                None => format!(
+                    "the owner {} answered its part of the batch with something else than its results",
+                    owner.id
+                ),
+            }
+        }
+        Ok((status, _)) if status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE => {
+            // Stopping, or its Redis is out of reach: nothing was applied.
+            return slots(state.engine.consume_batch(part()).await);
+        }
+        Ok((_, body)) => {
+            // Refused as a whole (nothing applied): its problem in each slot.
+            let problem = std::str::from_utf8(&body)
+                .ok()
+                .filter(|b| {
+                    serde_json::from_str::<serde_json::Value>(b).is_ok_and(|v| v.is_object())
+                })
+                .and_then(|b| {
+                    serde_json::value::RawValue::from_string(format!(r#"{{"error":{b}}}"#)).ok()
+                });
+            match problem {
+                Some(p) => return idx.iter().map(|_| Slot::Relayed(p.clone())).collect(),
+                None => format!("the owner {} refused its part of the batch", owner.id),
+            }
+        }
+        Err(ForwardError::Unreachable { .. }) => {
+            return slots(state.engine.consume_batch(part()).await);
+        }
+        Err(e @ ForwardError::NoAnswer { .. }) => e.to_string(),
+    };
+    // Sent, outcome unknown: keyed events are safe to decide again here.
+    let (keyed, unkeyed): (Vec<usize>, Vec<usize>) =
+        (0..idx.len()).partition(|&j| events[idx[j]].1.idempotency_key.is_some());
+    let mut out: Vec<Option<Slot>> = std::iter::repeat_with(|| None).take(idx.len()).collect();
+    let again = keyed.iter().map(|&j| events[idx[j]].clone()).collect();
+    for (j, a) in keyed
+        .iter()
+        .zip(slots(state.engine.consume_batch(again).await))
+    {
+        out[*j] = Some(a);
+    }
+    let mut unknown = ApiError::new(Kind::OutcomeUnknown, failure);
+    unknown.retry_after = Some(1);
+    for j in unkeyed {
+        out[j] = Some(Slot::Decided(Err(unknown.clone())));
+    }
+    out.into_iter()
+        .map(|s| s.unwrap_or_else(|| Slot::Decided(Err(unknown.clone()))))
+        .collect()
 }

@@ -221,6 +221,7 @@ pub async fn record_usage(
 }
 
 pub async fn record_batch(
+    req: HttpRequest,
     _: Client,
     IdempotencyHeader(header): IdempotencyHeader,
     Body(body, ..): Body<Large>,
@@ -234,7 +235,7 @@ pub async fn record_batch(
         .into());
     }
     let (pending, valid) = batch::split(batch::decode(&body)?);
-    let results = pending.fill(state.engine.consume_batch(valid).await);
+    let results = pending.fill(super::forwarding::spread_batch(&state, &req, valid).await);
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(batch::encode(&results).map_err(ApiError::encoding)?))
@@ -289,6 +290,14 @@ pub async fn healthz() -> HttpResponse {
 }
 
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
+    if state.nodes.as_ref().is_some_and(|n| n.has_left()) {
+        let mut err = ApiError::new(
+            Kind::ShuttingDown,
+            "this node is stopping: it left the cluster and sends its calls on to the others",
+        );
+        err.retry_after = Some(1);
+        return Err(err);
+    }
     match state.engine.store().ping().await {
         Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))),
         Err(e) => {

@@ -102,26 +102,42 @@ impl Forwarder {
 
     /// Where `req` is served.
     pub fn route(&self, req: &ServiceRequest) -> Route {
-        if req.headers().contains_key(FORWARDED_BY) {
-            let given = req
-                .headers()
-                .get(NODE_SECRET)
-                .map(HeaderValue::as_bytes)
-                .unwrap_or_default();
-            return if bool::from(given.ct_eq(self.secret.0.as_bytes())) {
-                Route::Local
-            } else {
-                Route::Forged
-            };
-        }
         let Some(id) = entitlement_of(req.path()) else {
-            return Route::Local;
+            return self.marked(req).unwrap_or(Route::Local);
         };
-        let view = self.membership.view();
-        match view.owner(&id) {
-            Some(owner) if owner.id != self.membership.me() => Route::To(owner.clone()),
-            _ => Route::Local,
+        match self.marked(req) {
+            None => {}
+            // A node that left sends a call it was sent on once more (the
+            // sender had not seen it leave yet); a call sent on twice is
+            // served where it arrives, so calls never go round in circles.
+            Some(Route::Local) if self.membership.has_left() && !hopped_twice(req) => {}
+            Some(route) => return route,
         }
+        self.owner_elsewhere(&id).map_or(Route::Local, Route::To)
+    }
+
+    /// The live member that owns `id` when it is not this node.
+    pub fn owner_elsewhere(&self, id: &str) -> Option<Member> {
+        let view = self.membership.view();
+        view.owner(id)
+            .filter(|owner| owner.id != self.membership.me())
+            .cloned()
+    }
+
+    /// `None` for a call from a client; for one marked as sent on by a
+    /// node, `Local` when it carries the cluster secret, else `Forged`.
+    fn marked(&self, req: &ServiceRequest) -> Option<Route> {
+        req.headers().get(FORWARDED_BY)?;
+        let given = req
+            .headers()
+            .get(NODE_SECRET)
+            .map(HeaderValue::as_bytes)
+            .unwrap_or_default();
+        Some(if bool::from(given.ct_eq(self.secret.0.as_bytes())) {
+            Route::Local
+        } else {
+            Route::Forged
+        })
     }
 
     /// Sends the call (`req` and its `body`) to `owner` and answers what
@@ -132,54 +148,12 @@ impl Forwarder {
         req: &HttpRequest,
         body: Bytes,
     ) -> Result<HttpResponse, ForwardError> {
-        let started = Instant::now();
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let url = format!("http://{}{path}", owner.address);
         let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
             .unwrap_or(reqwest::Method::GET);
-        let mut out = self.client.request(method, &url).body(body);
-        for (name, value) in req.headers() {
-            if !HOP_BY_HOP.contains(&name.as_str()) && name != NODE_SECRET {
-                out = out.header(name.as_str(), value.as_bytes());
-            }
-        }
-        out = out
-            .header(FORWARDED_BY, self.membership.me())
-            .header(NODE_SECRET, &*self.secret.0);
-        let outcome = |o: &'static str| {
-            metrics::counter!("headroom_forwards_total", "outcome" => o).increment(1);
-            metrics::histogram!("headroom_forward_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-        };
-        let sent = match out.send().await {
-            Ok(r) => r,
-            Err(source) => {
-                let unreachable = source.is_connect();
-                outcome(if unreachable {
-                    "unreachable"
-                } else {
-                    "no_answer"
-                });
-                let (node, address) = (owner.id.clone(), owner.address.clone());
-                return Err(if unreachable {
-                    ForwardError::Unreachable {
-                        node,
-                        address,
-                        source,
-                    }
-                } else {
-                    ForwardError::NoAnswer {
-                        node,
-                        address,
-                        source,
-                    }
-                });
-            }
-        };
-        let status = StatusCode::from_u16(sent.status().as_u16())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let (status, headers, body) = self.exchange(owner, method, path, req, body).await?;
         let mut answer = HttpResponse::build(status);
-        for (name, value) in sent.headers() {
+        for (name, value) in &headers {
             if HOP_BY_HOP.contains(&name.as_str()) {
                 continue;
             }
@@ -190,17 +164,93 @@ impl Forwarder {
                 answer.append_header((n, v));
             }
         }
-        let body = sent.bytes().await.map_err(|source| {
-            outcome("no_answer");
-            ForwardError::NoAnswer {
-                node: owner.id.clone(),
-                address: owner.address.clone(),
-                source,
-            }
-        })?;
-        outcome("answered");
         Ok(answer.body(body))
     }
+
+    /// Sends one owner's part of a batch (`body`, a batch of its events)
+    /// as a `POST /v1/usage/batch` with the client's headers of `req`, and
+    /// answers the owner's status and body.
+    pub async fn forward_batch(
+        &self,
+        owner: &Member,
+        req: &HttpRequest,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ForwardError> {
+        let (status, _, body) = self
+            .exchange(owner, reqwest::Method::POST, "/v1/usage/batch", req, body)
+            .await?;
+        Ok((status, body))
+    }
+
+    /// One exchange with `owner`: the call with the headers of `req` (but
+    /// those of its connection), marked and authenticated; the answer read
+    /// whole.
+    async fn exchange(
+        &self,
+        owner: &Member,
+        method: reqwest::Method,
+        path: &str,
+        req: &HttpRequest,
+        body: Bytes,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes), ForwardError> {
+        let started = Instant::now();
+        let url = format!("http://{}{path}", owner.address);
+        let mut out = self.client.request(method, &url).body(body);
+        for (name, value) in req.headers() {
+            if !HOP_BY_HOP.contains(&name.as_str()) && name != NODE_SECRET && name != FORWARDED_BY {
+                out = out.header(name.as_str(), value.as_bytes());
+            }
+        }
+        // The nodes it went through, this one first.
+        let by = match req
+            .headers()
+            .get(FORWARDED_BY)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(earlier) => format!("{}, {earlier}", self.membership.me()),
+            None => self.membership.me().to_string(),
+        };
+        out = out
+            .header(FORWARDED_BY, by)
+            .header(NODE_SECRET, &*self.secret.0);
+        let outcome = |o: &'static str| {
+            metrics::counter!("headroom_forwards_total", "outcome" => o).increment(1);
+            metrics::histogram!("headroom_forward_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+        };
+        let failed = |source: reqwest::Error| {
+            let (node, address) = (owner.id.clone(), owner.address.clone());
+            if source.is_connect() {
+                outcome("unreachable");
+                ForwardError::Unreachable {
+                    node,
+                    address,
+                    source,
+                }
+            } else {
+                outcome("no_answer");
+                ForwardError::NoAnswer {
+                    node,
+                    address,
+                    source,
+                }
+            }
+        };
+        let sent = out.send().await.map_err(failed)?;
+        let status = StatusCode::from_u16(sent.status().as_u16())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = sent.headers().clone();
+        let body = sent.bytes().await.map_err(failed)?;
+        outcome("answered");
+        Ok((status, headers, body))
+    }
+}
+
+/// Whether a call went through two nodes already.
+fn hopped_twice(req: &ServiceRequest) -> bool {
+    req.headers()
+        .get(FORWARDED_BY)
+        .is_some_and(|v| v.as_bytes().contains(&b','))
 }
 
 /// The entitlement a path is about: `/v1/entitlements/{id}` and below

@@ -135,19 +135,22 @@ impl View {
     }
 }
 
-/// Registers, renews and leaves; the members, for routing.
+/// Registers or renews this node (`ARGV[4]` = `1`; `0` after it left:
+/// only reads), drops the members whose lease ran out, answers the live ones.
 const REGISTER_LUA: &str = r#"#!lua
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-local known = redis.call('HGET', KEYS[1], ARGV[1])
-local since = now
-if known then
-  since = cjson.decode(known)['since_ms'] or now
-end
-local mine = cjson.encode({address = ARGV[2], since_ms = since})
-if mine ~= known then
-  redis.call('HSET', KEYS[1], ARGV[1], mine)
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+  local known = redis.call('HGET', KEYS[1], ARGV[1])
+  local since = now
+  if known then
+    since = cjson.decode(known)['since_ms'] or now
+  end
+  local mine = cjson.encode({address = ARGV[2], since_ms = since})
+  if mine ~= known then
+    redis.call('HSET', KEYS[1], ARGV[1], mine)
+  end
 end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for _, id in ipairs(dead) do
@@ -191,7 +194,17 @@ struct Inner {
     lease: Duration,
     timeout: Duration,
     view: watch::Sender<Arc<View>>,
+    /// Set by [`Membership::leave`]: the renewals only read from then on.
+    left: std::sync::atomic::AtomicBool,
+    /// Wakes the renewals before their time (see [`Membership::renew_soon`]).
+    soon: Arc<tokio::sync::Notify>,
+    /// Held by a renewal and by leaving, so that a renewal under way cannot
+    /// register the node again after it left.
+    renewing: tokio::sync::Mutex<()>,
 }
+
+/// Least time between two renewals asked for by [`Membership::renew_soon`].
+const SOONEST: Duration = Duration::from_millis(100);
 
 impl Membership {
     /// Registers this node (id `me`, reachable at `address`) in the
@@ -218,6 +231,9 @@ impl Membership {
             lease,
             timeout,
             view,
+            left: Default::default(),
+            soon: Arc::new(tokio::sync::Notify::new()),
+            renewing: tokio::sync::Mutex::new(()),
         });
         let mut failing = match inner.renew().await {
             Ok(()) => false,
@@ -227,13 +243,17 @@ impl Membership {
             }
         };
         let weak = Arc::downgrade(&inner);
+        let soon = inner.soon.clone();
         actix_rt::spawn(async move {
             loop {
                 let every = match weak.upgrade() {
                     Some(i) => i.lease / 3,
                     None => return,
                 };
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = soon.notified() => tokio::time::sleep(SOONEST).await,
+                }
                 let Some(inner) = weak.upgrade() else { return };
                 match inner.renew().await {
                     Ok(()) if failing => {
@@ -267,10 +287,44 @@ impl Membership {
         self.inner.view.subscribe()
     }
 
-    /// Removes this node's registration (a graceful stop); the renewals end
+    /// Renews (and reads the members) now rather than at the next
+    /// third of the lease, at most every 100 ms: something suggests this
+    /// node's view is behind (a write of it was fenced).
+    pub fn renew_soon(&self) {
+        self.inner.soon.notify_one();
+    }
+
+    /// A handle that asks for [`Membership::renew_soon`] without keeping
+    /// the membership alive.
+    pub fn renew_soon_handle(&self) -> impl Fn() + Send + Sync + 'static {
+        let soon = self.inner.soon.clone();
+        move || soon.notify_one()
+    }
+
+    /// Whether this node left (it is stopping).
+    pub fn has_left(&self) -> bool {
+        self.inner.left.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Removes this node's registration (a graceful stop) and takes it out
+    /// of its own view at once, so that it sends every call on to the
+    /// remaining members; the renewals only read from then on, and end
     /// when the last handle is dropped.
     pub async fn leave(&self) -> Result<(), MembershipError> {
         let i = &self.inner;
+        let _renewing = i.renewing.lock().await;
+        i.left.store(true, std::sync::atomic::Ordering::Relaxed);
+        i.view.send_if_modified(|view| {
+            let before = view.members.len();
+            let rest: Vec<Member> = view
+                .members
+                .iter()
+                .filter(|m| m.id != i.me)
+                .cloned()
+                .collect();
+            *view = Arc::new(View { members: rest });
+            view.members.len() != before
+        });
         let mut pipe = redis::pipe();
         pipe.cmd("ZREM").arg(&i.leases).arg(&i.me).ignore();
         pipe.cmd("HDEL").arg(&i.registry).arg(&i.me).ignore();
@@ -282,6 +336,7 @@ impl Membership {
 impl Inner {
     /// Renews this node's lease and reads the live members.
     async fn renew(&self) -> Result<(), MembershipError> {
+        let _renewing = self.renewing.lock().await;
         let mut pipe = redis::pipe();
         pipe.cmd("EVAL")
             .arg(REGISTER_LUA)
@@ -290,12 +345,21 @@ impl Inner {
             .arg(&self.leases)
             .arg(&self.me)
             .arg(&self.address)
-            .arg(self.lease.as_millis() as u64);
+            .arg(self.lease.as_millis() as u64)
+            .arg(if self.left.load(std::sync::atomic::Ordering::Relaxed) {
+                "0"
+            } else {
+                "1"
+            });
         let (reply,): (Vec<Value>,) = self
             .link
             .query("node registry", self.timeout, &pipe)
             .await?;
-        let members = parse_members(&reply)?;
+        let mut members = parse_members(&reply)?;
+        if self.left.load(std::sync::atomic::Ordering::Relaxed) {
+            // Its registration may outlive a failed leave: never its own owner again.
+            members.retain(|m| m.id != self.me);
+        }
         let view = Arc::new(View { members });
         self.view.send_if_modified(|old| {
             let changed = old

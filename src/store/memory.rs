@@ -171,6 +171,10 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn epoch(&self, id: &EntitlementId) -> Result<u64, StoreError> {
+        Ok(self.lock().entries.get(id).map_or(0, |e| e.epoch))
+    }
+
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
         let mut guard = self.lock();
         let inner = &mut *guard;

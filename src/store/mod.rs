@@ -199,6 +199,10 @@ pub trait Store: Send + Sync + 'static {
     async fn settle(&self, id: &EntitlementId) -> Result<Loaded, StoreError> {
         self.load(id).await
     }
+    /// The owner epoch stored now, read without claiming: a node checks
+    /// that nobody took an entitlement since it last wrote or read it
+    /// before it answers a read from memory (`0` when none was ever set).
+    async fn epoch(&self, id: &EntitlementId) -> Result<u64, StoreError>;
     /// Applies one entitlement's change atomically.
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError>;
     /// Whether the store answers (for `/readyz`).

@@ -217,6 +217,30 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[],
     },
     MetricDef {
+        name: "headroom_claims_total",
+        kind: MetricKind::Counter,
+        help: "Owner-epoch claims: an entitlement this node read from the store (or created) and now owns. In steady state ~0; each one fences whatever another node still holds of it.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_fenced_writes_total",
+        kind: MetricKind::Counter,
+        help: "Writes refused because another node claimed the entitlement since this one read it: nothing was written; its calls were decided again on the stored state.",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_stale_reads_total",
+        kind: MetricKind::Counter,
+        help: "Reads that found another node had claimed the entitlement since this one read it, and were answered from the stored state instead of memory (among nodes).",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_entitlements_handed_over_total",
+        kind: MetricKind::Counter,
+        help: "Resident entitlements this node let go of because the members changed and another node owns them now (or this node is leaving).",
+        labels: &[],
+    },
+    MetricDef {
         name: "headroom_entitlements_in_memory",
         kind: MetricKind::Gauge,
         help: "Entitlements in memory: with an actor, or dormant (idle, state kept).",

@@ -286,6 +286,9 @@ impl headroom::store::Store for CountingStore {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.load(id).await
     }
+    async fn epoch(&self, id: &EntitlementId) -> Result<u64, headroom::store::StoreError> {
+        self.inner.epoch(id).await
+    }
     async fn commit(
         &self,
         commit: headroom::store::Commit,

@@ -227,12 +227,21 @@ impl EntitlementActor {
         };
         let epoch = match res {
             Ok(CommitOutcome::Applied { epoch }) => epoch,
-            Ok(CommitOutcome::Fenced) => return self.not_written(inflight, None, ctx),
+            Ok(CommitOutcome::Fenced) => {
+                metrics::counter!("headroom_fenced_writes_total").increment(1);
+                if let Some(f) = self.core.on_fenced.get() {
+                    f();
+                }
+                return self.not_written(inflight, None, ctx);
+            }
             Ok(CommitOutcome::KeysExist(found)) => {
                 return self.not_written(inflight, Some(found), ctx);
             }
             Err(e) => return self.write_failed(e, inflight, ctx),
         };
+        if epoch != self.epoch {
+            metrics::counter!("headroom_claims_total").increment(1);
+        }
         self.epoch = epoch;
         self.claimed = true;
         telemetry::engine::events_published(&inflight.event_kinds);
@@ -397,6 +406,9 @@ impl EntitlementActor {
                     w.fail(&e);
                 }
             }
+        }
+        if loaded.claimed {
+            metrics::counter!("headroom_claims_total").increment(1);
         }
         self.epoch = loaded.epoch;
         self.claimed = loaded.claimed;

@@ -15,7 +15,7 @@ mod idempotency;
 mod requests;
 
 pub(crate) use requests::{
-    Activate, Call, Configure, Consume, ConsumeBatch, Delete, Drain, Get, ListSeats, Release,
+    Activate, Call, Configure, Consume, ConsumeBatch, Delete, Drain, Get, Held, ListSeats, Release,
     Request, Sweep,
 };
 

@@ -80,6 +80,15 @@ pub(crate) struct ListSeats;
 #[derive(Clone, Debug)]
 pub(crate) struct Sweep;
 
+/// A read's answer (an entitlement that does not exist is an answer too),
+/// with the owner epoch the actor held when it read: the engine checks it
+/// against the store's before it trusts what memory said (another node may
+/// have taken the entitlement since).
+pub(crate) struct Held<T> {
+    pub result: Result<T, EngineError>,
+    pub epoch: u64,
+}
+
 /// Asks the actor to write what it holds and stop (graceful shutdown);
 /// answered when it has stopped.
 pub(crate) struct Drain;
@@ -177,28 +186,34 @@ impl Request for Delete {
 }
 
 impl Request for Get {
-    type Answer = Box<EntitlementView>;
+    type Answer = Held<Box<EntitlementView>>;
     fn apply(
         &self,
         act: &mut EntitlementActor,
         now: DateTime<Utc>,
     ) -> Result<Self::Answer, EngineError> {
-        let (e, fx) = act.state_and_effects()?;
-        e.housekeeping(now, fx);
-        Ok(Box::new(e.view()))
+        let epoch = act.epoch;
+        let result = act.state_and_effects().map(|(e, fx)| {
+            e.housekeeping(now, fx);
+            Box::new(e.view())
+        });
+        Ok(Held { result, epoch })
     }
 }
 
 impl Request for ListSeats {
-    type Answer = Vec<SeatView>;
+    type Answer = Held<Vec<SeatView>>;
     fn apply(
         &self,
         act: &mut EntitlementActor,
         now: DateTime<Utc>,
-    ) -> Result<Vec<SeatView>, EngineError> {
-        let (e, fx) = act.state_and_effects()?;
-        e.housekeeping(now, fx);
-        Ok(e.seat_list())
+    ) -> Result<Self::Answer, EngineError> {
+        let epoch = act.epoch;
+        let result = act.state_and_effects().map(|(e, fx)| {
+            e.housekeeping(now, fx);
+            e.seat_list()
+        });
+        Ok(Held { result, epoch })
     }
 }
 

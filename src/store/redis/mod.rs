@@ -214,6 +214,10 @@ impl Store for RedisStore {
             .await
     }
 
+    async fn epoch(&self, id: &EntitlementId) -> Result<u64, StoreError> {
+        self.read_epoch(id).await
+    }
+
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         let budget = self.core.settings.redis_timeout * 3 / 4;

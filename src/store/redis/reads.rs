@@ -357,6 +357,19 @@ impl RedisStore {
             .collect())
     }
 
+    pub(super) async fn read_epoch(&self, id: &EntitlementId) -> Result<u64, StoreError> {
+        let key = self.core.keys.epoch(id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&key);
+        let (epoch,): (Option<String>,) = self.read("epoch", &pipe).await?;
+        match epoch {
+            None => Ok(0),
+            Some(e) => e
+                .parse()
+                .map_err(|_| StoreError::corrupt(id, format!("epoch {e:?}"), None)),
+        }
+    }
+
     pub(super) async fn read_periods(
         &self,
         id: &EntitlementId,
