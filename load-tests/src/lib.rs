@@ -56,7 +56,21 @@ pub struct Spec {
     /// Entitlement ids are `{prefix}-{n}`.
     pub prefix: String,
     pub progress: bool,
+    /// When not empty, each user sends its calls round robin over these
+    /// (several nodes, as a round-robin balancer would) instead of `addr`.
+    pub spread: Vec<SocketAddr>,
+    /// Usage calls carry an idempotency key of their own, and a call whose
+    /// outcome is unknown (no answer, a 5xx) is sent again with its key, to
+    /// the next address, until it is answered (at most `KEYED_RETRIES`
+    /// times): every call is resolved, and the ledger must be exact.
+    pub keyed: bool,
+    /// A call not answered within this is given up (its connection
+    /// dropped) and counted as a transport error; `None` waits.
+    pub timeout: Option<Duration>,
 }
+
+/// How often a keyed call whose outcome is unknown is sent again.
+pub const KEYED_RETRIES: usize = 200;
 
 /// Limits each entitlement is configured with by [`setup`].
 pub const INCLUDED: u64 = 1_000_000_000;
@@ -362,6 +376,19 @@ pub struct Tally {
     cap_violations: u64,
 }
 
+impl Tally {
+    /// Calls whose outcome the client never learned (with `keyed`, those
+    /// still unknown after every retry).
+    pub fn unknown_total(&self) -> u64 {
+        self.unknown.iter().sum()
+    }
+
+    /// Usage units acknowledged, over all entitlements.
+    pub fn acked_total(&self) -> u64 {
+        self.acked.iter().sum()
+    }
+}
+
 fn tally(c: &Counts) -> Tally {
     Tally {
         acked: c.acked.iter().map(|a| a.load(Ordering::Relaxed)).collect(),
@@ -445,9 +472,18 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
         .rate
         .map(|r| Duration::from_secs_f64(spec.connections as f64 / r.max(1.0)));
     let start = Instant::now();
-    let mut conn: Option<Conn> = None;
+    let addrs = if spec.spread.is_empty() {
+        vec![spec.addr]
+    } else {
+        spec.spread.clone()
+    };
+    let mut conns: Vec<Option<Conn>> = addrs.iter().map(|_| None).collect();
+    let mut turn = index;
     let mut k: u32 = 0;
-    while !shared.stop.load(Ordering::Relaxed) {
+    // A keyed call whose outcome is unknown: sent again before the next.
+    let mut again: Option<(usize, Bytes, usize)> = None;
+    let mut sent: u64 = 0;
+    while !shared.stop.load(Ordering::Relaxed) || again.is_some() {
         // Open-loop pacing: a slow answer is not hidden by sending the next
         // request late.
         // When the client is behind schedule (a slow answer), latency counts
@@ -467,20 +503,40 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
             }
             None => Instant::now(),
         };
+        turn = (turn + 1) % addrs.len();
+        let conn = &mut conns[turn];
         if conn.is_none() {
-            match Conn::open(spec.addr).await {
-                Ok(c) => conn = Some(c),
+            match Conn::open(addrs[turn]).await {
+                Ok(c) => *conn = Some(c),
                 Err(_) => {
                     stats.transport_errors += 1;
                     shared.errors.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if addrs.len() == 1 {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     continue;
                 }
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        let e = pick(&mut rng);
+        let e = match &again {
+            Some((e, ..)) => *e,
+            None => pick(&mut rng),
+        };
         let (method, path, body, events): (&str, String, Bytes, Vec<usize>) = match spec.scenario {
+            Scenario::Usage if spec.keyed => {
+                let body = match &again {
+                    Some((_, body, _)) => body.clone(),
+                    None => {
+                        sent += 1;
+                        Bytes::from(format!(
+                            r#"{{"feature":"api","amount":1,"idempotency_key":"{}-{index}-{sent}"}}"#,
+                            spec.seed
+                        ))
+                    }
+                };
+                ("POST", usage_paths[e].clone(), body, vec![e])
+            }
             Scenario::Usage => ("POST", usage_paths[e].clone(), usage_body.clone(), vec![e]),
             Scenario::Batch => {
                 let events: Vec<usize> = (0..spec.batch_size).map(|_| pick(&mut rng)).collect();
@@ -514,7 +570,35 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
                 (method, path, Bytes::new(), vec![])
             }
         };
-        let result = c.call(method, &path, token.as_deref(), body).await;
+        let call = c.call(method, &path, token.as_deref(), body.clone());
+        let result = match spec.timeout {
+            Some(t) => tokio::time::timeout(t, call)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {t:?}"))),
+            None => call.await,
+        };
+        if spec.keyed && spec.scenario == Scenario::Usage {
+            let unknown = match &result {
+                Ok((status, _)) => *status >= 500,
+                Err(_) => true,
+            };
+            if result.is_err() {
+                *conn = None;
+            }
+            let tries = again.as_ref().map_or(0, |(.., t)| *t);
+            if unknown && tries < KEYED_RETRIES {
+                if result.is_err() {
+                    stats.transport_errors += 1;
+                } else {
+                    stats.http_errors += 1;
+                }
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                again = Some((e, body, tries + 1));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            again = None;
+        }
         let us = due.elapsed().as_micros() as u64;
         let _ = stats.latency.record(us.max(1));
         stats.requests += 1;
@@ -567,7 +651,7 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
                 for ev in &events {
                     shared.counts.unknown[*ev].fetch_add(1, Ordering::Relaxed);
                 }
-                conn = None;
+                conns[turn] = None;
             }
         }
     }

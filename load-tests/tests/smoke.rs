@@ -47,6 +47,9 @@ async fn every_scenario_runs_and_its_ledger_holds() {
             seed: 1,
             prefix: "smoke".into(),
             progress: false,
+            spread: Vec::new(),
+            keyed: false,
+            timeout: None,
         };
         setup(&spec).await.expect("setup");
         let before = read_used(&spec).await.expect("read");

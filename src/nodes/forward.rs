@@ -40,12 +40,20 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
+/// How long calls for a member's share are served here after a call sent
+/// to it found it unreachable or got no answer: a paused or overloaded
+/// node costs one forward timeout per second, not one per call (the owner
+/// epoch fences whichever write comes second).
+const SUSPECT_FOR: Duration = Duration::from_secs(1);
+
 /// Sends calls on to their owners.
 #[derive(Clone)]
 pub struct Forwarder {
     membership: Membership,
     secret: Secret,
     client: reqwest::Client,
+    /// Members that failed a forward lately, and until when they are passed over.
+    suspects: std::sync::Arc<dashmap::DashMap<String, Instant>>,
 }
 
 /// Where a call is served.
@@ -97,6 +105,7 @@ impl Forwarder {
             membership,
             secret,
             client,
+            suspects: Default::default(),
         })
     }
 
@@ -116,12 +125,22 @@ impl Forwarder {
         self.owner_elsewhere(&id).map_or(Route::Local, Route::To)
     }
 
-    /// The live member that owns `id` when it is not this node.
+    /// The live member that owns `id` when it is not this node (nor a
+    /// member that failed a forward in the last second: then `None`, and
+    /// the call is served here).
     pub fn owner_elsewhere(&self, id: &str) -> Option<Member> {
         let view = self.membership.view();
-        view.owner(id)
-            .filter(|owner| owner.id != self.membership.me())
-            .cloned()
+        let owner = view.owner(id).filter(|o| o.id != self.membership.me())?;
+        if let Some(until) = self.suspects.get(&owner.id).map(|u| *u) {
+            if Instant::now() < until {
+                metrics::counter!("headroom_forwards_total", "outcome" => "passed_over")
+                    .increment(1);
+                return None;
+            }
+            self.suspects
+                .remove_if(&owner.id, |_, u| *u <= Instant::now());
+        }
+        Some(owner.clone())
     }
 
     /// `None` for a call from a client; for one marked as sent on by a
@@ -220,6 +239,13 @@ impl Forwarder {
         };
         let failed = |source: reqwest::Error| {
             let (node, address) = (owner.id.clone(), owner.address.clone());
+            if self
+                .suspects
+                .insert(node.clone(), Instant::now() + SUSPECT_FOR)
+                .is_none()
+            {
+                tracing::warn!(node = %node, address = %address, error = %source, "a call sent on to its owner failed; serving its share here for a second");
+            }
             if source.is_connect() {
                 outcome("unreachable");
                 ForwardError::Unreachable {

@@ -135,10 +135,10 @@ pub const METRICS: &[MetricDef] = &[
     MetricDef {
         name: "headroom_forwards_total",
         kind: MetricKind::Counter,
-        help: "Calls sent on to the node that owns their entitlement, by outcome: answered (the owner's answer relayed), unreachable (nothing sent; served here), no_answer (sent, no answer in --forward-timeout: served here when it can be applied again, else answered 504).",
+        help: "Calls for an entitlement another node owns, by outcome: answered (sent on, the owner's answer relayed), unreachable (nothing sent; served here), no_answer (sent, no answer in --forward-timeout: served here when it can be applied again, else answered 504), passed_over (not sent: the owner failed a call in the last second; served here).",
         labels: &[LabelDef::fixed(
             "outcome",
-            &["answered", "unreachable", "no_answer"],
+            &["answered", "unreachable", "no_answer", "passed_over"],
         )],
     },
     MetricDef {

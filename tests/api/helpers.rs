@@ -352,13 +352,9 @@ impl TrackerProcess {
     /// On the Redis `env` names (`HEADROOM_REDIS_CLUSTER`, say), with the
     /// test tokens.
     pub fn spawn_env(env: &[(&str, &str)]) -> Self {
-        let mut all = vec![
-            ("HEADROOM_ADMIN_TOKENS", ADMIN),
-            ("HEADROOM_CLIENT_TOKENS", CLIENT),
-            ("HEADROOM_REDIS_TIMEOUT", "2s"),
-        ];
-        all.extend_from_slice(env);
-        Self::spawn(&all)
+        let mut t = Self::unstarted_env(env);
+        t.restart();
+        t
     }
 
     /// One call: its status and JSON body (the text when it is not JSON).
@@ -389,6 +385,35 @@ impl TrackerProcess {
             .send(reqwest::Method::GET, &path, Some(ADMIN), None)
             .await;
         (status, view["features"]["api"]["used"].as_u64())
+    }
+
+    /// As [`TrackerProcess::spawn_env`], not started yet (its port chosen):
+    /// [`TrackerProcess::restart`] starts it.
+    pub fn unstarted_env(env: &[(&str, &str)]) -> Self {
+        let mut all = vec![
+            ("HEADROOM_ADMIN_TOKENS", ADMIN),
+            ("HEADROOM_CLIENT_TOKENS", CLIENT),
+            ("HEADROOM_REDIS_TIMEOUT", "2s"),
+        ];
+        all.extend_from_slice(env);
+        let inner = headroom_test_support::Tracker::unstarted(
+            env!("CARGO_BIN_EXE_headroom").as_ref(),
+            &all,
+        );
+        TrackerProcess {
+            base: format!("http://{}", inner.addr()),
+            inner,
+            client: http_client(),
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.inner.addr()
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`) without waiting.
+    pub fn signal(&self, sig: &str) {
+        self.inner.signal(sig);
     }
 
     fn spawn(env: &[(&str, &str)]) -> Self {

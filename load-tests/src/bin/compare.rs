@@ -161,6 +161,9 @@ impl Bench<'_> {
             seed: 42,
             prefix: "bench".into(),
             progress: false,
+            spread: Vec::new(),
+            keyed: false,
+            timeout: None,
         }
     }
 

@@ -109,6 +109,9 @@ fn main() -> anyhow::Result<()> {
             seed: args.seed,
             prefix: args.prefix,
             progress: true,
+            spread: Vec::new(),
+            keyed: false,
+            timeout: None,
         };
         if !args.no_setup {
             println!(

@@ -152,6 +152,9 @@ async fn measure(
         seed: 42,
         prefix: "bench".into(),
         progress: false,
+        spread: Vec::new(),
+        keyed: false,
+        timeout: None,
     };
     setup(&spec).await?;
     let before = read_used(&spec).await?;

@@ -177,7 +177,15 @@ impl Tracker {
     /// Starts `bin` with `HEADROOM_*` settings `env` (the listen address is
     /// added) and waits until `/readyz` answers 200.
     pub fn start(bin: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut tracker = Tracker {
+        let mut tracker = Tracker::unstarted(bin, env);
+        tracker.spawn()?;
+        Ok(tracker)
+    }
+
+    /// As [`Tracker::start`], but not started yet: its port is chosen, and
+    /// [`Tracker::restart`] starts it (a node a test adds later).
+    pub fn unstarted(bin: &Path, env: &[(&str, &str)]) -> Self {
+        Tracker {
             bin: bin.to_path_buf(),
             env: env
                 .iter()
@@ -185,9 +193,14 @@ impl Tracker {
                 .collect(),
             port: free_port(),
             child: None,
-        };
-        tracker.spawn()?;
-        Ok(tracker)
+        }
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`) without waiting for anything.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            signal(c, sig);
+        }
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
