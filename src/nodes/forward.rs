@@ -3,13 +3,15 @@
 //! the client's token and idempotency key with it), and its answer is
 //! relayed as it is. The hop is marked with this node's id and
 //! authenticated with the cluster secret; the owner serves a marked call
-//! itself, whatever its own view of the members, so a call is never sent on
-//! twice. If the owner cannot be reached at all (nothing was sent), this
-//! node serves the call: the owner epoch fences whichever of the two writes
-//! second. If it was sent and no answer came, a call that can be applied
-//! again without a second effect is served here (see
-//! `http/forwarding.rs`); one that cannot (usage without an idempotency
-//! key) answers `504`: its outcome is unknown.
+//! itself, whatever its own view of the members (a node that left sends it
+//! on once more; never a third time), so calls never go round in circles.
+//! If the owner cannot be reached at all (nothing was sent), this node
+//! serves the call: the owner epoch fences whichever of the two writes
+//! second; so it does for a second after a forward to that owner failed.
+//! If it was sent and no answer came, a call that can be applied again
+//! without a second effect is served here (see `http/forwarding.rs`); one
+//! that cannot (usage without an idempotency key) answers `504`: its
+//! outcome is unknown.
 
 use std::time::{Duration, Instant};
 

@@ -27,6 +27,10 @@ async fn members(node: &TrackerProcess) -> Value {
     body
 }
 
+fn ids_of(view: &Value) -> Vec<String> {
+    ids(view)
+}
+
 fn ids(view: &Value) -> Vec<String> {
     view["members"]
         .as_array()
@@ -611,4 +615,93 @@ async fn a_read_answers_what_another_node_wrote_behind_its_back() {
             .any(|l| l.starts_with("headroom_stale_reads_total") && !l.ends_with(" 0")),
         "{text}"
     );
+}
+
+/// A batch of events of many entitlements sent to one node is split per
+/// owner, the parts sent on at once, and answered in input order; sent
+/// again, its keyed events replay and nothing is counted twice.
+#[actix_rt::test]
+async fn a_batch_is_split_per_owner_and_answered_in_order() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis), node(&redis), node(&redis)];
+    until_members(&[&nodes[0], &nodes[1], &nodes[2]], 3).await;
+    let ids: Vec<String> = (0..30).map(|i| format!("b-{i}")).collect();
+    for id in &ids {
+        let (status, _) = nodes[0]
+            .send(
+                Method::PUT,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                Some(r#"{"features": {"api": {"included": 8, "hard_cap": 9}}}"#),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    // Ten keyed events per entitlement, interleaved, then one for an
+    // entitlement nobody created and one that is malformed.
+    let mut events: Vec<String> = (0..300)
+        .map(|n| {
+            format!(
+                r#"{{"entitlement": "{}", "feature": "api", "amount": 1, "idempotency_key": "e{n}"}}"#,
+                ids[n % ids.len()]
+            )
+        })
+        .collect();
+    events.push(r#"{"entitlement": "nobody", "feature": "api", "amount": 1}"#.into());
+    events.push(r#"{"entitlement": "b-0", "feature": "api", "amount": 0}"#.into());
+    let body = format!(r#"{{"events": [{}]}}"#, events.join(","));
+    let check = |answer: &Value| {
+        let results = answer["results"].as_array().expect("results");
+        assert_eq!(results.len(), 302, "{answer}");
+        for (n, r) in results[..300].iter().enumerate() {
+            // The n-th event of an entitlement is its (n / 30 + 1)-th unit:
+            // 8 included, the 9th in overdraft, the 10th denied.
+            let unit = n / ids.len() + 1;
+            let want = match unit {
+                1..=8 => "granted",
+                9 => "overdraft",
+                _ => "denied",
+            };
+            assert_eq!(r["outcome"], want, "event {n}: {r}");
+            assert_eq!(r["used"], unit.min(9), "event {n}: {r}");
+        }
+        assert_eq!(results[300]["error"]["code"], "entitlement_not_found");
+        assert_eq!(results[301]["error"]["status"], 400);
+    };
+    let answered = async || {
+        let text = scrape(&nodes[0]).await;
+        text.lines()
+            .find(|l| l.starts_with("headroom_forwards_total{outcome=\"answered\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .expect("forwards")
+    };
+    let before = answered().await;
+    let (status, answer) = nodes[0]
+        .send(Method::POST, "/v1/usage/batch", Some(CLIENT), Some(&body))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    check(&answer);
+    let view = members(&nodes[0]).await;
+    let all = ids_of(&view);
+    let others: std::collections::BTreeSet<&str> = ids
+        .iter()
+        .filter_map(|id| headroom::nodes::ring::owner(all.iter().map(String::as_str), id))
+        .filter(|o| *o != view["self"])
+        .collect();
+    assert_eq!(
+        answered().await - before,
+        others.len() as f64,
+        "one part for each other owner"
+    );
+    // Sent again through another node: the same answers, nothing added.
+    let (status, again) = nodes[1]
+        .send(Method::POST, "/v1/usage/batch", Some(CLIENT), Some(&body))
+        .await;
+    assert_eq!(status, 200, "{again}");
+    check(&again);
+    for id in &ids {
+        for node in &nodes {
+            assert_eq!(node.api_used(id).await.1, Some(9), "{id}");
+        }
+    }
 }
