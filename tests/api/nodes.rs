@@ -705,3 +705,180 @@ async fn a_batch_is_split_per_owner_and_answered_in_order() {
         }
     }
 }
+
+/// The README's three nodes behind HAProxy (`packaging/haproxy`), as it
+/// runs them: the balancer answers what one node would, and a node stopped
+/// gracefully under keyed load through it costs no error at all.
+#[actix_rt::test]
+async fn three_nodes_behind_haproxy_answer_as_one_and_stop_without_errors() {
+    let redis = RedisServer::start();
+    let ports: Vec<String> = (0..4)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/haproxy/three-nodes");
+    let run = std::process::Command::new(script)
+        .env("HEADROOM_BIN", env!("CARGO_BIN_EXE_headroom"))
+        .env("HEADROOM_REDIS_URL", redis.url())
+        .env("HEADROOM_ADMIN_TOKENS", ADMIN)
+        .env("HEADROOM_CLIENT_TOKENS", CLIENT)
+        .env("HEADROOM_CLUSTER_LEASE", "2s")
+        .env("HEADROOM_LB", &ports[0])
+        .env("HEADROOM_NODE_1", &ports[1])
+        .env("HEADROOM_NODE_2", &ports[2])
+        .env("HEADROOM_NODE_3", &ports[3])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("packaging/haproxy/three-nodes runs");
+    let mut run = Stopped(run);
+    let lb = format!("http://{}", ports[0]);
+    let http = http_client();
+    let get = |path: &str| {
+        let req = http.get(format!("{lb}{path}")).bearer_auth(ADMIN);
+        async move {
+            match req.send().await {
+                Ok(a) => (
+                    a.status().as_u16(),
+                    a.json::<Value>().await.unwrap_or(Value::Null),
+                ),
+                Err(_) => (0, Value::Null),
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, view) = get("/v1/cluster").await;
+        if status == 200 && ids(&view).len() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "three members behind HAProxy: {status} {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The README's calls: 3 seats purchased, hard cap 4, five users.
+    let put = http
+        .put(format!("{lb}/v1/entitlements/demo"))
+        .bearer_auth(ADMIN)
+        .body(r#"{"seats": {"purchased": 3, "hard_cap": 4}, "features": {"api": {"included": 1000000}}}"#)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(put.status(), 201);
+    let mut outcomes = Vec::new();
+    for user in ["ann", "bob", "cem", "dee", "eve"] {
+        let a = http
+            .post(format!("{lb}/v1/entitlements/demo/seats/{user}"))
+            .bearer_auth(CLIENT)
+            .send()
+            .await
+            .expect("activate");
+        let status = a.status().as_u16();
+        let body: Value = a.json().await.expect("json");
+        outcomes.push(format!(
+            "{} {status}",
+            body["outcome"]
+                .as_str()
+                .or(body["decision"]["outcome"].as_str())
+                .unwrap_or("?")
+        ));
+    }
+    assert_eq!(
+        outcomes,
+        [
+            "granted 200",
+            "granted 200",
+            "granted 200",
+            "overdraft 200",
+            "denied 429"
+        ]
+    );
+    // Round robin: six reads meet every node twice, each answers the same.
+    for _ in 0..6 {
+        let (status, view) = get("/v1/entitlements/demo").await;
+        assert_eq!(status, 200);
+        assert_eq!(view["seats"]["in_use"], 4, "{view}");
+    }
+
+    // Keyed usage through the balancer while node 2 stops gracefully.
+    let spec = headroom_load::Spec {
+        addr: ports[0].parse().expect("address"),
+        admin_token: Some(ADMIN.into()),
+        client_token: Some(CLIENT.into()),
+        scenario: headroom_load::Scenario::Usage,
+        entitlements: 6,
+        zipf: 0.0,
+        connections: 6,
+        duration: Duration::from_secs(5),
+        rate: None,
+        batch_size: 1,
+        seed: 11,
+        prefix: "lb".into(),
+        progress: false,
+        spread: Vec::new(),
+        keyed: true,
+        timeout: Some(Duration::from_secs(8)),
+    };
+    headroom_load::setup(&spec).await.expect("setup");
+    let load = tokio::spawn(headroom_load::run(spec.clone()));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let node2 = child_listening_on(run.0.id(), &ports[2]).expect("node 2's process");
+    let stopped = tokio::task::spawn_blocking(move || {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &node2.to_string()])
+            .status();
+        // Its exit: the three-nodes script reaps it.
+        let proc = format!("/proc/{node2}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::path::Path::new(&proc).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        !std::path::Path::new(&proc).exists()
+    });
+    let (mut report, tally) = load.await.expect("load task").expect("load runs");
+    assert!(stopped.await.expect("stop"), "node 2 exited");
+    let summary = headroom_load::summary(&report);
+    assert_eq!(report.http_errors + report.transport_errors, 0, "{summary}");
+    assert_eq!(tally.unknown_total(), 0, "{summary}");
+    check_ledger(&spec, &[0; 6], &tally, &mut report).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &run.0.id().to_string()])
+        .status();
+    let status = run.0.wait().expect("three-nodes exits");
+    assert!(
+        status.success(),
+        "three-nodes stops cleanly on Ctrl-C: {status}"
+    );
+}
+
+/// A script stopped with SIGTERM (which it passes on) when the test ends,
+/// passed or not.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The child of `parent` whose `HEADROOM_LISTEN` is `listen`.
+fn child_listening_on(parent: u32, listen: &str) -> Option<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|kv| kv == format!("HEADROOM_LISTEN={listen}").as_bytes())
+            })
+        })
+}
