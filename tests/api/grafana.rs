@@ -98,12 +98,17 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(target: &str) -> Self {
+    fn start(targets: &[String]) -> Self {
+        let targets = targets
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {GRAFANA}/prometheus/alerts.yml\n\
-             scrape_configs:\n  - job_name: headroom\n    static_configs:\n      - targets: [\"{target}\"]\n"
+             scrape_configs:\n  - job_name: headroom\n    static_configs:\n      - targets: [{targets}]\n"
         );
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config).expect("write config");
@@ -146,11 +151,15 @@ impl Drop for Prometheus {
 }
 
 /// Seat and usage calls that produce granted, overdraft and denied
-/// decisions and events, for `for_how_long`.
-async fn scripted_load(base: &str, for_how_long: Duration) {
+/// decisions and events, for `for_how_long`, sent round robin over `bases`
+/// (nodes: so that some are sent on to the owner).
+async fn scripted_load(bases: &[String], for_how_long: Duration) {
     let http = http_client();
+    let turn = std::cell::Cell::new(0);
     let call =
         |m: reqwest::Method, path: String, token: &'static str, body: Option<&'static str>| {
+            let base = &bases[turn.get() % bases.len()];
+            turn.set(turn.get() + 1);
             let mut req = http.request(m, format!("{base}{path}")).bearer_auth(token);
             if let Some(b) = body {
                 req = req.body(b);
@@ -211,9 +220,16 @@ fn series(answer: &Value) -> usize {
 #[actix_rt::test]
 async fn every_panel_and_alert_expression_returns_data_from_a_real_prometheus() {
     let redis = RedisServer::start();
-    let tracker = TrackerProcess::start(&redis.url(), "grafana").await;
-    let target = tracker.base.trim_start_matches("http://").to_string();
-    let prometheus = Prometheus::start(&target);
+    // Two nodes, so that the nodes row has calls sent on between them.
+    let nodes = [("HEADROOM_CLUSTER_SECRET", "grafana-cluster-secret-0123")];
+    let tracker = TrackerProcess::start_with(&redis.url(), "grafana", &nodes).await;
+    let other = TrackerProcess::start_with(&redis.url(), "grafana", &nodes).await;
+    let bases = [tracker.base.clone(), other.base.clone()];
+    let targets: Vec<String> = bases
+        .iter()
+        .map(|b| b.trim_start_matches("http://").to_string())
+        .collect();
+    let prometheus = Prometheus::start(&targets);
     let http = http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !http
@@ -236,7 +252,27 @@ async fn every_panel_and_alert_expression_returns_data_from_a_real_prometheus() 
         .await
         .expect("register webhook");
     assert_eq!(registered.status().as_u16(), 201);
-    scripted_load(&tracker.base, Duration::from_secs(8)).await;
+    // Both nodes see each other before the load.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for base in &bases {
+        loop {
+            let view: Value = http
+                .get(format!("{base}/v1/cluster"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .expect("cluster")
+                .json()
+                .await
+                .unwrap_or(Value::Null);
+            if view["members"].as_array().map(Vec::len) == Some(2) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "two members: {view}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    scripted_load(&bases, Duration::from_secs(8)).await;
     assert!(
         !receiver.got().is_empty(),
         "webhook deliveries during the load"
