@@ -119,8 +119,12 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
     req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_of)
+}
+
+/// The token of an `Authorization` header's value.
+fn bearer_of(authorization: &str) -> Option<&str> {
+    authorization.strip_prefix("Bearer ").map(str::trim)
 }
 
 /// Compares against every token, so the time taken does not say which matched.
@@ -189,10 +193,24 @@ impl Auth {
     }
 
     pub fn require(&self, req: &HttpRequest, scope: Scope) -> Result<(), ApiError> {
+        self.require_token(bearer(req), scope)
+    }
+
+    /// As [`Auth::require`], for the `Authorization` header's value of a
+    /// call another node sent on in a batch of its own.
+    pub fn require_authorization(
+        &self,
+        authorization: Option<&str>,
+        scope: Scope,
+    ) -> Result<(), ApiError> {
+        self.require_token(authorization.and_then(bearer_of), scope)
+    }
+
+    fn require_token(&self, token: Option<&str>, scope: Scope) -> Result<(), ApiError> {
         if self.disabled || (scope == Scope::Metrics && self.metrics.is_empty()) {
             return Ok(());
         }
-        let token = bearer(req).ok_or_else(|| {
+        let token = token.ok_or_else(|| {
             ApiError::new(Kind::Unauthorized, "send Authorization: Bearer <token>")
         })?;
         let token = token.as_bytes();

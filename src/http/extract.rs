@@ -111,17 +111,23 @@ impl FromRequest for IdempotencyHeader {
         ready(
             raw.to_str()
                 .map_err(|_| invalid("not visible ASCII".into()))
-                .and_then(|s| {
-                    // A structured-field string may come quoted.
-                    let s = s.trim();
-                    let s = s
-                        .strip_prefix('"')
-                        .and_then(|s| s.strip_suffix('"'))
-                        .unwrap_or(s);
-                    IdempotencyKey::parse(s).map_err(|e| invalid(e.message))
-                })
+                .and_then(IdempotencyHeader::parse)
                 .map(|k| IdempotencyHeader(Some(k))),
         )
+    }
+}
+
+impl IdempotencyHeader {
+    /// The key of the header's (visible ASCII) value.
+    pub fn parse(value: &str) -> Result<IdempotencyKey, ApiError> {
+        // A structured-field string may come quoted.
+        let s = value.trim();
+        let s = s
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or(s);
+        IdempotencyKey::parse(s)
+            .map_err(|e| ValidationError::new(IDEMPOTENCY_KEY, e.message).into())
     }
 }
 
@@ -170,9 +176,12 @@ impl BodyLimit for Large {
     }
 }
 
+/// The largest body of one usage call.
+pub const USAGE_BODY_LIMIT: usize = 64 * 1024;
+
 impl BodyLimit for Usage {
     fn limit(_: &AppState) -> usize {
-        64 * 1024
+        USAGE_BODY_LIMIT
     }
 }
 
@@ -220,17 +229,20 @@ impl<L: BodyLimit + 'static> FromRequest for Body<L> {
     }
 }
 
+/// A body over `limit` bytes.
+pub fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        Kind::PayloadTooLarge,
+        format!("the body limit is {limit} bytes"),
+    )
+}
+
 async fn read(
     mut payload: Payload,
     declared: Option<usize>,
     limit: usize,
 ) -> Result<BytesMut, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            Kind::PayloadTooLarge,
-            format!("the body limit is {limit} bytes"),
-        )
-    };
+    let too_large = || too_large(limit);
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }

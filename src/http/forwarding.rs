@@ -16,7 +16,8 @@ use super::problem::{ApiError, Kind};
 use crate::domain::EntitlementId;
 use crate::engine::UsageRequest;
 use crate::nodes::Member;
-use crate::nodes::forward::{FORWARDED_BY, ForwardError, Forwarder, Route};
+use crate::nodes::coalesce::{NodeAnswer, NodeCall, Outcome};
+use crate::nodes::forward::{FORWARDED_BY, ForwardError, Forwarder, Route, entitlement_of};
 
 /// Wraps the application: see the module.
 pub struct Forwarding;
@@ -91,6 +92,24 @@ where
                 body.extend_from_slice(&chunk);
             }
             let body = body.freeze();
+            if let Some(call) = coalescible(&http, &body) {
+                let e = match forwarder.coalesced(&owner, call).await {
+                    Outcome::Answered(a) => return Ok(ServiceResponse::new(http, relay(a))),
+                    Outcome::NotTaken(e) => e,
+                    Outcome::NoAnswer(e) if safe_again(&http, &body) => e,
+                    Outcome::NoAnswer(e) => {
+                        let mut err = ApiError::new(Kind::OutcomeUnknown, e);
+                        err.retry_after = Some(1);
+                        return Ok(ServiceResponse::new(http, err.error_response()));
+                    }
+                };
+                tracing::debug!(error = %e, "serving here a call its owner did not take");
+                let req = ServiceRequest::from_parts(http, Payload::from(body));
+                return service
+                    .call(req)
+                    .await
+                    .map(ServiceResponse::map_into_boxed_body);
+            }
             let serve_here = match forwarder.forward(&owner, &http, body.clone()).await {
                 Ok(answer) => return Ok(ServiceResponse::new(http, answer)),
                 // Nothing was sent: served here; the epoch fences whichever
@@ -114,6 +133,53 @@ where
                 .map(ServiceResponse::map_into_boxed_body)
         })
     }
+}
+
+/// A usage call from a client, as it can travel with others to its owner
+/// (`POST /v1/entitlements/{id}/usage`, no query, one `Authorization`
+/// and at most one `Idempotency-Key` header in visible ASCII, a UTF-8
+/// body); any other call is sent on by itself, as it came.
+fn coalescible(req: &actix_web::HttpRequest, body: &[u8]) -> Option<NodeCall> {
+    if req.method() != actix_web::http::Method::POST
+        || !req.query_string().is_empty()
+        || req.headers().contains_key(FORWARDED_BY)
+    {
+        return None;
+    }
+    let path = req.path();
+    let id = entitlement_of(path)?;
+    let rest = path.strip_prefix("/v1/entitlements/")?;
+    if rest.split('/').nth(1) != Some("usage") || rest.split('/').count() != 2 {
+        return None;
+    }
+    let one = |name: &str| -> Option<Option<String>> {
+        let mut values = req.headers().get_all(name);
+        let first = values.next();
+        if values.next().is_some() {
+            return None;
+        }
+        match first {
+            None => Some(None),
+            Some(v) => v.to_str().ok().map(|v| Some(v.to_string())),
+        }
+    };
+    Some(NodeCall {
+        entitlement: id.into_owned(),
+        authorization: one("authorization")?,
+        idempotency_key: one(super::extract::IDEMPOTENCY_KEY)?,
+        body: std::str::from_utf8(body).ok()?.to_string(),
+    })
+}
+
+/// The owner's answer to a call sent on with others, as the client gets it.
+fn relay(a: NodeAnswer) -> actix_web::HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(a.status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut answer = actix_web::HttpResponse::build(status);
+    for (name, value) in a.headers {
+        answer.append_header((name, value));
+    }
+    answer.body(String::from(Box::<str>::from(a.body)))
 }
 
 /// Whether a call may be applied a second time without a second effect:

@@ -66,7 +66,10 @@ fn usage_retry_after(d: &UsageDecision, now: DateTime<Utc>) -> Option<u64> {
 }
 
 /// `now` is read only for a denial's `Retry-After`, off the granted path.
-fn usage_answer(r: UsageReply, now: impl FnOnce() -> DateTime<Utc>) -> Result<HttpResponse> {
+pub(super) fn usage_answer(
+    r: UsageReply,
+    now: impl FnOnce() -> DateTime<Utc>,
+) -> Result<HttpResponse> {
     let d = r.decision;
     if d.outcome == Outcome::Denied {
         let detail = match d.reason {
@@ -203,7 +206,15 @@ pub async fn record_usage(
     Body(body, ..): Body<Usage>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let mut usage: UsageBody = json::decode(&body)?;
+    let usage = usage_request(&body, header)?;
+    usage_answer(state.engine.consume(&id, usage).await?, || {
+        state.engine.now()
+    })
+}
+
+/// A usage call's body, with the key of its `Idempotency-Key` header.
+pub(super) fn usage_request(body: &[u8], header: Option<IdempotencyKey>) -> Result<UsageRequest> {
+    let mut usage: UsageBody = json::decode(body)?;
     match (&usage.idempotency_key, header) {
         (Some(in_body), Some(in_header)) if *in_body != in_header => {
             return Err(ValidationError::new(
@@ -215,9 +226,7 @@ pub async fn record_usage(
         (None, Some(in_header)) => usage.idempotency_key = Some(in_header),
         _ => {}
     }
-    usage_answer(state.engine.consume(&id, usage.into()).await?, || {
-        state.engine.now()
-    })
+    Ok(usage.into())
 }
 
 pub async fn record_batch(

@@ -5,6 +5,7 @@ pub mod batch;
 mod extract;
 mod forwarding;
 mod handlers;
+mod nodes;
 pub mod problem;
 pub mod reports;
 mod webhooks;
@@ -211,6 +212,7 @@ api! {
     "/v1/webhooks/{id}" => { get => webhooks::get, delete => webhooks::delete },
     "/v1/webhooks/{id}/deliveries" => { get => webhooks::deliveries },
     "/v1/cluster" => { get => handlers::cluster },
+    "/v1/nodes/usage" => { post => nodes::node_usage },
     "/healthz" => { get => handlers::healthz },
     "/readyz" => { get => handlers::readyz },
     "/metrics" => { get => handlers::metrics },

@@ -172,7 +172,9 @@ impl Forwarder {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
             .unwrap_or(reqwest::Method::GET);
-        let (status, headers, body) = self.exchange(owner, method, path, req, body).await?;
+        let (status, headers, body) = self
+            .exchange(owner, method, path, Some(req), 1, body)
+            .await?;
         let mut answer = HttpResponse::build(status);
         for (name, value) in &headers {
             if HOP_BY_HOP.contains(&name.as_str()) {
@@ -198,34 +200,79 @@ impl Forwarder {
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ForwardError> {
         let (status, _, body) = self
-            .exchange(owner, reqwest::Method::POST, "/v1/usage/batch", req, body)
+            .exchange(
+                owner,
+                reqwest::Method::POST,
+                "/v1/usage/batch",
+                Some(req),
+                1,
+                body,
+            )
             .await?;
         Ok((status, body))
     }
 
-    /// One exchange with `owner`: the call with the headers of `req` (but
-    /// those of its connection), marked and authenticated; the answer read
-    /// whole.
+    /// Sends `calls` usage calls (`body`, their [`super::coalesce`] batch)
+    /// to `owner`'s `POST /v1/nodes/usage`.
+    pub(super) async fn forward_calls(
+        &self,
+        owner: &Member,
+        calls: u64,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ForwardError> {
+        let (status, _, body) = self
+            .exchange(
+                owner,
+                reqwest::Method::POST,
+                super::coalesce::PATH,
+                None,
+                calls,
+                body,
+            )
+            .await?;
+        Ok((status, body))
+    }
+
+    /// Whether `headers` mark a call from another node, with the cluster
+    /// secret.
+    pub fn is_from_a_node(&self, headers: &actix_web::http::header::HeaderMap) -> bool {
+        headers.contains_key(FORWARDED_BY)
+            && headers
+                .get(NODE_SECRET)
+                .is_some_and(|s| bool::from(s.as_bytes().ct_eq(self.secret.0.as_bytes())))
+    }
+
+    /// One exchange with `owner` carrying `calls` calls: with the headers
+    /// of the client's `req` (but those of its connection), marked and
+    /// authenticated; the answer read whole.
     async fn exchange(
         &self,
         owner: &Member,
         method: reqwest::Method,
         path: &str,
-        req: &HttpRequest,
+        req: Option<&HttpRequest>,
+        calls: u64,
         body: Bytes,
     ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes), ForwardError> {
         let started = Instant::now();
         let url = format!("http://{}{path}", owner.address);
         let mut out = self.client.request(method, &url).body(body);
-        for (name, value) in req.headers() {
-            if !HOP_BY_HOP.contains(&name.as_str()) && name != NODE_SECRET && name != FORWARDED_BY {
-                out = out.header(name.as_str(), value.as_bytes());
+        match req {
+            Some(req) => {
+                for (name, value) in req.headers() {
+                    if !HOP_BY_HOP.contains(&name.as_str())
+                        && name != NODE_SECRET
+                        && name != FORWARDED_BY
+                    {
+                        out = out.header(name.as_str(), value.as_bytes());
+                    }
+                }
             }
+            None => out = out.header("content-type", "application/json"),
         }
         // The nodes it went through, this one first.
         let by = match req
-            .headers()
-            .get(FORWARDED_BY)
+            .and_then(|r| r.headers().get(FORWARDED_BY))
             .and_then(|v| v.to_str().ok())
         {
             Some(earlier) => format!("{}, {earlier}", self.membership.me()),
@@ -235,7 +282,7 @@ impl Forwarder {
             .header(FORWARDED_BY, by)
             .header(NODE_SECRET, &*self.secret.0);
         let outcome = |o: &'static str| {
-            metrics::counter!("headroom_forwards_total", "outcome" => o).increment(1);
+            metrics::counter!("headroom_forwards_total", "outcome" => o).increment(calls);
             metrics::histogram!("headroom_forward_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
         };
@@ -283,7 +330,7 @@ fn hopped_twice(req: &ServiceRequest) -> bool {
 
 /// The entitlement a path is about: `/v1/entitlements/{id}` and below
 /// (percent-decoded, as the handlers read it).
-fn entitlement_of(path: &str) -> Option<std::borrow::Cow<'_, str>> {
+pub(crate) fn entitlement_of(path: &str) -> Option<std::borrow::Cow<'_, str>> {
     let rest = path.strip_prefix("/v1/entitlements/")?;
     let id = rest.split('/').next()?;
     if id.is_empty() {

@@ -10,6 +10,7 @@
 //! whether a write is safe: the owner epoch fences a node that believes it
 //! owns an entitlement it no longer does.
 
+pub mod coalesce;
 pub mod forward;
 pub mod ring;
 

@@ -82,6 +82,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/webhooks/{id}",
     "/v1/webhooks/{id}/deliveries",
     "/v1/cluster",
+    "/v1/nodes/usage",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -214,6 +215,12 @@ pub const METRICS: &[MetricDef] = &[
         name: "headroom_cluster_members",
         kind: MetricKind::Gauge,
         help: "Live headroom nodes this node saw at its last registration renewal (with a cluster secret).",
+        labels: &[],
+    },
+    MetricDef {
+        name: "headroom_forward_batch_size",
+        kind: MetricKind::Histogram,
+        help: "Usage calls carried by one request to their owner (calls that arrive while one is on its way go together in the next).",
         labels: &[],
     },
     MetricDef {

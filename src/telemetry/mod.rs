@@ -44,7 +44,7 @@ pub fn metrics() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("headroom_store_batch_size".into()), &BATCH_BUCKETS));
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &BATCH_BUCKETS));
             let handle = match builder.and_then(|b| b.install_recorder()) {
                 Ok(h) => h,
                 Err(e) => {

@@ -187,10 +187,14 @@ async fn calls_through_any_node_are_served_by_the_owner_and_reads_are_exact() {
             text.lines().any(|l| l == "headroom_cluster_members 3"),
             "{text}"
         );
-        // A node that owns all three entitlements forwards nothing.
+        // A node that owns all three entitlements forwards nothing; the
+        // others send their usage calls on in batches.
         timed |= text
             .lines()
-            .any(|l| l.starts_with("headroom_forward_duration_seconds_count"));
+            .any(|l| l.starts_with("headroom_forward_duration_seconds_count"))
+            && text
+                .lines()
+                .any(|l| l.starts_with("headroom_forward_batch_size_count"));
         forwarded += text
             .lines()
             .filter(|l| l.starts_with("headroom_forwards_total{outcome=\"answered\"}"))
@@ -881,4 +885,119 @@ fn child_listening_on(parent: u32, listen: &str) -> Option<u32> {
                     .any(|kv| kv == format!("HEADROOM_LISTEN={listen}").as_bytes())
             })
         })
+}
+
+/// Usage calls sent on to their owner together answer exactly what the
+/// owner answers them directly — statuses, bodies, the replay header —
+/// for granted, replayed, denied, unauthenticated and invalid calls; the
+/// internal endpoint opens only with the cluster secret.
+#[actix_rt::test]
+async fn usage_calls_sent_on_together_answer_what_the_owner_answers() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    until_members(&[&a, &b], 2).await;
+    let view = members(&b).await;
+    let all = ids_of(&view);
+    let owned_by_b = |id: &str| {
+        headroom::nodes::ring::owner(all.iter().map(String::as_str), id) == view["self"].as_str()
+    };
+    let mut owned = (0..).map(|i| format!("co-{i}")).filter(|id| owned_by_b(id));
+    let (through_a, at_b) = (owned.next().expect("one"), owned.next().expect("two"));
+    for id in [&through_a, &at_b] {
+        let (status, _) = b
+            .send(
+                Method::PUT,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                Some(r#"{"features": {"api": {"included": 2, "hard_cap": 3}}}"#),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let http = http_client();
+    let call =
+        |node: &TrackerProcess, id: &str, token: Option<&str>, key: Option<&str>, body: &str| {
+            let mut req = http
+                .post(format!("{}/v1/entitlements/{id}/usage", node.base))
+                .body(body.to_string());
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(k) = key {
+                req = req.header("Idempotency-Key", k);
+            }
+            async move {
+                let r = req.send().await.expect("send");
+                let status = r.status().as_u16();
+                let replayed = r.headers().get("idempotency-replayed").cloned();
+                let kind = r.headers().get("content-type").cloned();
+                (status, replayed, kind, r.text().await.expect("body"))
+            }
+        };
+    let one = r#"{"feature": "api", "amount": 1}"#;
+    let script: Vec<(Option<&str>, Option<&str>, &str)> = vec![
+        (Some(CLIENT), Some("k1"), one),
+        (Some(CLIENT), Some("k1"), one),
+        (None, None, one),
+        (Some("not-a-token"), None, one),
+        (
+            Some(CLIENT),
+            Some("k2"),
+            r#"{"feature": "api", "amount": 1, "idempotency_key": "k3"}"#,
+        ),
+        (Some(CLIENT), None, r#"{"feature": "api", "amount": 0}"#),
+        (Some(CLIENT), None, r#"{"feature": "nope", "amount": 1}"#),
+        (Some(ADMIN), None, one),
+        (Some(CLIENT), None, r#"{"feature": "api", "amount": 1}"#),
+        (
+            Some(CLIENT),
+            Some("k4"),
+            r#"{"feature": "api", "amount": 5}"#,
+        ),
+        (
+            Some(CLIENT),
+            Some("k4"),
+            r#"{"feature": "api", "amount": 5}"#,
+        ),
+    ];
+    for (n, (token, key, body)) in script.into_iter().enumerate() {
+        let relayed = call(&a, &through_a, token, key, body).await;
+        let direct = call(&b, &at_b, token, key, body).await;
+        assert_eq!(relayed, direct, "call {n}: {body}");
+    }
+    let text = scrape(&a).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("headroom_forward_batch_size_count") && !l.ends_with(" 0")),
+        "sent on in batches: {text}"
+    );
+    // The internal endpoint: only with the cluster secret.
+    for token in [ADMIN, CLIENT] {
+        let r = http
+            .post(format!("{}/v1/nodes/usage", b.base))
+            .bearer_auth(token)
+            .body(r#"{"calls": []}"#)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 403, "{token}");
+    }
+    let r = http
+        .post(format!("{}/v1/nodes/usage", b.base))
+        .header("headroom-forwarded-by", "n-test")
+        .header("headroom-node-secret", SECRET)
+        .body(r#"{"calls": []}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let alone = TrackerProcess::start(&redis.url(), "alone-co").await;
+    let r = http
+        .post(format!("{}/v1/nodes/usage", alone.base))
+        .bearer_auth(ADMIN)
+        .body(r#"{"calls": []}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
 }

@@ -285,6 +285,7 @@ async fn metrics_md_and_the_exported_series_match_the_catalogue() {
         "headroom_cluster_members",
         "headroom_forwards_total",
         "headroom_forward_duration_seconds",
+        "headroom_forward_batch_size",
     ];
     for m in METRICS.iter().filter(|m| !among_several.contains(&m.name)) {
         assert!(
