@@ -137,6 +137,10 @@ struct Run {
     server_us: f64,
     forwarded: f64,
     claims_per_s: f64,
+    /// Redis CPU per decision.
+    redis_us: f64,
+    /// Redis commands per decision.
+    commands: f64,
 }
 
 fn spec(
@@ -166,16 +170,20 @@ fn spec(
     }
 }
 
-/// One load run of `spec` on `nodes`: its figures, the ledger checked.
-async fn measure(nodes: &[Tracker], spec: Spec) -> anyhow::Result<Run> {
+/// One load run of `spec` on `nodes` (on `redis`): its figures, the
+/// ledger checked through every node.
+async fn measure(redis: &RedisServer, nodes: &[Tracker], spec: Spec) -> anyhow::Result<Run> {
     setup(&spec).await?;
     let before = read_used(&spec).await?;
+    let redis_cpu = || redis.pid().map_or(0.0, cpu_seconds);
+    let (redis0, cmds0) = (redis_cpu(), headroom_load::redis_commands(redis)?);
     let (cpu0, claims0, fwd0) = (
         cpu(nodes),
         counter(nodes, "headroom_claims_total").await?,
         counter(nodes, "headroom_forwards_total{outcome=\"answered\"}").await?,
     );
     let (mut report, tally) = run(spec.clone()).await?;
+    let (redis1, cmds1) = (redis_cpu(), headroom_load::redis_commands(redis)?);
     let (cpu1, claims1, fwd1) = (
         cpu(nodes),
         counter(nodes, "headroom_claims_total").await?,
@@ -204,6 +212,8 @@ async fn measure(nodes: &[Tracker], spec: Spec) -> anyhow::Result<Run> {
         server_us: (cpu1 - cpu0) * 1e6 / d,
         forwarded: (fwd1 - fwd0) / d,
         claims_per_s: (claims1 - claims0) / report.elapsed_s,
+        redis_us: (redis1 - redis0) * 1e6 / d,
+        commands: (cmds1 - cmds0) as f64 / d,
     })
 }
 
@@ -248,7 +258,7 @@ fn main() -> anyhow::Result<()> {
                     "bench",
                 );
                 s.spread = nodes.iter().map(Tracker::addr).collect();
-                measure(&nodes, s).await
+                measure(&redis, &nodes, s).await
             })?;
             eprintln!(
                 "round {round}, {n} node(s): {:.0} decisions/s, {:.1} µs CPU/decision, p99 {:.2} ms",
@@ -268,8 +278,18 @@ fn main() -> anyhow::Result<()> {
             let local = prefix_owned_by(&ids, &me, "local");
             let away = prefix_owned_by(&ids, &other, "hop");
             let at = nodes[0].addr();
-            let l = measure(&nodes, spec(at, &args, 1, args.hop_connections, &local)).await?;
-            let f = measure(&nodes, spec(at, &args, 1, args.hop_connections, &away)).await?;
+            let l = measure(
+                &redis,
+                &nodes,
+                spec(at, &args, 1, args.hop_connections, &local),
+            )
+            .await?;
+            let f = measure(
+                &redis,
+                &nodes,
+                spec(at, &args, 1, args.hop_connections, &away),
+            )
+            .await?;
             anyhow::Ok((l, f))
         })?;
         eprintln!(
@@ -280,9 +300,9 @@ fn main() -> anyhow::Result<()> {
     }
     let base = median(runs[0].iter().map(|r| 1e6 / r.server_us).collect());
     println!(
-        "| nodes | decisions/s | p50 ms | p99 ms | server CPU µs/decision (all nodes) | decisions per CPU-second | vs 1 node | calls sent on | claims/s |"
+        "| nodes | decisions/s | p50 ms | p99 ms | server CPU µs/decision (all nodes) | decisions per CPU-second | vs 1 node | calls sent on | claims/s | Redis CPU µs/decision | Redis cmds/decision |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, &n) in counts.iter().enumerate() {
         let rs = &runs[i];
         let m = |f: fn(&Run) -> f64| median(rs.iter().map(f).collect());
@@ -292,7 +312,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let per_cpu = m(|r| 1e6 / r.server_us);
         println!(
-            "| {n} | {:.0} ({}) | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.0} % | {:.2} |",
+            "| {n} | {:.0} ({}) | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.0} % | {:.2} | {:.1} | {:.2} |",
             m(|r| r.decisions_per_s),
             each.join(" / "),
             m(|r| r.p50_ms),
@@ -302,6 +322,8 @@ fn main() -> anyhow::Result<()> {
             per_cpu / base,
             m(|r| r.forwarded) * 100.0,
             m(|r| r.claims_per_s),
+            m(|r| r.redis_us),
+            m(|r| r.commands),
         );
     }
     println!();
