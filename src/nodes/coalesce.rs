@@ -30,7 +30,7 @@ pub const PATH: &str = "/v1/nodes/usage";
 /// Most calls in one request to an owner.
 pub const MAX_CALLS: usize = 1_000;
 /// Most requests on their way to one owner at once, per HTTP worker.
-pub const MAX_IN_FLIGHT: usize = 4;
+pub const MAX_IN_FLIGHT: usize = 1;
 
 /// One usage call as its client sent it.
 #[derive(Debug, Serialize, Deserialize)]

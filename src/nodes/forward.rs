@@ -53,7 +53,10 @@ const SUSPECT_FOR: Duration = Duration::from_secs(1);
 pub struct Forwarder {
     membership: Membership,
     secret: Secret,
+    /// Checked at start; each HTTP worker uses a client of its own built
+    /// alike ([`Forwarder::client`]).
     client: reqwest::Client,
+    timeout: Duration,
     /// Members that failed a forward lately, and until when they are passed over.
     suspects: std::sync::Arc<dashmap::DashMap<String, Instant>>,
 }
@@ -97,16 +100,12 @@ impl Forwarder {
         secret: Secret,
         timeout: Duration,
     ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(timeout)
-            .pool_max_idle_per_host(64)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        let client = build_client(timeout)?;
         Ok(Forwarder {
             membership,
             secret,
             client,
+            timeout,
             suspects: Default::default(),
         })
     }
@@ -256,7 +255,7 @@ impl Forwarder {
     ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes), ForwardError> {
         let started = Instant::now();
         let url = format!("http://{}{path}", owner.address);
-        let mut out = self.client.request(method, &url).body(body);
+        let mut out = self.client().request(method, &url).body(body);
         match req {
             Some(req) => {
                 for (name, value) in req.headers() {
@@ -318,6 +317,41 @@ impl Forwarder {
         let body = sent.bytes().await.map_err(failed)?;
         outcome("answered");
         Ok((status, headers, body))
+    }
+}
+
+fn build_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(timeout)
+        .pool_max_idle_per_host(64)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+thread_local! {
+    /// This thread's client, and the timeout it was built with.
+    static CLIENT: std::cell::RefCell<Option<(Duration, reqwest::Client)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Forwarder {
+    /// The client of this HTTP worker: its connections are polled by the
+    /// worker that uses them (one shared client's connections would be
+    /// driven by whichever worker opened them, every call waking another
+    /// thread).
+    fn client(&self) -> reqwest::Client {
+        CLIENT.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some((t, client)) = &*c
+                && *t == self.timeout
+            {
+                return client.clone();
+            }
+            let client = build_client(self.timeout).unwrap_or_else(|_| self.client.clone());
+            *c = Some((self.timeout, client.clone()));
+            client
+        })
     }
 }
 

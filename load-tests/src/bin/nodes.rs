@@ -39,6 +39,12 @@ struct Args {
     /// Connections of the hop measurement (one hot entitlement).
     #[arg(long, default_value_t = 8)]
     hop_connections: usize,
+    /// HTTP workers of each node; default: the machine's cores divided
+    /// among the nodes (at least 1), so that the nodes together run about
+    /// as many workers as one node alone and the cores are not
+    /// oversubscribed (on separate machines each node has cores of its own).
+    #[arg(long)]
+    node_workers: Option<usize>,
     /// Skip `cargo build --release` (when the binary is fresh).
     #[arg(long)]
     no_build: bool,
@@ -55,14 +61,16 @@ async fn start_nodes(
     redis: &RedisServer,
     prefix: &str,
     n: usize,
+    workers: usize,
 ) -> anyhow::Result<Vec<Tracker>> {
     let url = redis.url();
+    let workers = workers.to_string();
     let mut env = vec![
         ("HEADROOM_REDIS_URL", url.as_str()),
         ("HEADROOM_REDIS_PREFIX", prefix),
         ("HEADROOM_ADMIN_TOKENS", ADMIN),
         ("HEADROOM_CLIENT_TOKENS", CLIENT),
-        ("HEADROOM_WORKERS", "2"),
+        ("HEADROOM_WORKERS", workers.as_str()),
     ];
     if n > 1 {
         env.push(("HEADROOM_CLUSTER_SECRET", SECRET));
@@ -242,6 +250,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = |n: usize| args.node_workers.unwrap_or((cores / n).max(1));
     let counts = [1usize, 2, 3];
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); counts.len()];
     let mut hops: Vec<(Run, Run)> = Vec::new();
@@ -249,7 +259,7 @@ fn main() -> anyhow::Result<()> {
         for (i, &n) in counts.iter().enumerate() {
             let prefix = format!("n{round}x{n}");
             let r = rt.block_on(async {
-                let nodes = start_nodes(&bin, &redis, &prefix, n).await?;
+                let nodes = start_nodes(&bin, &redis, &prefix, n, workers(n)).await?;
                 let mut s = spec(
                     nodes[0].addr(),
                     &args,
@@ -268,7 +278,7 @@ fn main() -> anyhow::Result<()> {
         }
         let hop = rt.block_on(async {
             let prefix = format!("h{round}");
-            let nodes = start_nodes(&bin, &redis, &prefix, 2).await?;
+            let nodes = start_nodes(&bin, &redis, &prefix, 2, workers(2)).await?;
             let (me, ids) = cluster(nodes[0].addr()).await?;
             let other = ids
                 .iter()
@@ -300,9 +310,11 @@ fn main() -> anyhow::Result<()> {
     }
     let base = median(runs[0].iter().map(|r| 1e6 / r.server_us).collect());
     println!(
-        "| nodes | decisions/s | p50 ms | p99 ms | server CPU µs/decision (all nodes) | decisions per CPU-second | vs 1 node | calls sent on | claims/s | Redis CPU µs/decision | Redis cmds/decision |"
+        "| nodes | HTTP workers each | decisions/s | p50 ms | p99 ms | server CPU µs/decision (all nodes) | decisions per CPU-second | vs 1 node | calls sent on | claims/s | Redis CPU µs/decision | Redis cmds/decision |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for (i, &n) in counts.iter().enumerate() {
         let rs = &runs[i];
         let m = |f: fn(&Run) -> f64| median(rs.iter().map(f).collect());
@@ -312,7 +324,8 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let per_cpu = m(|r| 1e6 / r.server_us);
         println!(
-            "| {n} | {:.0} ({}) | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.0} % | {:.2} | {:.1} | {:.2} |",
+            "| {n} | {} | {:.0} ({}) | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.0} % | {:.2} | {:.1} | {:.2} |",
+            workers(n),
             m(|r| r.decisions_per_s),
             each.join(" / "),
             m(|r| r.p50_ms),
@@ -328,8 +341,9 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "| one hot entitlement, {} connections, 2 nodes, calls to the first | decisions/s | p50 ms | p99 ms | server CPU µs/decision (both nodes) |",
-        args.hop_connections
+        "| one hot entitlement, {} connections, 2 nodes ({} HTTP worker(s) each), calls to the first | decisions/s | p50 ms | p99 ms | server CPU µs/decision (both nodes) |",
+        args.hop_connections,
+        workers(2)
     );
     println!("| --- | ---: | ---: | ---: | ---: |");
     for (name, pick) in [
