@@ -64,6 +64,10 @@ pub struct Spec {
     /// the next address, until it is answered (at most `KEYED_RETRIES`
     /// times): every call is resolved, and the ledger must be exact.
     pub keyed: bool,
+    /// With `spread`: the address (its index in `spread`) each entitlement
+    /// (by index) is sent to, as a client that knows the owners would;
+    /// `None` sends round robin.
+    pub by_owner: Option<Arc<Vec<usize>>>,
     /// A call not answered within this is given up (its connection
     /// dropped) and counted as a transport error; `None` waits.
     pub timeout: Option<Duration>,
@@ -503,7 +507,14 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
             }
             None => Instant::now(),
         };
-        turn = (turn + 1) % addrs.len();
+        let e = match &again {
+            Some((e, ..)) => *e,
+            None => pick(&mut rng),
+        };
+        turn = match &spec.by_owner {
+            Some(owners) => owners.get(e).copied().unwrap_or(0) % addrs.len(),
+            None => (turn + 1) % addrs.len(),
+        };
         let conn = &mut conns[turn];
         if conn.is_none() {
             match Conn::open(addrs[turn]).await {
@@ -519,10 +530,6 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
             }
         }
         let Some(c) = conn.as_mut() else { continue };
-        let e = match &again {
-            Some((e, ..)) => *e,
-            None => pick(&mut rng),
-        };
         let (method, path, body, events): (&str, String, Bytes, Vec<usize>) = match spec.scenario {
             Scenario::Usage if spec.keyed => {
                 let body = match &again {

@@ -49,6 +49,7 @@ async fn every_scenario_runs_and_its_ledger_holds() {
             progress: false,
             spread: Vec::new(),
             keyed: false,
+            by_owner: None,
             timeout: None,
         };
         setup(&spec).await.expect("setup");

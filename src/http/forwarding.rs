@@ -92,40 +92,42 @@ where
                 body.extend_from_slice(&chunk);
             }
             let body = body.freeze();
-            if let Some(call) = coalescible(&http, &body) {
-                let e = match forwarder.coalesced(&owner, call).await {
-                    Outcome::Answered(a) => return Ok(ServiceResponse::new(http, relay(a))),
-                    Outcome::NotTaken(e) => e,
-                    Outcome::NoAnswer(e) if safe_again(&http, &body) => e,
-                    Outcome::NoAnswer(e) => {
-                        let mut err = ApiError::new(Kind::OutcomeUnknown, e);
-                        err.retry_after = Some(1);
-                        return Ok(ServiceResponse::new(http, err.error_response()));
+            let mut owner = owner;
+            for attempt in 0..2 {
+                let failed = if let Some(call) = coalescible(&http, &body) {
+                    match forwarder.coalesced(&owner, call).await {
+                        Outcome::Answered(a) => return Ok(ServiceResponse::new(http, relay(a))),
+                        Outcome::NotTaken(e) => e,
+                        Outcome::NoAnswer(e) if safe_again(&http, &body) => e,
+                        Outcome::NoAnswer(e) => return Ok(ServiceResponse::new(http, unknown(e))),
+                    }
+                } else {
+                    match forwarder.forward(&owner, &http, body.clone()).await {
+                        Ok(answer) => return Ok(ServiceResponse::new(http, answer)),
+                        // Nothing was sent.
+                        Err(e @ ForwardError::Unreachable { .. }) => e.to_string(),
+                        // The owner died with the call, or answers no
+                        // more: a call that can be applied again without
+                        // effect is tried again (a keyed one replays what
+                        // the owner wrote, if it did).
+                        Err(e @ ForwardError::NoAnswer { .. }) if safe_again(&http, &body) => {
+                            e.to_string()
+                        }
+                        Err(e) => return Ok(ServiceResponse::new(http, unknown(e.to_string()))),
                     }
                 };
-                tracing::debug!(error = %e, "serving here a call its owner did not take");
-                let req = ServiceRequest::from_parts(http, Payload::from(body));
-                return service
-                    .call(req)
-                    .await
-                    .map(ServiceResponse::map_into_boxed_body);
-            }
-            let serve_here = match forwarder.forward(&owner, &http, body.clone()).await {
-                Ok(answer) => return Ok(ServiceResponse::new(http, answer)),
-                // Nothing was sent: served here; the epoch fences whichever
-                // write comes second.
-                Err(e @ ForwardError::Unreachable { .. }) => e,
-                // The owner died with the call, or answers no more: a call
-                // that can be applied again without effect is served here
-                // (a keyed one replays what the owner wrote, if it did).
-                Err(e @ ForwardError::NoAnswer { .. }) if safe_again(&http, &body) => e,
-                Err(e @ ForwardError::NoAnswer { .. }) => {
-                    let mut err = ApiError::new(Kind::OutcomeUnknown, e.to_string());
-                    err.retry_after = Some(1);
-                    return Ok(ServiceResponse::new(http, err.error_response()));
+                tracing::debug!(error = %failed, "the owner did not take a call");
+                // The owner that failed is passed over now: the call goes
+                // to the node that owns it without that one, once; if that
+                // is this node, or it fails too, the call is served here
+                // (the owner epoch fences whichever write comes second).
+                let next =
+                    entitlement_of(http.path()).and_then(|id| forwarder.owner_elsewhere(&id));
+                match next {
+                    Some(next) if attempt == 0 && next.id != owner.id => owner = next,
+                    _ => break,
                 }
-            };
-            tracing::debug!(error = %serve_here, "serving here a call its owner did not take");
+            }
             let req = ServiceRequest::from_parts(http, Payload::from(body));
             service
                 .call(req)
@@ -133,6 +135,13 @@ where
                 .map(ServiceResponse::map_into_boxed_body)
         })
     }
+}
+
+/// `504 outcome_unknown`: sent, no answer, and not safe to apply again.
+fn unknown(detail: String) -> actix_web::HttpResponse {
+    let mut err = ApiError::new(Kind::OutcomeUnknown, detail);
+    err.retry_after = Some(1);
+    err.error_response()
 }
 
 /// A usage call from a client, as it can travel with others to its owner

@@ -126,22 +126,25 @@ impl Forwarder {
         self.owner_elsewhere(&id).map_or(Route::Local, Route::To)
     }
 
-    /// The live member that owns `id` when it is not this node (nor a
-    /// member that failed a forward in the last second: then `None`, and
-    /// the call is served here).
+    /// Where a call for `id` goes when it is not served here: the live
+    /// member that owns it, or — while that member is passed over (a call
+    /// sent to it failed in the last second) — the member that owns it
+    /// once that one is gone, as every node computes alike. `None` when
+    /// that is this node.
     pub fn owner_elsewhere(&self, id: &str) -> Option<Member> {
         let view = self.membership.view();
-        let owner = view.owner(id).filter(|o| o.id != self.membership.me())?;
-        if let Some(until) = self.suspects.get(&owner.id).map(|u| *u) {
-            if Instant::now() < until {
-                metrics::counter!("headroom_forwards_total", "outcome" => "passed_over")
-                    .increment(1);
-                return None;
-            }
-            self.suspects
-                .remove_if(&owner.id, |_, u| *u <= Instant::now());
-        }
-        Some(owner.clone())
+        let me = self.membership.me();
+        let now = Instant::now();
+        let passed_over =
+            |m: &Member| m.id != me && self.suspects.get(&m.id).is_some_and(|until| now < *until);
+        let owner = view.owner(id)?;
+        let owner = if passed_over(owner) {
+            metrics::counter!("headroom_forwards_total", "outcome" => "passed_over").increment(1);
+            view.owner_among(id, |m| !passed_over(m))?
+        } else {
+            owner
+        };
+        (owner.id != me).then(|| owner.clone())
     }
 
     /// `None` for a call from a client; for one marked as sent on by a

@@ -131,7 +131,14 @@ pub struct View {
 impl View {
     /// The owner of entitlement `id` among these members.
     pub fn owner(&self, id: &str) -> Option<&Member> {
-        let owner = ring::owner(self.members.iter().map(|m| m.id.as_str()), id)?;
+        self.owner_among(id, |_| true)
+    }
+
+    /// The owner of `id` among the members `keep` says yes to: with a
+    /// member left out, who owns its entitlements once it is gone.
+    pub fn owner_among(&self, id: &str, keep: impl Fn(&Member) -> bool) -> Option<&Member> {
+        let kept = self.members.iter().filter(|m| keep(m));
+        let owner = ring::owner(kept.map(|m| m.id.as_str()), id)?;
         self.members.iter().find(|m| m.id == owner)
     }
 }

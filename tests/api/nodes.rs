@@ -323,6 +323,18 @@ async fn a_node_killed_under_load_loses_no_acknowledged_call() {
             assert_eq!(used, granted[id.as_str()], "{id}: used vs granted");
         }
     }
+    // Until its lease ran out the dead node was passed over: its calls went
+    // to the node that owns them without it.
+    let mut passed_over = 0.0;
+    for node in nodes {
+        passed_over += scrape(node)
+            .await
+            .lines()
+            .filter(|l| l.starts_with("headroom_forwards_total{outcome=\"passed_over\"}"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(passed_over > 0.0, "the dead owner was passed over");
 }
 
 /// What happens to the third node while the load runs.
@@ -400,6 +412,7 @@ async fn under_load(backing: &[(&str, &str)], prefix: &str, change: Change) {
         progress: false,
         spread: vec![nodes[0].addr(), nodes[1].addr(), third.addr()],
         keyed: true,
+        by_owner: None,
         timeout: Some(Duration::from_millis(1_500)),
     };
     let load = tokio::spawn(headroom_load::run(spec.clone()));
@@ -823,6 +836,7 @@ async fn three_nodes_behind_haproxy_answer_as_one_and_stop_without_errors() {
         progress: false,
         spread: Vec::new(),
         keyed: true,
+        by_owner: None,
         timeout: Some(Duration::from_secs(8)),
     };
     headroom_load::setup(&spec).await.expect("setup");

@@ -163,6 +163,7 @@ impl Bench<'_> {
             progress: false,
             spread: Vec::new(),
             keyed: false,
+            by_owner: None,
             timeout: None,
         }
     }

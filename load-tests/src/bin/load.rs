@@ -111,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             progress: true,
             spread: Vec::new(),
             keyed: false,
+            by_owner: None,
             timeout: None,
         };
         if !args.no_setup {

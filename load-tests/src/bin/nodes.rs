@@ -174,6 +174,7 @@ fn spec(
         progress: false,
         spread: Vec::new(),
         keyed: false,
+        by_owner: None,
         timeout: None,
     }
 }
@@ -230,6 +231,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// For each entitlement of `spec` (by index), the index in `nodes` of its
+/// owner.
+async fn owners(nodes: &[Tracker], spec: &Spec) -> anyhow::Result<Vec<usize>> {
+    let mut selves = Vec::new();
+    for n in nodes {
+        selves.push(cluster(n.addr()).await?.0);
+    }
+    let ids = cluster(nodes[0].addr()).await?.1;
+    Ok((0..spec.entitlements)
+        .map(|e| {
+            let id = headroom_load::entitlement_id(&spec.prefix, e);
+            let owner = headroom::nodes::ring::owner(ids.iter().map(String::as_str), &id);
+            selves
+                .iter()
+                .position(|s| Some(s.as_str()) == owner)
+                .unwrap_or(0)
+        })
+        .collect())
+}
+
 /// A prefix whose entitlement `{prefix}-0` is owned by `owner` among `members`.
 fn prefix_owned_by(members: &[String], owner: &str, stem: &str) -> String {
     (0..)
@@ -252,12 +273,19 @@ fn main() -> anyhow::Result<()> {
     let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let workers = |n: usize| args.node_workers.unwrap_or((cores / n).max(1));
-    let counts = [1usize, 2, 3];
+    // (nodes, calls sent round robin or each to its owner)
+    let counts = [
+        (1usize, false),
+        (2, false),
+        (3, false),
+        (2, true),
+        (3, true),
+    ];
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); counts.len()];
     let mut hops: Vec<(Run, Run)> = Vec::new();
     for round in 0..args.rounds {
-        for (i, &n) in counts.iter().enumerate() {
-            let prefix = format!("n{round}x{n}");
+        for (i, &(n, direct)) in counts.iter().enumerate() {
+            let prefix = format!("n{round}x{n}{}", if direct { "d" } else { "" });
             let r = rt.block_on(async {
                 let nodes = start_nodes(&bin, &redis, &prefix, n, workers(n)).await?;
                 let mut s = spec(
@@ -268,11 +296,17 @@ fn main() -> anyhow::Result<()> {
                     "bench",
                 );
                 s.spread = nodes.iter().map(Tracker::addr).collect();
+                if direct {
+                    s.by_owner = Some(std::sync::Arc::new(owners(&nodes, &s).await?));
+                }
                 measure(&redis, &nodes, s).await
             })?;
             eprintln!(
-                "round {round}, {n} node(s): {:.0} decisions/s, {:.1} µs CPU/decision, p99 {:.2} ms",
-                r.decisions_per_s, r.server_us, r.p99_ms
+                "round {round}, {n} node(s){}: {:.0} decisions/s, {:.1} µs CPU/decision, p99 {:.2} ms",
+                if direct { ", to owners" } else { "" },
+                r.decisions_per_s,
+                r.server_us,
+                r.p99_ms
             );
             runs[i].push(r);
         }
@@ -315,7 +349,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    for (i, &n) in counts.iter().enumerate() {
+    for (i, &(n, direct)) in counts.iter().enumerate() {
         let rs = &runs[i];
         let m = |f: fn(&Run) -> f64| median(rs.iter().map(f).collect());
         let each: Vec<String> = rs
@@ -324,7 +358,12 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let per_cpu = m(|r| 1e6 / r.server_us);
         println!(
-            "| {n} | {} | {:.0} ({}) | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.0} % | {:.2} | {:.1} | {:.2} |",
+            "| {n}{} | {} | {:.0} ({}) | {:.2} | {:.2} | {:.1} | {:.0} | {:.2} | {:.0} % | {:.2} | {:.1} | {:.2} |",
+            if direct {
+                ", each call to its owner"
+            } else {
+                ""
+            },
             workers(n),
             m(|r| r.decisions_per_s),
             each.join(" / "),

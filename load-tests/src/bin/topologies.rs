@@ -154,6 +154,7 @@ async fn measure(
         progress: false,
         spread: Vec::new(),
         keyed: false,
+        by_owner: None,
         timeout: None,
     };
     setup(&spec).await?;
