@@ -48,6 +48,12 @@
 //! - **Several nodes**: [`nodes`]: each node's registration and lease in
 //!   Redis and the live members (`nodes/mod.rs`), who owns an entitlement
 //!   (rendezvous hashing, `nodes/ring.rs`); `GET /v1/cluster` shows them.
+//!   A call for another node's entitlement is sent on by the middleware of
+//!   `http/forwarding.rs` (`nodes/forward.rs`: one call as it came; usage
+//!   calls batched per owner in `nodes/coalesce.rs`, decided by the owner
+//!   in `http/nodes.rs`; batches split per owner); reads among nodes check
+//!   the stored owner epoch (`engine::Engine::get`); the hand-over when the
+//!   members change and the graceful leave are wired in `startup.rs`.
 //! - **Webhooks**: registrations and signing in [`webhooks`], the
 //!   dispatcher (stream reader, delivery workers, retry schedule) in
 //!   `webhooks/dispatch/`.

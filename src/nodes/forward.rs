@@ -5,13 +5,13 @@
 //! authenticated with the cluster secret; the owner serves a marked call
 //! itself, whatever its own view of the members (a node that left sends it
 //! on once more; never a third time), so calls never go round in circles.
-//! If the owner cannot be reached at all (nothing was sent), this node
-//! serves the call: the owner epoch fences whichever of the two writes
-//! second; so it does for a second after a forward to that owner failed.
-//! If it was sent and no answer came, a call that can be applied again
-//! without a second effect is served here (see `http/forwarding.rs`); one
-//! that cannot (usage without an idempotency key) answers `504`: its
-//! outcome is unknown.
+//! If the owner cannot be reached at all (nothing was sent), it is passed
+//! over for a second and the call goes to the node that owns the
+//! entitlement without it (or is served here): the owner epoch fences
+//! whichever of the two writes second. If it was sent and no answer came,
+//! a call that can be applied again without a second effect goes there too
+//! (see `http/forwarding.rs`); one that cannot (usage without an
+//! idempotency key) answers `504`: its outcome is unknown.
 
 use std::time::{Duration, Instant};
 
@@ -42,10 +42,10 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
-/// How long calls for a member's share are served here after a call sent
-/// to it found it unreachable or got no answer: a paused or overloaded
-/// node costs one forward timeout per second, not one per call (the owner
-/// epoch fences whichever write comes second).
+/// How long a member is passed over after a call sent to it found it
+/// unreachable or got no answer: a paused or overloaded node costs one
+/// forward timeout per second, not one per call (the owner epoch fences
+/// whichever write comes second).
 const SUSPECT_FOR: Duration = Duration::from_secs(1);
 
 /// Sends calls on to their owners.
@@ -295,7 +295,7 @@ impl Forwarder {
                 .insert(node.clone(), Instant::now() + SUSPECT_FOR)
                 .is_none()
             {
-                tracing::warn!(node = %node, address = %address, error = %source, "a call sent on to its owner failed; serving its share here for a second");
+                tracing::warn!(node = %node, address = %address, error = %source, "a call sent on to its owner failed; passing it over for a second");
             }
             if source.is_connect() {
                 outcome("unreachable");
