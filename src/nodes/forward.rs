@@ -328,6 +328,10 @@ fn build_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
         .connect_timeout(Duration::from_millis(500))
         .timeout(timeout)
         .pool_max_idle_per_host(64)
+        // Below the owner's 5 s keep-alive: a call is never sent on a
+        // connection the owner is closing at that moment (it would have
+        // no answer, and a usage call without a key could not be retried).
+        .pool_idle_timeout(Duration::from_secs(2))
         .redirect(reqwest::redirect::Policy::none())
         .build()
 }

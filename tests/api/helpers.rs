@@ -142,9 +142,15 @@ async fn call(
     )
 }
 
+/// Idle connections are dropped after 2 s, before the tracker's 5 s
+/// keep-alive closes them: a call is never sent on a connection the server
+/// is closing at that moment (seen once as `IncompleteMessage`).
 pub fn http_client() -> reqwest::Client {
     headroom::tls::install_crypto_provider();
-    reqwest::Client::new()
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .expect("a reqwest client")
 }
 
 pub fn memory_store() -> Arc<dyn Store> {
