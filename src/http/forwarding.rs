@@ -240,7 +240,7 @@ pub(super) async fn spread_batch(
         (here, slots(state.engine.consume_batch(part).await))
     };
     let parts = away.into_values().map(|(owner, idx)| async move {
-        let answers = send_part(state, forwarder, req, &owner, events, &idx).await;
+        let answers = send_part(state, forwarder, req, &owner, events, &idx, true).await;
         (idx, answers)
     });
     let (local, remote) = futures_util::join!(local, futures_util::future::join_all(parts));
@@ -256,15 +256,64 @@ pub(super) async fn spread_batch(
         .collect()
 }
 
+/// The events at `idx`, which `failed` did not take: sent once to the
+/// nodes that own them without it (it is passed over now), when `retry`;
+/// decided here otherwise, or for those this node owns now. In order.
+fn elsewhere<'a>(
+    state: &'a AppState,
+    forwarder: &'a Forwarder,
+    req: &'a actix_web::HttpRequest,
+    failed: &'a Member,
+    events: &'a [(EntitlementId, UsageRequest)],
+    idx: Vec<usize>,
+    retry: bool,
+) -> futures_util::future::LocalBoxFuture<'a, Vec<Slot>> {
+    Box::pin(async move {
+        let mut here = Vec::new();
+        let mut away: std::collections::BTreeMap<String, (Member, Vec<usize>)> = Default::default();
+        for (j, &i) in idx.iter().enumerate() {
+            match forwarder.owner_elsewhere(events[i].0.as_str()) {
+                Some(m) if retry && m.id != failed.id => away
+                    .entry(m.id.clone())
+                    .or_insert((m, Vec::new()))
+                    .1
+                    .push(j),
+                _ => here.push(j),
+            }
+        }
+        let mut out: Vec<Option<Slot>> = std::iter::repeat_with(|| None).take(idx.len()).collect();
+        let local: Vec<_> = here.iter().map(|&j| events[idx[j]].clone()).collect();
+        for (&j, a) in here
+            .iter()
+            .zip(slots(state.engine.consume_batch(local).await))
+        {
+            out[j] = Some(a);
+        }
+        for (owner, js) in away.into_values() {
+            let part: Vec<usize> = js.iter().map(|&j| idx[j]).collect();
+            let answers = send_part(state, forwarder, req, &owner, events, &part, false).await;
+            for (&j, a) in js.iter().zip(answers) {
+                out[j] = Some(a);
+            }
+        }
+        out.into_iter()
+            .map(|s| {
+                s.unwrap_or_else(|| Slot::from(Err(crate::engine::EngineError::ActorUnavailable)))
+            })
+            .collect()
+    })
+}
+
 fn slots(answers: Vec<Result<crate::engine::UsageReply, crate::engine::EngineError>>) -> Vec<Slot> {
     answers.into_iter().map(Slot::from).collect()
 }
 
 /// One owner's part of a batch (the events at `idx`), sent on to it. If
-/// the owner cannot be reached, or is stopping, the part is decided here
-/// (the owner epoch fences the other's writes); if it was sent and no
-/// answer came, the keyed events are decided here (they replay what the
-/// owner wrote, if it did) and the others answer `outcome_unknown`.
+/// the owner cannot be reached, or is stopping, the part goes (once, when
+/// `retry`) to the nodes that own its events without that owner, or is
+/// decided here (the owner epoch fences the other's writes); if it was
+/// sent and no answer came, so do its keyed events (they replay what the
+/// owner wrote, if it did), and the others answer `outcome_unknown`.
 async fn send_part(
     state: &AppState,
     forwarder: &Forwarder,
@@ -272,8 +321,9 @@ async fn send_part(
     owner: &Member,
     events: &[(EntitlementId, UsageRequest)],
     idx: &[usize],
+    retry: bool,
 ) -> Vec<Slot> {
-    let part = || idx.iter().map(|&i| events[i].clone()).collect::<Vec<_>>();
+    let part = || elsewhere(state, forwarder, req, owner, events, idx.to_vec(), retry);
     let body = match batch::encode_events(idx.iter().map(|&i| &events[i])) {
         Ok(b) => b,
         Err(e) => {
@@ -293,7 +343,7 @@ async fn send_part(
         }
         Ok((status, _)) if status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE => {
             // Stopping, or its Redis is out of reach: nothing was applied.
-            return slots(state.engine.consume_batch(part()).await);
+            return part().await;
         }
         Ok((_, body)) => {
             // Refused as a whole (nothing applied): its problem in each slot.
@@ -310,20 +360,16 @@ async fn send_part(
                 None => format!("the owner {} refused its part of the batch", owner.id),
             }
         }
-        Err(ForwardError::Unreachable { .. }) => {
-            return slots(state.engine.consume_batch(part()).await);
-        }
+        Err(ForwardError::Unreachable { .. }) => return part().await,
         Err(e @ ForwardError::NoAnswer { .. }) => e.to_string(),
     };
-    // Sent, outcome unknown: keyed events are safe to decide again here.
+    // Sent, outcome unknown: keyed events are safe to decide again.
     let (keyed, unkeyed): (Vec<usize>, Vec<usize>) =
         (0..idx.len()).partition(|&j| events[idx[j]].1.idempotency_key.is_some());
     let mut out: Vec<Option<Slot>> = std::iter::repeat_with(|| None).take(idx.len()).collect();
-    let again = keyed.iter().map(|&j| events[idx[j]].clone()).collect();
-    for (j, a) in keyed
-        .iter()
-        .zip(slots(state.engine.consume_batch(again).await))
-    {
+    let again = keyed.iter().map(|&j| idx[j]).collect();
+    let decided = elsewhere(state, forwarder, req, owner, events, again, retry).await;
+    for (j, a) in keyed.iter().zip(decided) {
         out[*j] = Some(a);
     }
     let mut unknown = ApiError::new(Kind::OutcomeUnknown, failure);

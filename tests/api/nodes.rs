@@ -1015,3 +1015,102 @@ async fn usage_calls_sent_on_together_answer_what_the_owner_answers() {
         .expect("send");
     assert_eq!(r.status(), 404);
 }
+
+/// A batch sent while one owner is dead (its lease not yet run out): the
+/// dead owner's part goes to the nodes that own its events without it, and
+/// every event is decided once.
+#[actix_rt::test]
+async fn a_batch_part_for_a_dead_owner_goes_to_its_successor() {
+    let redis = RedisServer::start();
+    let mut nodes = [node(&redis), node(&redis), node(&redis)];
+    until_members(&[&nodes[0], &nodes[1], &nodes[2]], 3).await;
+    let ids: Vec<String> = (0..30).map(|i| format!("d-{i}")).collect();
+    for id in &ids {
+        let (status, _) = nodes[0]
+            .send(
+                Method::PUT,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                Some(r#"{"features": {"api": {"included": 10}}}"#),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    // Who owns what, with all three and without the one killed.
+    let view = members(&nodes[0]).await;
+    let all = ids_of(&view);
+    let (me, dead) = (
+        view["self"].as_str().expect("self").to_string(),
+        members(&nodes[2]).await["self"]
+            .as_str()
+            .expect("self")
+            .to_string(),
+    );
+    let owner = |id: &str, without: Option<&str>| {
+        headroom::nodes::ring::owner(
+            all.iter()
+                .map(String::as_str)
+                .filter(|m| Some(*m) != without),
+            id,
+        )
+        .map(str::to_string)
+    };
+    let first: std::collections::BTreeSet<String> = ids
+        .iter()
+        .filter_map(|id| owner(id, None))
+        .filter(|o| *o != me)
+        .collect();
+    let successors: std::collections::BTreeSet<String> = ids
+        .iter()
+        .filter(|id| owner(id, None).as_deref() == Some(dead.as_str()))
+        .filter_map(|id| owner(id, Some(&dead)))
+        .filter(|o| *o != me)
+        .collect();
+    let before = answered(&nodes[0]).await;
+    nodes[2].kill();
+    let events: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            format!(
+                r#"{{"entitlement": "{id}", "feature": "api", "amount": 1, "idempotency_key": "dead-{id}"}}"#
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"events": [{}]}}"#, events.join(","));
+    let (status, answer) = nodes[0]
+        .send(Method::POST, "/v1/usage/batch", Some(CLIENT), Some(&body))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    for (n, r) in answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(r["outcome"], "granted", "event {n}: {r}");
+        assert_eq!(r["used"], 1, "event {n}: {r}");
+    }
+    // One part for each live other owner, and one sent again to each
+    // successor of the dead node's events that is not this node.
+    let live_parts = first.iter().filter(|o| **o != dead).count();
+    assert_eq!(
+        answered(&nodes[0]).await - before,
+        (live_parts + successors.len()) as f64,
+        "parts: {first:?}, successors of {dead}: {successors:?}"
+    );
+    for id in &ids {
+        for node in &nodes[..2] {
+            assert_eq!(node.api_used(id).await.1, Some(1), "{id}");
+        }
+    }
+}
+
+/// The calls `node` sent on and had answered.
+async fn answered(node: &TrackerProcess) -> f64 {
+    scrape(node)
+        .await
+        .lines()
+        .find(|l| l.starts_with("headroom_forwards_total{outcome=\"answered\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .expect("forwards")
+}
