@@ -78,20 +78,36 @@ where
                 }
             };
             let (http, mut payload) = req.into_parts();
-            let limit = state.limits.max_body_bytes;
-            let mut body = actix_web::web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk?;
-                if body.len() + chunk.len() > limit {
+            let (limit, timeout) = (state.limits.max_body_bytes, state.limits.request_timeout);
+            // The body within --max-body-bytes and --request-timeout, as the
+            // routes read it: a client that trickles it holds nothing.
+            let read = async {
+                let mut body = actix_web::web::BytesMut::new();
+                while let Some(chunk) = payload.next().await {
+                    let chunk = chunk.map_err(|e| {
+                        ApiError::new(Kind::InvalidRequest, format!("reading the body: {e}"))
+                    })?;
+                    if body.len() + chunk.len() > limit {
+                        return Err(ApiError::new(
+                            Kind::PayloadTooLarge,
+                            format!("the body is larger than --max-body-bytes ({limit})"),
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(body.freeze())
+            };
+            let body = match tokio::time::timeout(timeout, read).await {
+                Ok(Ok(body)) => body,
+                Ok(Err(e)) => return Ok(ServiceResponse::new(http, e.error_response())),
+                Err(_) => {
                     let e = ApiError::new(
-                        Kind::PayloadTooLarge,
-                        format!("the body is larger than --max-body-bytes ({limit})"),
+                        Kind::RequestTimeout,
+                        format!("the body did not arrive within {timeout:?}"),
                     );
                     return Ok(ServiceResponse::new(http, e.error_response()));
                 }
-                body.extend_from_slice(&chunk);
-            }
-            let body = body.freeze();
+            };
             let mut owner = owner;
             for attempt in 0..2 {
                 let failed = if let Some(call) = coalescible(&http, &body) {

@@ -1114,3 +1114,50 @@ async fn answered(node: &TrackerProcess) -> f64 {
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .expect("forwards")
 }
+
+/// A call for another node's entitlement whose body trickles gets 408
+/// after the request timeout at the node that received it, as any call
+/// does; nothing is sent on.
+#[actix_rt::test]
+async fn a_body_that_never_arrives_for_another_nodes_entitlement_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let env = [
+        ("HEADROOM_REDIS_URL", redis.url()),
+        ("HEADROOM_REDIS_PREFIX", "slow".to_string()),
+        ("HEADROOM_CLUSTER_SECRET", SECRET.to_string()),
+        ("HEADROOM_REQUEST_TIMEOUT", "500ms".to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (a, b) = (
+        TrackerProcess::spawn_env(&env),
+        TrackerProcess::spawn_env(&env),
+    );
+    until_members(&[&a, &b], 2).await;
+    let view = members(&b).await;
+    let all = ids_of(&view);
+    let id = (0..)
+        .map(|i| format!("slow-{i}"))
+        .find(|id| {
+            headroom::nodes::ring::owner(all.iter().map(String::as_str), id)
+                == view["self"].as_str()
+        })
+        .expect("an id b owns");
+    let before = answered(&a).await;
+    let mut s = tokio::net::TcpStream::connect(a.addr())
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/entitlements/{id}/usage HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {CLIENT}\r\ncontent-length: 100\r\n\r\n{{",
+        a.addr()
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+        .await
+        .expect("answered before the test gave up")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(answered(&a).await, before, "nothing sent on");
+}
