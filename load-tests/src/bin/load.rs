@@ -33,6 +33,11 @@ struct Args {
     /// Address of the tracker.
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
+    /// Send the calls round robin over these nodes (comma-separated
+    /// host:port) instead of `--addr` alone, as a round-robin balancer
+    /// would; set-up and the ledger go through `--addr`.
+    #[arg(long, value_delimiter = ',')]
+    spread: Vec<SocketAddr>,
     /// Admin token (creates and reads the entitlements); the first of the
     /// tracker's own list is taken.
     #[arg(long, env = "HEADROOM_ADMIN_TOKENS", value_parser = first_token, hide_env_values = true)]
@@ -109,7 +114,7 @@ fn main() -> anyhow::Result<()> {
             seed: args.seed,
             prefix: args.prefix,
             progress: true,
-            spread: Vec::new(),
+            spread: args.spread.clone(),
             keyed: false,
             by_owner: None,
             timeout: None,
