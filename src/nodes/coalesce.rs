@@ -126,6 +126,9 @@ impl Forwarder {
     /// Sends what waits in `queue`, a batch at a time, until nothing does.
     async fn send_waiting(&self, queue: &Queue) {
         loop {
+            // Let the worker's other ready tasks (calls it is reading)
+            // queue theirs first: a fuller request, no timer.
+            tokio::task::yield_now().await;
             let batch: Vec<_> = {
                 let mut waiting = queue.waiting.borrow_mut();
                 let n = waiting.len().min(MAX_CALLS);
