@@ -347,7 +347,10 @@ async fn send_part(
             return idx.iter().map(|_| Slot::Decided(Err(e.clone()))).collect();
         }
     };
-    let failure = match forwarder.forward_batch(owner, req, body.into()).await {
+    let failure = match forwarder
+        .post(owner, "/v1/usage/batch", Some(req), 1, body.into())
+        .await
+    {
         Ok((status, body)) if status.is_success() => {
             match batch::decode_results(&body, idx.len()) {
                 Some(results) => return results.into_iter().map(Slot::Relayed).collect(),

@@ -154,7 +154,10 @@ impl Forwarder {
             Ok(b) => b,
             Err(e) => return all(&|| Outcome::NotTaken(format!("not encoded: {e}"))),
         };
-        match self.forward_calls(owner, n as u64, Bytes::from(body)).await {
+        match self
+            .post(owner, PATH, None, n as u64, Bytes::from(body))
+            .await
+        {
             Ok((status, body)) if status == StatusCode::OK => {
                 match serde_json::from_slice::<NodeAnswers>(&body) {
                     Ok(a) if a.answers.len() == n => {

@@ -113,9 +113,9 @@ impl Forwarder {
     /// Where `req` is served.
     pub fn route(&self, req: &ServiceRequest) -> Route {
         let Some(id) = entitlement_of(req.path()) else {
-            return self.marked(req).unwrap_or(Route::Local);
+            return self.marked(req.headers()).unwrap_or(Route::Local);
         };
-        match self.marked(req) {
+        match self.marked(req.headers()) {
             None => {}
             // A node that left sends a call it was sent on once more (the
             // sender had not seen it leave yet); a call sent on twice is
@@ -149,10 +149,9 @@ impl Forwarder {
 
     /// `None` for a call from a client; for one marked as sent on by a
     /// node, `Local` when it carries the cluster secret, else `Forged`.
-    fn marked(&self, req: &ServiceRequest) -> Option<Route> {
-        req.headers().get(FORWARDED_BY)?;
-        let given = req
-            .headers()
+    fn marked(&self, headers: &actix_web::http::header::HeaderMap) -> Option<Route> {
+        headers.get(FORWARDED_BY)?;
+        let given = headers
             .get(NODE_SECRET)
             .map(HeaderValue::as_bytes)
             .unwrap_or_default();
@@ -192,45 +191,20 @@ impl Forwarder {
         Ok(answer.body(body))
     }
 
-    /// Sends one owner's part of a batch (`body`, a batch of its events)
-    /// as a `POST /v1/usage/batch` with the client's headers of `req`, and
-    /// answers the owner's status and body.
-    pub async fn forward_batch(
+    /// A `POST` of `body` carrying `calls` calls to `owner`'s `path`
+    /// (with the client's headers of `req`, if any): one owner's part of a
+    /// batch, or usage calls sent on together ([`super::coalesce`]). Answers
+    /// the owner's status and body.
+    pub async fn post(
         &self,
         owner: &Member,
-        req: &HttpRequest,
-        body: Bytes,
-    ) -> Result<(StatusCode, Bytes), ForwardError> {
-        let (status, _, body) = self
-            .exchange(
-                owner,
-                reqwest::Method::POST,
-                "/v1/usage/batch",
-                Some(req),
-                1,
-                body,
-            )
-            .await?;
-        Ok((status, body))
-    }
-
-    /// Sends `calls` usage calls (`body`, their [`super::coalesce`] batch)
-    /// to `owner`'s `POST /v1/nodes/usage`.
-    pub(super) async fn forward_calls(
-        &self,
-        owner: &Member,
+        path: &str,
+        req: Option<&HttpRequest>,
         calls: u64,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ForwardError> {
         let (status, _, body) = self
-            .exchange(
-                owner,
-                reqwest::Method::POST,
-                super::coalesce::PATH,
-                None,
-                calls,
-                body,
-            )
+            .exchange(owner, reqwest::Method::POST, path, req, calls, body)
             .await?;
         Ok((status, body))
     }
@@ -238,10 +212,7 @@ impl Forwarder {
     /// Whether `headers` mark a call from another node, with the cluster
     /// secret.
     pub fn is_from_a_node(&self, headers: &actix_web::http::header::HeaderMap) -> bool {
-        headers.contains_key(FORWARDED_BY)
-            && headers
-                .get(NODE_SECRET)
-                .is_some_and(|s| bool::from(s.as_bytes().ct_eq(self.secret.0.as_bytes())))
+        matches!(self.marked(headers), Some(Route::Local))
     }
 
     /// One exchange with `owner` carrying `calls` calls: with the headers
