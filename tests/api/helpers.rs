@@ -375,6 +375,16 @@ impl TrackerProcess {
         call(&self.client, url, method, token, body).await
     }
 
+    /// `PUT /v1/entitlements/{id}` as admin with `config`, which must
+    /// create it.
+    pub async fn create(&self, id: &str, config: &str) {
+        let path = format!("/v1/entitlements/{id}");
+        let (status, body) = self
+            .send(reqwest::Method::PUT, &path, Some(ADMIN), Some(config))
+            .await;
+        assert_eq!(status, 201, "{path}: {body}");
+    }
+
     /// One keyed call using 1 unit of feature `api` of `id`: its status.
     pub async fn use_api(&self, id: &str, key: &str) -> u16 {
         let body = format!(r#"{{"feature": "api", "amount": 1, "idempotency_key": "{key}"}}"#);
