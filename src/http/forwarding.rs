@@ -58,11 +58,12 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let service = self.service.clone();
         Box::pin(async move {
-            let state = req.app_data::<web::Data<AppState>>().cloned();
-            let forwarder = state.as_ref().and_then(|s| s.forwarder.clone());
-            let route = forwarder.as_ref().map_or(Route::Local, |f| f.route(&req));
-            let (forwarder, state, owner) = match (route, forwarder, state) {
-                (Route::To(owner), Some(f), Some(s)) => (f, s, owner),
+            // Borrowed for the route; cloned only for a call that is sent on.
+            let data = req.app_data::<web::Data<AppState>>();
+            let forwarder = data.and_then(|s| s.forwarder.as_ref());
+            let route = forwarder.map_or(Route::Local, |f| f.route(&req));
+            let (state, forwarder, owner) = match (route, data, forwarder) {
+                (Route::To(owner), Some(s), Some(f)) => (s.clone(), f.clone(), owner),
                 (Route::Forged, ..) => {
                     let e = ApiError::new(
                         Kind::Forbidden,
