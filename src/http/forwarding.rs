@@ -232,57 +232,26 @@ pub(super) async fn spread_batch(
     req: &actix_web::HttpRequest,
     events: Vec<(EntitlementId, UsageRequest)>,
 ) -> Vec<Slot> {
-    let forwarder = match &state.forwarder {
-        Some(f) if !req.headers().contains_key(FORWARDED_BY) => f,
-        _ => return slots(state.engine.consume_batch(events).await),
-    };
-    let mut here = Vec::new();
-    let mut away: std::collections::BTreeMap<String, (Member, Vec<usize>)> = Default::default();
-    for (i, (id, _)) in events.iter().enumerate() {
-        match forwarder.owner_elsewhere(id.as_str()) {
-            None => here.push(i),
-            Some(m) => away
-                .entry(m.id.clone())
-                .or_insert((m, Vec::new()))
-                .1
-                .push(i),
+    match &state.forwarder {
+        Some(f) if !req.headers().contains_key(FORWARDED_BY) => {
+            let all = (0..events.len()).collect();
+            distribute(state, f, req, &events, all, None, true).await
         }
+        _ => slots(state.engine.consume_batch(events).await),
     }
-    if away.is_empty() {
-        return slots(state.engine.consume_batch(events).await);
-    }
-    let events = &events;
-    let local = async move {
-        let part = here.iter().map(|&i| events[i].clone()).collect();
-        (here, slots(state.engine.consume_batch(part).await))
-    };
-    let parts = away.into_values().map(|(owner, idx)| async move {
-        let answers = send_part(state, forwarder, req, &owner, events, &idx, true).await;
-        (idx, answers)
-    });
-    let (local, remote) = futures_util::join!(local, futures_util::future::join_all(parts));
-    let mut out: Vec<Option<Slot>> = std::iter::repeat_with(|| None).take(events.len()).collect();
-    for (idx, answers) in std::iter::once(local).chain(remote) {
-        for (i, a) in idx.into_iter().zip(answers) {
-            out[i] = Some(a);
-        }
-    }
-    // Every index is in one part, which answers each of its events.
-    out.into_iter()
-        .map(|s| s.unwrap_or_else(|| Slot::from(Err(crate::engine::EngineError::ActorUnavailable))))
-        .collect()
 }
 
-/// The events at `idx`, which `failed` did not take: sent once to the
-/// nodes that own them without it (it is passed over now), when `retry`;
-/// decided here otherwise, or for those this node owns now. In order.
-fn elsewhere<'a>(
+/// The events at `idx`, in that order, each decided by its owner: this
+/// node's decided here, every other owner's sent on to it as one part, all
+/// at once. `failed`, an owner that did not take them, is passed over; with
+/// `retry` false (they were sent on once already) all are decided here.
+fn distribute<'a>(
     state: &'a AppState,
     forwarder: &'a Forwarder,
     req: &'a actix_web::HttpRequest,
-    failed: &'a Member,
     events: &'a [(EntitlementId, UsageRequest)],
     idx: Vec<usize>,
+    failed: Option<&'a Member>,
     retry: bool,
 ) -> futures_util::future::LocalBoxFuture<'a, Vec<Slot>> {
     Box::pin(async move {
@@ -290,7 +259,7 @@ fn elsewhere<'a>(
         let mut away: std::collections::BTreeMap<String, (Member, Vec<usize>)> = Default::default();
         for (j, &i) in idx.iter().enumerate() {
             match forwarder.owner_elsewhere(events[i].0.as_str()) {
-                Some(m) if retry && m.id != failed.id => away
+                Some(m) if retry && failed.is_none_or(|f| f.id != m.id) => away
                     .entry(m.id.clone())
                     .or_insert((m, Vec::new()))
                     .1
@@ -298,27 +267,52 @@ fn elsewhere<'a>(
                 _ => here.push(j),
             }
         }
-        let mut out: Vec<Option<Slot>> = std::iter::repeat_with(|| None).take(idx.len()).collect();
-        let local: Vec<_> = here.iter().map(|&j| events[idx[j]].clone()).collect();
-        for (&j, a) in here
-            .iter()
-            .zip(slots(state.engine.consume_batch(local).await))
-        {
-            out[j] = Some(a);
-        }
-        for (owner, js) in away.into_values() {
+        let local = async {
+            let part = here.iter().map(|&j| events[idx[j]].clone()).collect();
+            slots(state.engine.consume_batch(part).await)
+        };
+        let parts = away.values().map(|(owner, js)| {
             let part: Vec<usize> = js.iter().map(|&j| idx[j]).collect();
-            let answers = send_part(state, forwarder, req, &owner, events, &part, false).await;
-            for (&j, a) in js.iter().zip(answers) {
-                out[j] = Some(a);
+            // A part sent on after a failure is not sent on again.
+            async move {
+                send_part(
+                    state,
+                    forwarder,
+                    req,
+                    owner,
+                    events,
+                    &part,
+                    failed.is_none(),
+                )
+                .await
             }
-        }
-        out.into_iter()
-            .map(|s| {
-                s.unwrap_or_else(|| Slot::from(Err(crate::engine::EngineError::ActorUnavailable)))
-            })
-            .collect()
+        });
+        let (local, remote) = futures_util::join!(local, futures_util::future::join_all(parts));
+        let remote = away.into_values().map(|(_, js)| js).zip(remote);
+        scatter(
+            idx.len(),
+            std::iter::once((here, local)).chain(remote),
+            || Slot::from(Err(crate::engine::EngineError::ActorUnavailable)),
+        )
     })
+}
+
+/// `n` answers in order from parts of (indexes, their answers); `missing`
+/// for an index no part answered (every index is in one part).
+pub(super) fn scatter<T>(
+    n: usize,
+    parts: impl IntoIterator<Item = (Vec<usize>, Vec<T>)>,
+    missing: impl Fn() -> T,
+) -> Vec<T> {
+    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(n).collect();
+    for (idx, answers) in parts {
+        for (i, a) in idx.into_iter().zip(answers) {
+            out[i] = Some(a);
+        }
+    }
+    out.into_iter()
+        .map(|a| a.unwrap_or_else(&missing))
+        .collect()
 }
 
 fn slots(answers: Vec<Result<crate::engine::UsageReply, crate::engine::EngineError>>) -> Vec<Slot> {
@@ -340,7 +334,17 @@ async fn send_part(
     idx: &[usize],
     retry: bool,
 ) -> Vec<Slot> {
-    let part = || elsewhere(state, forwarder, req, owner, events, idx.to_vec(), retry);
+    let part = || {
+        distribute(
+            state,
+            forwarder,
+            req,
+            events,
+            idx.to_vec(),
+            Some(owner),
+            retry,
+        )
+    };
     let body = match batch::encode_events(idx.iter().map(|&i| &events[i])) {
         Ok(b) => b,
         Err(e) => {
@@ -386,18 +390,15 @@ async fn send_part(
     // Sent, outcome unknown: keyed events are safe to decide again.
     let (keyed, unkeyed): (Vec<usize>, Vec<usize>) =
         (0..idx.len()).partition(|&j| events[idx[j]].1.idempotency_key.is_some());
-    let mut out: Vec<Option<Slot>> = std::iter::repeat_with(|| None).take(idx.len()).collect();
     let again = keyed.iter().map(|&j| idx[j]).collect();
-    let decided = elsewhere(state, forwarder, req, owner, events, again, retry).await;
-    for (j, a) in keyed.iter().zip(decided) {
-        out[*j] = Some(a);
-    }
+    let decided = distribute(state, forwarder, req, events, again, Some(owner), retry).await;
     let mut unknown = ApiError::new(Kind::OutcomeUnknown, failure);
     unknown.retry_after = Some(1);
-    for j in unkeyed {
-        out[j] = Some(Slot::Decided(Err(unknown.clone())));
-    }
-    out.into_iter()
-        .map(|s| s.unwrap_or_else(|| Slot::Decided(Err(unknown.clone()))))
-        .collect()
+    let unknowns = unkeyed
+        .iter()
+        .map(|_| Slot::Decided(Err(unknown.clone())))
+        .collect();
+    scatter(idx.len(), [(keyed, decided), (unkeyed, unknowns)], || {
+        Slot::Decided(Err(unknown.clone()))
+    })
 }

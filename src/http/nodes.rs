@@ -49,37 +49,40 @@ pub async fn node_usage(
             ),
         ));
     }
-    let mut answers: Vec<Option<Result<HttpResponse, ApiError>>> = Vec::with_capacity(calls.len());
-    let mut valid = Vec::with_capacity(calls.len());
-    let mut valid_idx = Vec::with_capacity(calls.len());
+    let (mut valid, mut valid_idx) = (Vec::new(), Vec::new());
+    let (mut refused, mut refused_idx) = (Vec::new(), Vec::new());
     for (i, call) in calls.iter().enumerate() {
         match check(&state, call) {
             Ok(ev) => {
                 valid.push(ev);
                 valid_idx.push(i);
-                answers.push(None);
             }
-            Err(e) => answers.push(Some(Err(e))),
+            Err(e) => {
+                refused.push(Err(e));
+                refused_idx.push(i);
+            }
         }
     }
     // From here on every call is answered in its slot: nothing fails whole
     // once calls were decided.
-    let decided = state.engine.consume_batch(valid).await;
-    for (i, r) in valid_idx.into_iter().zip(decided) {
-        answers[i] = Some(
+    let decided = state
+        .engine
+        .consume_batch(valid)
+        .await
+        .into_iter()
+        .map(|r| {
             r.map_err(ApiError::from)
-                .and_then(|reply| usage_answer(reply, || state.engine.now())),
-        );
-    }
-    let mut out = Vec::with_capacity(answers.len());
-    for a in answers {
-        let response = match a {
-            Some(Ok(r)) => r,
-            Some(Err(e)) => e.error_response(),
-            None => ApiError::from(crate::engine::EngineError::ActorUnavailable).error_response(),
-        };
-        out.push(relayable(response));
-    }
+                .and_then(|reply| usage_answer(reply, || state.engine.now()))
+        });
+    let answers = super::forwarding::scatter(
+        calls.len(),
+        [(refused_idx, refused), (valid_idx, decided.collect())],
+        || Err(ApiError::from(crate::engine::EngineError::ActorUnavailable)),
+    );
+    let out = answers
+        .into_iter()
+        .map(|a| relayable(a.unwrap_or_else(|e| e.error_response())))
+        .collect();
     let body = serde_json::to_vec(&NodeAnswers { answers: out }).map_err(ApiError::encoding)?;
     Ok(HttpResponse::Ok()
         .content_type("application/json")
