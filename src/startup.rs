@@ -202,6 +202,10 @@ impl Application {
             },
             nodes: nodes.clone(),
             node,
+            pages: crate::http::pages::Pages::new(
+                settings.http.pages.clone(),
+                settings.nodes.cluster_secret.as_ref().map(|s| &*s.0),
+            ),
         });
         let workers = settings
             .http

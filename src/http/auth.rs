@@ -127,6 +127,16 @@ fn bearer_of(authorization: &str) -> Option<&str> {
     authorization.strip_prefix("Bearer ").map(str::trim)
 }
 
+/// A token's fingerprint: the first 16 bytes of its SHA-256, in hex.
+fn fingerprint(token: &str) -> String {
+    fingerprint_bytes(token.as_bytes())
+}
+
+fn fingerprint_bytes(token: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(token)[..16])
+}
+
 /// Compares against every token, so the time taken does not say which matched.
 fn matches_any(token: &[u8], tokens: &[Vec<u8>]) -> bool {
     tokens
@@ -190,6 +200,27 @@ impl Auth {
             disabled: true,
             ..Auth::default()
         }
+    }
+
+    /// The fingerprint of `token` if it is an admin token (with `--no-auth`,
+    /// of any token): what a console session keeps instead of the token.
+    pub fn admin_fingerprint(&self, token: &str) -> Option<String> {
+        (self.disabled || matches_any(token.as_bytes(), &self.admin)).then(|| fingerprint(token))
+    }
+
+    /// The fingerprint of the admin token a request carries.
+    pub fn admin_fingerprint_of(&self, req: &HttpRequest) -> Option<String> {
+        self.admin_fingerprint(bearer(req).unwrap_or_default())
+    }
+
+    /// Whether a console session's fingerprint is of an admin token still
+    /// configured (a session ends when its token is removed).
+    pub fn knows_admin_fingerprint(&self, fp: &str) -> bool {
+        self.disabled
+            || self.admin.iter().fold(0u8, |acc, t| {
+                let known = fingerprint_bytes(t);
+                acc | known.as_bytes().ct_eq(fp.as_bytes()).unwrap_u8()
+            }) == 1
     }
 
     pub fn require(&self, req: &HttpRequest, scope: Scope) -> Result<(), ApiError> {

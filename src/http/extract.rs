@@ -165,8 +165,8 @@ pub trait BodyLimit {
 pub struct Large;
 /// One usage call: 64 KiB.
 pub struct Usage;
-/// A webhook registration: 16 KiB.
-pub struct Registration;
+/// A webhook registration or a link request: 16 KiB.
+pub struct Small;
 /// A seat call: no body, or an empty JSON object.
 pub struct Empty;
 
@@ -185,7 +185,7 @@ impl BodyLimit for Usage {
     }
 }
 
-impl BodyLimit for Registration {
+impl BodyLimit for Small {
     fn limit(_: &AppState) -> usize {
         16 * 1024
     }

@@ -6,6 +6,7 @@ mod extract;
 mod forwarding;
 mod handlers;
 mod nodes;
+pub mod pages;
 pub mod problem;
 pub mod reports;
 mod webhooks;
@@ -41,6 +42,8 @@ pub struct HttpSettings {
     pub limits: Limits,
     #[command(flatten)]
     pub auth: auth::AuthSettings,
+    #[command(flatten)]
+    pub pages: pages::PageSettings,
 }
 
 impl Default for HttpSettings {
@@ -83,6 +86,8 @@ pub struct AppState {
     pub node: crate::nodes::SelfNode,
     /// Sends calls on to their owners (with several nodes only).
     pub forwarder: Option<crate::nodes::forward::Forwarder>,
+    /// The customers' and the vendor's pages: signing keys and settings.
+    pub pages: pages::Pages,
 }
 
 async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -183,6 +188,7 @@ macro_rules! api {
         /// `main` and the tests.
         pub fn routes(cfg: &mut ServiceConfig) {
             $(cfg.service(timed($pattern)$(.route(web::$method().to($handler)))+);)+
+            pages::routes(cfg);
             cfg.default_service(web::to(handlers::not_found));
         }
     };
@@ -207,6 +213,11 @@ api! {
     "/v1/usage/batch" => { post => handlers::record_batch },
     "/v1/entitlements/{id}/history" => { get => reports::history },
     "/v1/entitlements/{id}/periods" => { get => reports::periods },
+    "/v1/entitlements/{id}/portal-links" => {
+        post => pages::links::create_portal_link,
+        delete => pages::links::revoke_portal_links,
+    },
+    "/v1/console-links" => { post => pages::links::create_console_link },
     "/v1/reports/overdraft" => { get => reports::overdraft_report },
     "/v1/webhooks" => { post => webhooks::create, get => webhooks::list },
     "/v1/webhooks/{id}" => { get => webhooks::get, delete => webhooks::delete },

@@ -70,48 +70,48 @@ impl Cursor {
 }
 
 #[derive(Serialize)]
-struct ReportSeats {
-    in_use: u64,
-    purchased: u64,
-    hard_cap: Limit,
-    overdraft: bool,
-    overdraft_since: Option<DateTime<Utc>>,
+pub(crate) struct ReportSeats {
+    pub(crate) in_use: u64,
+    pub(crate) purchased: u64,
+    pub(crate) hard_cap: Limit,
+    pub(crate) overdraft: bool,
+    pub(crate) overdraft_since: Option<DateTime<Utc>>,
     /// Highest seats in use since the pool entered overdraft.
-    peak: u64,
+    pub(crate) peak: u64,
     /// Activations denied since the pool entered overdraft.
-    denied_period: u64,
-    denied_total: u64,
+    pub(crate) denied_period: u64,
+    pub(crate) denied_total: u64,
 }
 
 #[derive(Serialize)]
-struct ReportFeature {
-    used: u64,
-    included: u64,
-    hard_cap: Limit,
-    overdraft: bool,
-    overdraft_since: Option<DateTime<Utc>>,
+pub(crate) struct ReportFeature {
+    pub(crate) used: u64,
+    pub(crate) included: u64,
+    pub(crate) hard_cap: Limit,
+    pub(crate) overdraft: bool,
+    pub(crate) overdraft_since: Option<DateTime<Utc>>,
     /// Usage only grows within a period: its peak is what is used now.
-    peak: u64,
-    denied_period: u64,
-    denied_total: u64,
-    period_start: Option<DateTime<Utc>>,
-    period_end: Option<DateTime<Utc>>,
+    pub(crate) peak: u64,
+    pub(crate) denied_period: u64,
+    pub(crate) denied_total: u64,
+    pub(crate) period_start: Option<DateTime<Utc>>,
+    pub(crate) period_end: Option<DateTime<Utc>>,
 }
 
 #[derive(Serialize)]
-struct ReportItem {
-    entitlement: EntitlementId,
+pub(crate) struct ReportItem {
+    pub(crate) entitlement: EntitlementId,
     /// The earliest of the seats' and the features' overdraft starts.
-    overdraft_since: Option<DateTime<Utc>>,
+    pub(crate) overdraft_since: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    last_denied_at: Option<DateTime<Utc>>,
-    seats: ReportSeats,
+    pub(crate) last_denied_at: Option<DateTime<Utc>>,
+    pub(crate) seats: ReportSeats,
     /// Features in overdraft or with denials this period.
-    features: BTreeMap<String, ReportFeature>,
+    pub(crate) features: BTreeMap<String, ReportFeature>,
 }
 
 impl ReportItem {
-    fn of(v: EntitlementView, last_denied_at: Option<DateTime<Utc>>) -> Self {
+    pub(crate) fn of(v: EntitlementView, last_denied_at: Option<DateTime<Utc>>) -> Self {
         let s = &v.seats;
         let features: BTreeMap<String, ReportFeature> = v
             .features
@@ -156,7 +156,7 @@ impl ReportItem {
         }
     }
 
-    fn in_overdraft(&self) -> bool {
+    pub(crate) fn in_overdraft(&self) -> bool {
         self.overdraft_since.is_some()
     }
 }

@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::extract::{Admin, Body, Query, Registration, page_limit};
+use super::extract::{Admin, Body, Query, Small, page_limit};
 use super::problem::{ApiError, Kind};
 use crate::engine::EngineError;
 use crate::webhooks::{LOG_KEPT, NewWebhook, RegisterError, Webhook, Webhooks};
@@ -40,7 +40,7 @@ struct Created<'a> {
 
 pub async fn create(
     _: Admin,
-    Body(body, ..): Body<Registration>,
+    Body(body, ..): Body<Small>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
     let hooks = webhooks(&state)?;

@@ -48,6 +48,9 @@ struct Tables {
     periods: HashMap<EntitlementId, VecDeque<String>>,
     /// The latest time (ms) a write's history was for: expires old buckets.
     history_now: i64,
+    /// When each entitlement's portal links were revoked (ms), and until
+    /// when that is remembered.
+    links_revoked: HashMap<EntitlementId, (i64, Instant)>,
 }
 
 impl Tables {
@@ -124,6 +127,7 @@ impl MemoryStore {
                 history: HashMap::new(),
                 periods: HashMap::new(),
                 history_now: 0,
+                links_revoked: HashMap::new(),
             }),
             stream_maxlen,
             idempotency_window,
@@ -353,6 +357,29 @@ impl Store for MemoryStore {
             .get(id)
             .map(|l| l.iter().take(limit).cloned().collect())
             .unwrap_or_default())
+    }
+
+    async fn links_revoked_at(&self, id: &EntitlementId) -> Result<Option<i64>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .links_revoked
+            .get(id)
+            .filter(|(_, until)| *until > now)
+            .map(|(at, _)| *at))
+    }
+
+    async fn revoke_links(
+        &self,
+        id: &EntitlementId,
+        at: i64,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut tables = self.lock();
+        tables.links_revoked.retain(|_, (_, until)| *until > now);
+        tables.links_revoked.insert(id.clone(), (at, now + keep));
+        Ok(())
     }
 
     async fn shutdown(&self) {}

@@ -239,6 +239,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Option<BucketRecord>>, StoreError>;
     /// Closed-period records of an entitlement, newest first.
     async fn periods(&self, id: &EntitlementId, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// When every portal link and session of `id` was last revoked (ms),
+    /// `None` if never (or longer ago than links live).
+    async fn links_revoked_at(&self, id: &EntitlementId) -> Result<Option<i64>, StoreError>;
+    /// Revokes the portal links and sessions of `id` issued before `at`
+    /// (ms); remembered for `keep` (links older than that have expired).
+    async fn revoke_links(
+        &self,
+        id: &EntitlementId,
+        at: i64,
+        keep: Duration,
+    ) -> Result<(), StoreError>;
     /// Writes what is queued and stops background work.
     async fn shutdown(&self);
 }

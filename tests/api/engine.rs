@@ -337,6 +337,20 @@ impl headroom::store::Store for CountingStore {
     ) -> Result<Vec<Option<headroom::domain::BucketRecord>>, headroom::store::StoreError> {
         self.inner.history(id, size, starts).await
     }
+    async fn links_revoked_at(
+        &self,
+        id: &EntitlementId,
+    ) -> Result<Option<i64>, headroom::store::StoreError> {
+        self.inner.links_revoked_at(id).await
+    }
+    async fn revoke_links(
+        &self,
+        id: &EntitlementId,
+        at: i64,
+        keep: std::time::Duration,
+    ) -> Result<(), headroom::store::StoreError> {
+        self.inner.revoke_links(id, at, keep).await
+    }
     async fn periods(
         &self,
         id: &EntitlementId,

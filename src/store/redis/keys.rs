@@ -258,6 +258,11 @@ impl EntitlementKeys<'_> {
         self.key("periods")
     }
 
+    /// When the entitlement's portal links were last revoked (ms).
+    pub fn links_revoked(&self) -> String {
+        self.key("links_revoked")
+    }
+
     pub fn idempotency(&self, incarnation: i64, key: &IdempotencyKey) -> String {
         self.key(&format!("key:{incarnation}:{key}"))
     }

@@ -218,6 +218,19 @@ impl Store for RedisStore {
         self.read_epoch(id).await
     }
 
+    async fn links_revoked_at(&self, id: &EntitlementId) -> Result<Option<i64>, StoreError> {
+        self.read_links_revoked(id).await
+    }
+
+    async fn revoke_links(
+        &self,
+        id: &EntitlementId,
+        at: i64,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.write_links_revoked(id, at, keep).await
+    }
+
     async fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         let budget = self.core.settings.redis_timeout * 3 / 4;

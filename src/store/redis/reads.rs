@@ -3,6 +3,7 @@
 //! them. Each runs one pipeline on a pooled connection within the timeout.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use redis::Value;
 
@@ -368,6 +369,40 @@ impl RedisStore {
                 .parse()
                 .map_err(|_| StoreError::corrupt(id, format!("epoch {e:?}"), None)),
         }
+    }
+
+    pub(super) async fn read_links_revoked(
+        &self,
+        id: &EntitlementId,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.core.keys.of(id).links_revoked());
+        let (at,): (Option<String>,) = self.read("links_revoked", &pipe).await?;
+        at.map(|a| {
+            a.parse()
+                .map_err(|_| StoreError::corrupt(id, format!("links revoked at {a:?}"), None))
+        })
+        .transpose()
+    }
+
+    /// Stores the revocation time, kept for `keep`.
+    pub(super) async fn write_links_revoked(
+        &self,
+        id: &EntitlementId,
+        at: i64,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.core.keys.of(id).links_revoked();
+        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX).max(1);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg(at)
+            .arg("PX")
+            .arg(keep_ms)
+            .ignore();
+        let _: () = self.read("revoke_links", &pipe).await?;
+        Ok(())
     }
 
     pub(super) async fn read_periods(

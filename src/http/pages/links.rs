@@ -1,0 +1,182 @@
+//! Minting and withdrawing links: `POST /v1/entitlements/{id}/portal-links`,
+//! `DELETE` on the same path, and `POST /v1/console-links` (admin).
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::sign::{Claims, LinkScope, Purpose};
+use crate::domain::{EntitlementId, ValidationError};
+use crate::http::AppState;
+use crate::http::extract::{Admin, Body, EntitlementPath, Small};
+use crate::http::problem::{ApiError, Kind};
+
+/// The shortest link: a minute.
+pub const MIN_TTL_SECONDS: u64 = 60;
+
+pub struct Link {
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+fn ttl(state: &AppState, asked: Option<u64>) -> Result<chrono::Duration, ApiError> {
+    let s = &state.pages.settings;
+    let max = s.portal_link_max_ttl.as_secs();
+    let seconds = match asked {
+        None => s.portal_link_ttl.as_secs().min(max),
+        Some(t) if (MIN_TTL_SECONDS..=max).contains(&t) => t,
+        Some(t) => {
+            return Err(ValidationError::new(
+                "ttl_seconds",
+                format!("must be from {MIN_TTL_SECONDS} to {max} (--portal-link-max-ttl), got {t}"),
+            )
+            .into());
+        }
+    };
+    Ok(chrono::Duration::seconds(seconds as i64))
+}
+
+/// A portal link for `id` (which must exist: the link is bound to this
+/// life of it).
+pub async fn mint_portal(
+    state: &AppState,
+    id: &EntitlementId,
+    scope: LinkScope,
+    ttl_seconds: Option<u64>,
+) -> Result<Link, ApiError> {
+    let ttl = ttl(state, ttl_seconds)?;
+    let view = state.engine.get(id).await?;
+    let now = state.engine.now();
+    let expires_at = now + ttl;
+    let claims = Claims {
+        purpose: Purpose::PortalLink,
+        entitlement: Some(id.to_string()),
+        incarnation: Some(view.created_at.timestamp_millis()),
+        scope: Some(scope),
+        admin: None,
+        issued_at: now.timestamp_millis(),
+        expires_at: expires_at.timestamp_millis(),
+    };
+    let token = state.pages.signer.sign(&claims);
+    metrics::counter!("headroom_portal_links_minted_total", "scope" => scope.as_str()).increment(1);
+    Ok(Link {
+        url: state.pages.url(&format!("/portal/e/{id}?token={token}")),
+        expires_at,
+    })
+}
+
+/// Withdraws every link and session of `id` issued until now.
+pub async fn revoke(state: &AppState, id: &EntitlementId) -> Result<(), ApiError> {
+    state.engine.get(id).await?;
+    let now = state.engine.now().timestamp_millis();
+    state
+        .engine
+        .store()
+        .revoke_links(id, now, state.pages.settings.portal_link_max_ttl)
+        .await
+        .map_err(crate::engine::EngineError::from)?;
+    tracing::info!(entitlement = %id, "portal links withdrawn");
+    Ok(())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PortalLinkRequest {
+    scope: Option<LinkScope>,
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct PortalLinkAnswer {
+    url: String,
+    expires_at: DateTime<Utc>,
+    scope: LinkScope,
+}
+
+/// An optional JSON body: none (or only whitespace) is `{}`.
+fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    crate::domain::json::decode(body).map_err(ApiError::from)
+}
+
+/// `POST /v1/entitlements/{id}/portal-links`: `{"scope", "ttl_seconds"}`,
+/// both optional → `201 {"url", "expires_at", "scope"}`.
+pub async fn create_portal_link(
+    _: Admin,
+    EntitlementPath(id): EntitlementPath,
+    Body(body, ..): Body<Small>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let request: PortalLinkRequest = optional_json(&body)?;
+    let scope = request.scope.unwrap_or(LinkScope::View);
+    let link = mint_portal(&state, &id, scope, request.ttl_seconds).await?;
+    Ok(HttpResponse::build(StatusCode::CREATED)
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(PortalLinkAnswer {
+            url: link.url,
+            expires_at: link.expires_at,
+            scope,
+        }))
+}
+
+/// `DELETE /v1/entitlements/{id}/portal-links`: withdraws every portal
+/// link and customer session of the entitlement issued until now → `204`.
+pub async fn revoke_portal_links(
+    _: Admin,
+    EntitlementPath(id): EntitlementPath,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    revoke(&state, &id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConsoleLinkRequest {
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ConsoleLinkAnswer {
+    url: String,
+    expires_at: DateTime<Utc>,
+}
+
+/// `POST /v1/console-links`: `{"ttl_seconds"}` (optional) → `201 {"url",
+/// "expires_at"}`, a link that signs its holder in to the console as the
+/// admin token that asked (until that token is taken out of the
+/// configuration).
+pub async fn create_console_link(
+    _: Admin,
+    req: HttpRequest,
+    Body(body, ..): Body<Small>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let request: ConsoleLinkRequest = optional_json(&body)?;
+    let ttl = ttl(&state, request.ttl_seconds)?;
+    let admin = state
+        .auth
+        .admin_fingerprint_of(&req)
+        .ok_or_else(|| ApiError::new(Kind::Forbidden, "this call needs an admin token"))?;
+    let now = state.engine.now();
+    let expires_at = now + ttl;
+    let claims = Claims {
+        purpose: Purpose::ConsoleLink,
+        entitlement: None,
+        incarnation: None,
+        scope: None,
+        admin: Some(admin),
+        issued_at: now.timestamp_millis(),
+        expires_at: expires_at.timestamp_millis(),
+    };
+    let token = state.pages.signer.sign(&claims);
+    Ok(HttpResponse::build(StatusCode::CREATED)
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(ConsoleLinkAnswer {
+            url: state.pages.url(&format!("/console/login?token={token}")),
+            expires_at,
+        }))
+}

@@ -1,0 +1,277 @@
+//! The customer's page, `/portal/e/{id}`: opened with a signed link that is
+//! exchanged for a session cookie bound to that one entitlement.
+
+use std::collections::HashMap;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use askama::Template;
+use serde::Deserialize;
+
+use super::data::{EntitlementData, Range};
+use super::sign::{Claims, LinkScope, Purpose};
+use super::{PageError, assets, html, same_origin, see_other, session_cookie};
+use crate::domain::{EntitlementId, EntitlementView};
+use crate::http::AppState;
+
+pub const COOKIE: &str = "headroom_portal";
+
+fn unauthorized(detail: &str) -> PageError {
+    PageError::new(StatusCode::UNAUTHORIZED, "Link needed", detail)
+}
+
+/// Query parameters of a page; unknown ones (a mail client's tracking
+/// tags) are ignored.
+#[derive(Deserialize, Default)]
+pub(super) struct PageQuery {
+    pub token: Option<String>,
+    pub range: Option<String>,
+    pub saved: Option<String>,
+}
+
+impl PageQuery {
+    pub fn of(req: &HttpRequest) -> Result<PageQuery, PageError> {
+        serde_urlencoded::from_str(req.query_string())
+            .map_err(|e| PageError::bad_request(format!("the query is not understood ({e})")))
+    }
+}
+
+fn entitlement_id(raw: &str) -> Result<EntitlementId, PageError> {
+    EntitlementId::parse(raw).map_err(|_| PageError::not_found())
+}
+
+/// Checks a portal token for entitlement `id`: signed by a key, of the
+/// expected purpose, bound to `id` (another entitlement's token: 404),
+/// not expired, not revoked, and of this life of the entitlement.
+pub(super) async fn check(
+    state: &AppState,
+    id: &EntitlementId,
+    token: &str,
+    purpose: Purpose,
+) -> Result<(Claims, EntitlementView), PageError> {
+    let invalid = || unauthorized("This link is not valid. Ask your vendor for a new one.");
+    let claims = state.pages.signer.verify(token).map_err(|_| invalid())?;
+    if claims.purpose != purpose || claims.scope.is_none() {
+        return Err(invalid());
+    }
+    if claims.entitlement.as_deref() != Some(id.as_str()) {
+        return Err(PageError::not_found());
+    }
+    let now = state.engine.now().timestamp_millis();
+    if claims.expires_at <= now {
+        return Err(unauthorized(
+            "This link has expired. Ask your vendor for a new one.",
+        ));
+    }
+    if let Some(revoked) = state.engine.store().links_revoked_at(id).await?
+        && claims.issued_at <= revoked
+    {
+        return Err(unauthorized(
+            "This link was withdrawn. Ask your vendor for a new one.",
+        ));
+    }
+    let view = state.engine.get(id).await?;
+    if claims.incarnation != Some(view.created_at.timestamp_millis()) {
+        return Err(PageError::not_found());
+    }
+    Ok((claims, view))
+}
+
+#[derive(Template)]
+#[template(path = "portal.html")]
+struct PortalPage<'a> {
+    assets: &'static assets::Urls,
+    e: &'a EntitlementData,
+    base: String,
+    manage: bool,
+    csrf: String,
+    saved: bool,
+    error: Option<String>,
+    expires: String,
+}
+
+fn render(
+    state: &AppState,
+    e: &EntitlementData,
+    claims: &Claims,
+    session: &str,
+    status: StatusCode,
+    saved: bool,
+    error: Option<String>,
+) -> HttpResponse {
+    let expires = chrono::DateTime::from_timestamp_millis(claims.expires_at)
+        .map(super::data::utc)
+        .unwrap_or_default();
+    let page = PortalPage {
+        assets: assets::urls(),
+        e,
+        base: format!("/portal/e/{}", e.id),
+        manage: claims.scope == Some(LinkScope::Manage),
+        csrf: state.pages.signer.csrf(session),
+        saved,
+        error,
+        expires,
+    };
+    html(status, &page)
+}
+
+/// `GET /portal/e/{id}`: with `?token=` exchanges a link for a session and
+/// redirects to the page without it; else shows the page of the session.
+pub async fn show(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let id = entitlement_id(&path)?;
+    let query = PageQuery::of(&req)?;
+    let range = Range::parse(query.range.as_deref())?;
+    if let Some(token) = &query.token {
+        state.pages.login_allowed(&req)?;
+        let outcome = check(&state, &id, token, Purpose::PortalLink).await;
+        let outcome_label = if outcome.is_ok() { "opened" } else { "refused" };
+        metrics::counter!("headroom_page_logins_total", "outcome" => outcome_label).increment(1);
+        let (claims, _) = outcome?;
+        let session = Claims {
+            purpose: Purpose::PortalSession,
+            ..claims
+        };
+        let left = chrono::Duration::milliseconds(
+            session.expires_at - state.engine.now().timestamp_millis(),
+        );
+        let base = format!("/portal/e/{id}");
+        let cookie = session_cookie(
+            &state.pages,
+            COOKIE,
+            state.pages.signer.sign(&session),
+            base.clone(),
+            left,
+        );
+        let location = match query.range.as_deref() {
+            Some(r) if !r.is_empty() => format!("{base}?range={}", range.key()),
+            _ => base,
+        };
+        let mut res = see_other(&location);
+        res.add_cookie(&cookie)
+            .map_err(|e| PageError::bad_request(format!("the session cookie: {e}")))?;
+        return Ok(res);
+    }
+    let cookie = req
+        .cookie(COOKIE)
+        .ok_or_else(|| unauthorized("This page opens with the link your vendor sent you."))?;
+    let (claims, _) = check(&state, &id, cookie.value(), Purpose::PortalSession).await?;
+    let data = EntitlementData::load(&state.engine, &id, range).await?;
+    Ok(render(
+        &state,
+        &data,
+        &claims,
+        cookie.value(),
+        StatusCode::OK,
+        query.saved.is_some(),
+        None,
+    ))
+}
+
+/// A posted customer cap: empty means none; else a whole number not above
+/// the vendor's hard cap.
+fn customer_cap(
+    field: &str,
+    raw: &str,
+    vendor_cap: crate::domain::Limit,
+) -> Result<Option<u64>, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let cap: u64 = raw
+        .parse()
+        .map_err(|_| format!("{field}: write a whole number of 0 or more, or leave it empty"))?;
+    if let Some(vendor) = vendor_cap.finite()
+        && cap > vendor
+    {
+        return Err(format!(
+            "{field}: {cap} is above your vendor's hard cap of {vendor}; write at most {vendor}"
+        ));
+    }
+    Ok(Some(cap))
+}
+
+/// `POST /portal/e/{id}/customer-cap` (scope `manage`): the customer's own
+/// ceilings, below the vendor's hard caps. Fields: `csrf`, `seats`, and
+/// `feature.<key>` per feature; an empty field removes that ceiling.
+pub async fn set_customer_cap(
+    req: HttpRequest,
+    path: web::Path<String>,
+    form: web::Form<HashMap<String, String>>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let id = entitlement_id(&path)?;
+    let cookie = req
+        .cookie(COOKIE)
+        .ok_or_else(|| unauthorized("This page opens with the link your vendor sent you."))?;
+    let (claims, view) = check(&state, &id, cookie.value(), Purpose::PortalSession).await?;
+    let refused = || {
+        PageError::new(
+            StatusCode::FORBIDDEN,
+            "Not accepted",
+            "This form has expired or did not come from this page; reload the page and try again.",
+        )
+    };
+    let csrf_ok = form
+        .get("csrf")
+        .is_some_and(|t| state.pages.signer.check_csrf(cookie.value(), t));
+    if !csrf_ok || !same_origin(&req) {
+        return Err(refused());
+    }
+    if claims.scope != Some(LinkScope::Manage) {
+        return Err(PageError::new(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "This link lets you view the page; ask your vendor for a link that lets you manage it.",
+        ));
+    }
+    let mut config = view.config.clone();
+    let mut problem = None;
+    for (name, value) in form.iter() {
+        let result = match name.as_str() {
+            "csrf" => continue,
+            "seats" => customer_cap("Seats", value, config.seats.hard_cap())
+                .map(|c| config.seats.customer_cap = c),
+            other => match other
+                .strip_prefix("feature.")
+                .and_then(|k| crate::domain::FeatureKey::parse(k).ok())
+                .and_then(|k| config.features.get_mut(&k).map(|f| (k, f)))
+            {
+                Some((k, f)) => {
+                    customer_cap(k.as_str(), value, f.hard_cap()).map(|c| f.customer_cap = c)
+                }
+                None => Err(format!("{other:?} is not a field of this form")),
+            },
+        };
+        if let Err(e) = result {
+            problem = Some(e);
+            break;
+        }
+    }
+    if problem.is_none()
+        && let Err(e) = config.validate()
+    {
+        problem = Some(e.to_string());
+    }
+    if let Some(error) = problem {
+        let data = EntitlementData::load(&state.engine, &id, Range::Week).await?;
+        return Ok(render(
+            &state,
+            &data,
+            &claims,
+            cookie.value(),
+            StatusCode::BAD_REQUEST,
+            false,
+            Some(error),
+        ));
+    }
+    if config != view.config {
+        state.engine.put(&id, config).await?;
+        tracing::info!(entitlement = %id, "the customer changed their customer cap");
+    }
+    Ok(see_other(&format!("/portal/e/{id}?saved=1")))
+}
