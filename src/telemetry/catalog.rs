@@ -68,7 +68,8 @@ pub const STORE_OPS: &[&str] = &["commit", "load", "pipeline", "connect"];
 const OPERATION: LabelDef = LabelDef::fixed("operation", OPERATIONS);
 pub const DENY_REASONS: &[&str] = &["hard_cap", "disabled", "expired"];
 pub const VERSIONS: &[&str] = &[env!("CARGO_PKG_VERSION")];
-/// The routes of the API (the `route` label: patterns, never raw paths).
+/// The routes of the API and of the pages (the `route` label: patterns,
+/// never raw paths).
 pub const ROUTES: &[&str] = &[
     "/v1/entitlements/{id}",
     "/v1/entitlements/{id}/seats",
@@ -77,6 +78,8 @@ pub const ROUTES: &[&str] = &[
     "/v1/usage/batch",
     "/v1/entitlements/{id}/history",
     "/v1/entitlements/{id}/periods",
+    "/v1/entitlements/{id}/portal-links",
+    "/v1/console-links",
     "/v1/reports/overdraft",
     "/v1/webhooks",
     "/v1/webhooks/{id}",
@@ -86,6 +89,21 @@ pub const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
     "/metrics",
+    "/portal/e/{id}",
+    "/portal/e/{id}/customer-cap",
+    "/console/login",
+    "/console/logout",
+    "/console",
+    "/console/denied",
+    "/console/search",
+    "/console/overdraft.csv",
+    "/console/e/{id}",
+    "/console/e/{id}/history.csv",
+    "/console/e/{id}/portal-links",
+    "/console/e/{id}/revoke-links",
+    "/assets/{hash}/{name}",
+    "/portal/{tail:.*}",
+    "/console/{tail:.*}",
 ];
 /// The `method` label; any other method is counted as `other`.
 pub const METHODS: &[&str] = &[
@@ -93,8 +111,8 @@ pub const METHODS: &[&str] = &[
 ];
 /// The `status` label: the codes the API answers.
 pub const STATUSES: &[&str] = &[
-    "200", "201", "204", "400", "401", "403", "404", "405", "408", "409", "413", "429", "500",
-    "503", "504",
+    "200", "201", "204", "303", "400", "401", "403", "404", "405", "408", "409", "413", "429",
+    "500", "503", "504",
 ];
 
 /// Every metric headroom exports.
@@ -240,6 +258,21 @@ pub const METRICS: &[MetricDef] = &[
         kind: MetricKind::Counter,
         help: "Reads that found another node had claimed the entitlement since this one read it, and were answered from the stored state instead of memory (among nodes).",
         labels: &[],
+    },
+    MetricDef {
+        name: "headroom_page_logins_total",
+        kind: MetricKind::Counter,
+        help: "Portal and console link openings and console sign-ins, by outcome: opened (a valid link exchanged for a session), signed_in (an admin token in the console's form), refused (a link or token not valid), rate_limited (past --login-rate for the address).",
+        labels: &[LabelDef::fixed(
+            "outcome",
+            &["opened", "signed_in", "refused", "rate_limited"],
+        )],
+    },
+    MetricDef {
+        name: "headroom_portal_links_minted_total",
+        kind: MetricKind::Counter,
+        help: "Portal links minted (API or console), by scope.",
+        labels: &[LabelDef::fixed("scope", &["view", "manage"])],
     },
     MetricDef {
         name: "headroom_entitlements_handed_over_total",

@@ -171,6 +171,7 @@ pub struct AppOptions {
     pub auth: AuthSettings,
     pub limits: Limits,
     pub webhooks: Option<headroom::webhooks::Webhooks>,
+    pub pages: headroom::http::pages::PageSettings,
 }
 
 impl Default for AppOptions {
@@ -181,6 +182,7 @@ impl Default for AppOptions {
             auth: tokens(&[ADMIN], &[CLIENT]),
             limits: Limits::default(),
             webhooks: None,
+            pages: headroom::http::pages::PageSettings::default(),
         }
     }
 }
@@ -204,6 +206,7 @@ impl TestApp {
         settings.http.shutdown_timeout = Duration::from_secs(5);
         settings.http.limits = opts.limits;
         settings.http.auth = opts.auth;
+        settings.http.pages = opts.pages;
         settings.engine = opts.engine;
         let wiring = Wiring {
             store,

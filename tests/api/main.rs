@@ -10,6 +10,7 @@ mod grafana;
 mod helpers;
 mod nodes;
 mod ops;
+mod pages;
 mod readme;
 mod reference;
 mod reports;

@@ -28,7 +28,11 @@ fn the_reference_lists_every_route_the_application_serves() {
 
 #[test]
 fn the_metrics_catalogue_names_every_route() {
-    let served: BTreeSet<&str> = headroom::http::ROUTES.iter().map(|(p, _)| *p).collect();
+    let served: BTreeSet<&str> = headroom::http::ROUTES
+        .iter()
+        .map(|(p, _)| *p)
+        .chain(headroom::http::pages::ROUTES.iter().copied())
+        .collect();
     let catalogued: BTreeSet<&str> = headroom::telemetry::ROUTES.iter().copied().collect();
     assert_eq!(served, catalogued);
 }

@@ -136,6 +136,7 @@ fn signed_in(state: &AppState, admin: String) -> HttpResponse {
         admin: Some(admin),
         issued_at: now.timestamp_millis(),
         expires_at: (now + ttl).timestamp_millis(),
+        nonce: super::sign::nonce(),
     };
     let cookie = session_cookie(
         &state.pages,

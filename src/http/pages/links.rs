@@ -57,6 +57,7 @@ pub async fn mint_portal(
         admin: None,
         issued_at: now.timestamp_millis(),
         expires_at: expires_at.timestamp_millis(),
+        nonce: super::sign::nonce(),
     };
     let token = state.pages.signer.sign(&claims);
     metrics::counter!("headroom_portal_links_minted_total", "scope" => scope.as_str()).increment(1);
@@ -171,6 +172,7 @@ pub async fn create_console_link(
         admin: Some(admin),
         issued_at: now.timestamp_millis(),
         expires_at: expires_at.timestamp_millis(),
+        nonce: super::sign::nonce(),
     };
     let token = state.pages.signer.sign(&claims);
     Ok(HttpResponse::build(StatusCode::CREATED)

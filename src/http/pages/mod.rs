@@ -224,29 +224,37 @@ fn page(
     super::timed(pattern).wrap(security_headers())
 }
 
-/// Every page route.
-pub fn routes(cfg: &mut ServiceConfig) {
-    cfg.service(page("/portal/e/{id}").route(web::get().to(portal::show)))
-        .service(
-            page("/portal/e/{id}/customer-cap").route(web::post().to(portal::set_customer_cap)),
-        )
-        .service(
-            page("/console/login")
-                .route(web::get().to(console::login_form))
-                .route(web::post().to(console::login)),
-        )
-        .service(page("/console/logout").route(web::post().to(console::logout)))
-        .service(page("/console").route(web::get().to(console::overdraft)))
-        .service(page("/console/denied").route(web::get().to(console::denied)))
-        .service(page("/console/search").route(web::get().to(console::search)))
-        .service(page("/console/overdraft.csv").route(web::get().to(console::overdraft_csv)))
-        .service(page("/console/e/{id}").route(web::get().to(console::entitlement)))
-        .service(page("/console/e/{id}/history.csv").route(web::get().to(console::history_csv)))
-        .service(page("/console/e/{id}/portal-links").route(web::post().to(console::mint_link)))
-        .service(page("/console/e/{id}/revoke-links").route(web::post().to(console::revoke_links)))
-        .service(page("/assets/{hash}/{name}").route(web::get().to(assets::serve)))
-        .service(page("/portal/{tail:.*}").route(web::get().to(page_not_found)))
-        .service(page("/console/{tail:.*}").route(web::get().to(page_not_found)));
+/// Declares the page routes once: [`ROUTES`] (their patterns, for the
+/// metrics catalogue, checked by a test) and [`routes`] come from the same
+/// lines. The catch-alls go last.
+macro_rules! pages {
+    ($($pattern:literal => { $($method:ident => $handler:path),+ $(,)? }),+ $(,)?) => {
+        /// Every page route's pattern.
+        pub const ROUTES: &[&str] = &[$($pattern),+];
+
+        /// Every page route, each timed and with the pages' headers.
+        pub fn routes(cfg: &mut ServiceConfig) {
+            $(cfg.service(page($pattern)$(.route(web::$method().to($handler)))+);)+
+        }
+    };
+}
+
+pages! {
+    "/portal/e/{id}" => { get => portal::show },
+    "/portal/e/{id}/customer-cap" => { post => portal::set_customer_cap },
+    "/console/login" => { get => console::login_form, post => console::login },
+    "/console/logout" => { post => console::logout },
+    "/console" => { get => console::overdraft },
+    "/console/denied" => { get => console::denied },
+    "/console/search" => { get => console::search },
+    "/console/overdraft.csv" => { get => console::overdraft_csv },
+    "/console/e/{id}" => { get => console::entitlement },
+    "/console/e/{id}/history.csv" => { get => console::history_csv },
+    "/console/e/{id}/portal-links" => { post => console::mint_link },
+    "/console/e/{id}/revoke-links" => { post => console::revoke_links },
+    "/assets/{hash}/{name}" => { get => assets::serve },
+    "/portal/{tail:.*}" => { get => page_not_found },
+    "/console/{tail:.*}" => { get => page_not_found },
 }
 
 async fn page_not_found() -> Result<HttpResponse, PageError> {

@@ -209,6 +209,13 @@ pub async fn set_customer_cap(
         .cookie(COOKIE)
         .ok_or_else(|| unauthorized("This page opens with the link your vendor sent you."))?;
     let (claims, view) = check(&state, &id, cookie.value(), Purpose::PortalSession).await?;
+    if claims.scope != Some(LinkScope::Manage) {
+        return Err(PageError::new(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "This link lets you view the page; ask your vendor for a link that lets you manage it.",
+        ));
+    }
     let refused = || {
         PageError::new(
             StatusCode::FORBIDDEN,
@@ -221,13 +228,6 @@ pub async fn set_customer_cap(
         .is_some_and(|t| state.pages.signer.check_csrf(cookie.value(), t));
     if !csrf_ok || !same_origin(&req) {
         return Err(refused());
-    }
-    if claims.scope != Some(LinkScope::Manage) {
-        return Err(PageError::new(
-            StatusCode::FORBIDDEN,
-            "Not allowed",
-            "This link lets you view the page; ask your vendor for a link that lets you manage it.",
-        ));
     }
     let mut config = view.config.clone();
     let mut problem = None;

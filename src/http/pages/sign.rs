@@ -74,6 +74,17 @@ pub struct Claims {
     pub issued_at: i64,
     #[serde(rename = "x")]
     pub expires_at: i64,
+    /// Random: two links minted in the same millisecond differ, and so do
+    /// the sessions (and CSRF tokens) they open.
+    #[serde(rename = "n")]
+    pub nonce: String,
+}
+
+/// A fresh nonce for [`Claims::nonce`].
+pub fn nonce() -> String {
+    let mut bytes = [0u8; 9];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Why a token was refused.
@@ -176,6 +187,7 @@ mod tests {
             admin: None,
             issued_at: 10,
             expires_at: 20,
+            nonce: "n".into(),
         }
     }
 
