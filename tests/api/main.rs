@@ -2,6 +2,7 @@
 //! a private redis-server started by each test.
 
 mod bad_input;
+mod browser;
 mod cluster;
 mod engine;
 mod faults;

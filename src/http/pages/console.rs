@@ -124,7 +124,23 @@ fn posted(req: &HttpRequest, state: &AppState, form: &HashMap<String, String>) -
     Ok(s)
 }
 
-fn signed_in(state: &AppState, admin: String) -> HttpResponse {
+/// Where to go after signing in with a link: `next` when it is a console
+/// page (nothing else: a link cannot send the browser elsewhere).
+fn next_page(next: Option<&str>) -> &str {
+    match next {
+        Some(n)
+            if (n == "/console" || n.starts_with("/console/") || n.starts_with("/console?"))
+                && !n.contains("//")
+                && !n.contains('\\')
+                && n.chars().all(|c| c.is_ascii_graphic()) =>
+        {
+            n
+        }
+        _ => "/console",
+    }
+}
+
+fn signed_in(state: &AppState, admin: String, next: &str) -> HttpResponse {
     let now = state.engine.now();
     let ttl = chrono::Duration::from_std(state.pages.settings.console_session_ttl)
         .unwrap_or(chrono::Duration::hours(12));
@@ -145,7 +161,7 @@ fn signed_in(state: &AppState, admin: String) -> HttpResponse {
         "/console".into(),
         ttl,
     );
-    let mut res = see_other("/console");
+    let mut res = see_other(next);
     // A cookie built from a signed token and fixed attributes always encodes.
     let _ = res.add_cookie(&cookie);
     res
@@ -168,7 +184,8 @@ fn login_page(status: StatusCode, error: Option<&str>) -> HttpResponse {
     )
 }
 
-/// `GET /console/login`: the form; with `?token=` (a console link) signs in.
+/// `GET /console/login`: the form; with `?token=` (a console link) signs
+/// in, and goes on to `next` (a console page) when given.
 pub async fn login_form(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse> {
     let query = PageQuery::of(&req)?;
     let Some(token) = query.token else {
@@ -178,7 +195,11 @@ pub async fn login_form(req: HttpRequest, state: web::Data<AppState>) -> Result<
     match check(&state, &token, Purpose::ConsoleLink) {
         Some(claims) => {
             metrics::counter!("headroom_page_logins_total", "outcome" => "opened").increment(1);
-            Ok(signed_in(&state, claims.admin.unwrap_or_default()))
+            Ok(signed_in(
+                &state,
+                claims.admin.unwrap_or_default(),
+                next_page(query.next.as_deref()),
+            ))
         }
         None => {
             metrics::counter!("headroom_page_logins_total", "outcome" => "refused").increment(1);
@@ -205,7 +226,7 @@ pub async fn login(
     match state.auth.admin_fingerprint(form.token.trim()) {
         Some(fp) => {
             metrics::counter!("headroom_page_logins_total", "outcome" => "signed_in").increment(1);
-            Ok(signed_in(&state, fp))
+            Ok(signed_in(&state, fp, "/console"))
         }
         None => {
             metrics::counter!("headroom_page_logins_total", "outcome" => "refused").increment(1);
@@ -734,4 +755,33 @@ pub async fn history_csv(
         return Err(PageError::bad_request("from must not be after to").into());
     }
     Ok(super::csv::history(state, id, size, from, to).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_page;
+
+    #[test]
+    fn a_console_link_goes_on_only_to_console_pages() {
+        for ok in [
+            "/console",
+            "/console/e/acme",
+            "/console?sort=peak",
+            "/console/denied",
+        ] {
+            assert_eq!(next_page(Some(ok)), ok);
+        }
+        for bad in [
+            "https://evil.example/",
+            "//evil.example",
+            "/console//evil",
+            "/consolex",
+            "/console/\\evil",
+            "/console/e/a b",
+            "/portal/e/acme",
+        ] {
+            assert_eq!(next_page(Some(bad)), "/console", "{bad}");
+        }
+        assert_eq!(next_page(None), "/console");
+    }
 }

@@ -130,6 +130,8 @@ pub struct FeatureNow {
     pub at_cap: bool,
     pub denied_period: u64,
     pub denied_total: u64,
+    /// The thresholds crossed this period, e.g. `50 %, 80 %`.
+    pub thresholds: String,
     pub rows: Vec<FeatureRow>,
 }
 
@@ -283,6 +285,12 @@ impl EntitlementData {
                     at_cap: f.at_hard_cap,
                     denied_period: f.denied_period,
                     denied_total: f.denied_total,
+                    thresholds: f
+                        .thresholds_crossed
+                        .iter()
+                        .map(|p| format!("{} %", p.get()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     rows,
                 }
             })

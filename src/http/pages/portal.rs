@@ -27,6 +27,8 @@ pub(super) struct PageQuery {
     pub token: Option<String>,
     pub range: Option<String>,
     pub saved: Option<String>,
+    /// After a console link: the console page to go to.
+    pub next: Option<String>,
 }
 
 impl PageQuery {

@@ -40,6 +40,14 @@
     return uPlot.paths.bars({ size: [0.7, 40] });
   }
 
+  // Tick labels in 24-hour UTC: the hour within a day, the date for days.
+  function ticks(bucket) {
+    var fmt = uPlot.fmtDate(bucket === "hour" ? "{MM}-{DD} {HH}:{mm}" : "{YYYY}-{MM}-{DD}");
+    return function (u, splits) {
+      return splits.map(function (ts) { return fmt(utc(ts)); });
+    };
+  }
+
   function options(el, title, series, extra) {
     var opts = {
       title: title,
@@ -47,7 +55,10 @@
       height: 240,
       tzDate: utc,
       series: [{ label: "Time (UTC)" }].concat(series),
-      axes: [{ label: "UTC" }, { label: extra.yLabel || "" }],
+      axes: [
+        { label: "UTC", values: ticks(extra.bucket), space: 90 },
+        { label: extra.yLabel || "" }
+      ],
       scales: { y: { range: function (u, min, max) { return [0, Math.max(1, max) * 1.1]; } } },
       legend: { show: true }
     };
@@ -90,7 +101,7 @@
     ];
     var data = [d.t, s.peak, flat(d.t, s.purchased)];
     var names = ["peak", "purchased"];
-    var extra = { yLabel: "seats" };
+    var extra = { yLabel: "seats", bucket: d.bucket };
     if (s.cap !== null) {
       series.push({ label: "Cap", stroke: colours.cap, dash: [2, 3] });
       data.push(flat(d.t, s.cap));
@@ -103,7 +114,7 @@
 
   function seatDenials(fig, d) {
     var series = [{ label: "Denied", stroke: colours.denied, fill: colours.denied, paths: bars() }];
-    plot(fig, options(fig, "Denied activations", series, { yLabel: "denied" }),
+    plot(fig, options(fig, "Denied activations", series, { yLabel: "denied", bucket: d.bucket }),
       [d.t, d.seats.denied], ["denied"]);
   }
 
@@ -118,7 +129,7 @@
       { label: "Used", stroke: colours.used, fill: "rgba(47, 111, 189, 0.35)", paths: bars() },
       { label: "Denied", stroke: colours.denied, width: 2 }
     ];
-    plot(fig, options(fig, key, series, { yLabel: key }), [d.t, f.added, f.denied], ["used", "denied"]);
+    plot(fig, options(fig, key, series, { yLabel: key, bucket: d.bucket }), [d.t, f.added, f.denied], ["used", "denied"]);
   }
 
   function draw() {
