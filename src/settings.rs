@@ -130,7 +130,7 @@ fn one_line(e: &clap::Error) -> String {
         Some(value) => {
             let shown = match long {
                 "redis-url" => masked_url(&value),
-                "cluster-secret" => "***".to_string(),
+                "cluster-secret" | "portal-secrets" => "***".to_string(),
                 _ => value,
             };
             format!("{flag}{env} = {shown:?}: {reason}")

@@ -251,6 +251,50 @@ fn check_cap(field: &str, purchased: u64, cap: Limit) -> Result<(), ValidationEr
     }
 }
 
+/// A customer's own ceilings, set from their page: for the seats and for
+/// each named feature, `Some(cap)` sets one and `None` removes it; what is
+/// not named stays as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CustomerCaps {
+    pub seats: Option<Option<u64>>,
+    pub features: Vec<(FeatureKey, Option<u64>)>,
+}
+
+fn below_vendor(field: &str, cap: Option<u64>, vendor: Limit) -> Result<(), ValidationError> {
+    match (cap, vendor.finite()) {
+        (Some(c), Some(v)) if c > v => Err(ValidationError::new(
+            field,
+            format!("{c} is above the vendor's hard cap of {v}; write at most {v}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl CustomerCaps {
+    /// `config` with these ceilings. A ceiling above the vendor's hard cap,
+    /// or one for a feature the configuration does not have, is refused.
+    pub fn applied_to(
+        &self,
+        config: &EntitlementConfig,
+    ) -> Result<EntitlementConfig, ValidationError> {
+        let mut out = config.clone();
+        if let Some(cap) = self.seats {
+            below_vendor("seats.customer_cap", cap, out.seats.hard_cap())?;
+            out.seats.customer_cap = cap;
+        }
+        for (key, cap) in &self.features {
+            let field = format!("features.{key}.customer_cap");
+            let f = out.features.get_mut(key).ok_or_else(|| {
+                ValidationError::new(&field, format!("there is no feature {key}"))
+            })?;
+            below_vendor(&field, *cap, f.hard_cap())?;
+            f.customer_cap = *cap;
+        }
+        out.validate()?;
+        Ok(out)
+    }
+}
+
 /// What one customer bought: a seat pool and any number of metered features.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -355,5 +399,55 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "accepted {bad}");
         }
+    }
+
+    #[test]
+    fn customer_caps_stay_at_or_below_the_vendors_hard_cap() {
+        let cfg = parse(
+            r#"{"seats": {"purchased": 2, "hard_cap": 4},
+                "features": {"api": {"included": 10, "hard_cap": "unlimited"}}}"#,
+        )
+        .expect("config");
+        let api = FeatureKey::parse("api").expect("key");
+        let caps = CustomerCaps {
+            seats: Some(Some(4)),
+            features: vec![(api.clone(), Some(1_000_000))],
+        };
+        let out = caps
+            .applied_to(&cfg)
+            .expect("at the cap, and any under unlimited");
+        assert_eq!(out.seats.customer_cap, Some(4));
+        assert_eq!(out.seats.effective_cap(), Limit::Finite(4));
+        assert_eq!(
+            out.features.get(&api).and_then(|f| f.customer_cap),
+            Some(1_000_000)
+        );
+        let over = CustomerCaps {
+            seats: Some(Some(5)),
+            ..CustomerCaps::default()
+        };
+        let e = over.applied_to(&cfg).expect_err("above the vendor's cap");
+        assert_eq!(e.field, "seats.customer_cap");
+        let unknown = CustomerCaps {
+            features: vec![(FeatureKey::parse("gpu").expect("key"), Some(1))],
+            ..CustomerCaps::default()
+        };
+        assert!(unknown.applied_to(&cfg).is_err());
+        let removed = CustomerCaps {
+            seats: Some(None),
+            ..CustomerCaps::default()
+        };
+        assert_eq!(
+            removed
+                .applied_to(&out)
+                .expect("removed")
+                .seats
+                .customer_cap,
+            None
+        );
+        assert_eq!(
+            CustomerCaps::default().applied_to(&cfg).expect("nothing"),
+            cfg
+        );
     }
 }

@@ -14,7 +14,8 @@ mod period;
 mod view;
 
 pub use config::{
-    EntitlementConfig, FeatureConfig, Limit, MAX_FEATURES, MAX_LEASE_SECONDS, Percent, SeatConfig,
+    CustomerCaps, EntitlementConfig, FeatureConfig, Limit, MAX_FEATURES, MAX_LEASE_SECONDS,
+    Percent, SeatConfig,
 };
 pub use entitlement::{
     Amount, Entitlement, Lease, Meter, ReleaseResult, SeatDecision, SeatPool, UnknownFeature,

@@ -39,7 +39,7 @@ use crate::store::Store;
 use crate::telemetry::MAX_WATCHED;
 use actor::{
     Activate, Call, Configure, Consume, ConsumeBatch, Delete, Drain, Get, ListSeats, Release,
-    Request,
+    Request, SetCustomerCaps,
 };
 use registry::EngineCore;
 
@@ -279,6 +279,18 @@ impl Engine {
         config: EntitlementConfig,
     ) -> Result<Configured, EngineError> {
         self.call(id, Configure(Box::new(config))).await.map(|c| *c)
+    }
+
+    /// Sets or removes the customer's own ceilings (from their page), on
+    /// the configuration as it is when the actor applies them.
+    pub async fn set_customer_caps(
+        &self,
+        id: &EntitlementId,
+        caps: crate::domain::CustomerCaps,
+    ) -> Result<Configured, EngineError> {
+        self.call(id, SetCustomerCaps(Box::new(caps)))
+            .await
+            .map(|c| *c)
     }
 
     pub async fn delete(&self, id: &EntitlementId) -> Result<(), EngineError> {

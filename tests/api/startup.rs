@@ -188,6 +188,24 @@ fn bad_settings_are_one_line_each_naming_flag_variable_and_value() {
             "0.0.0.0:0",
         ),
         (
+            vec![],
+            vec![("HEADROOM_PORTAL_SECRETS", "0123456789abcdef0123,short")],
+            ["--portal-secrets", "HEADROOM_PORTAL_SECRETS"],
+            "16 characters",
+        ),
+        (
+            vec!["--public-url", "ftp://licences.example.com"],
+            vec![],
+            ["--public-url", "HEADROOM_PUBLIC_URL"],
+            "https://",
+        ),
+        (
+            vec!["--login-rate", "0"],
+            vec![],
+            ["--login-rate", "HEADROOM_LOGIN_RATE"],
+            "0",
+        ),
+        (
             vec!["--advertise", "node-1"],
             vec![],
             ["--advertise", "HEADROOM_ADVERTISE"],
@@ -210,13 +228,22 @@ fn bad_settings_are_one_line_each_naming_flag_variable_and_value() {
 }
 
 #[test]
-fn a_redis_password_or_the_cluster_secret_never_appears_in_an_error() {
+fn a_redis_password_or_a_secret_never_appears_in_an_error() {
     let (line, _) = refused(&["--redis-url", "redis://:s3cret@127.0.0.1:notaport/"], &[]);
     assert!(line.contains("--redis-url"), "{line}");
     assert!(!line.contains("s3cret"), "password shown: {line}");
     let (line, _) = refused(&[], &[("HEADROOM_CLUSTER_SECRET", "tooshort")]);
     assert!(line.contains("--cluster-secret"), "{line}");
     assert!(!line.contains("tooshort"), "secret shown: {line}");
+    let (line, _) = refused(
+        &[],
+        &[("HEADROOM_PORTAL_SECRETS", "a-long-enough-key-1,tooshort")],
+    );
+    assert!(line.contains("--portal-secrets"), "{line}");
+    assert!(
+        !line.contains("tooshort") && !line.contains("a-long-enough"),
+        "secret shown: {line}"
+    );
 }
 
 /// Waits until `/healthz` answers on `addr`.

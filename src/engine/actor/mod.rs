@@ -16,7 +16,7 @@ mod requests;
 
 pub(crate) use requests::{
     Activate, Call, Configure, Consume, ConsumeBatch, Delete, Drain, Get, Held, ListSeats, Release,
-    Request, Sweep,
+    Request, SetCustomerCaps, Sweep,
 };
 
 use std::sync::Arc;

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 
 use super::EntitlementActor;
 use crate::domain::{
-    EntitlementConfig, EntitlementView, ReleaseResult, SeatDecision, SeatId, SeatView,
+    CustomerCaps, EntitlementConfig, EntitlementView, ReleaseResult, SeatDecision, SeatId, SeatView,
 };
 use crate::engine::{Configured, EngineError, UsageReply, UsageRequest};
 use crate::telemetry;
@@ -70,6 +70,10 @@ pub(crate) struct Consume(pub UsageRequest);
 pub(crate) struct ConsumeBatch(pub Arc<Vec<UsageRequest>>);
 #[derive(Clone, Debug)]
 pub(crate) struct Configure(pub Box<EntitlementConfig>);
+/// The customer's own ceilings, applied to the configuration the actor
+/// holds (no other change can slip in between reading and writing it).
+#[derive(Clone, Debug)]
+pub(crate) struct SetCustomerCaps(pub Box<CustomerCaps>);
 #[derive(Clone, Debug)]
 pub(crate) struct Delete;
 #[derive(Clone, Debug)]
@@ -175,6 +179,25 @@ impl Request for Configure {
         now: DateTime<Utc>,
     ) -> Result<Box<Configured>, EngineError> {
         Ok(Box::new(act.configure(&self.0, now)))
+    }
+}
+
+impl Request for SetCustomerCaps {
+    type Answer = Box<Configured>;
+    fn apply(
+        &self,
+        act: &mut EntitlementActor,
+        now: DateTime<Utc>,
+    ) -> Result<Box<Configured>, EngineError> {
+        let (e, _) = act.state_and_effects()?;
+        let config = self.0.applied_to(&e.config).map_err(EngineError::Invalid)?;
+        if config == e.config {
+            return Ok(Box::new(Configured {
+                created: false,
+                view: e.view(),
+            }));
+        }
+        Ok(Box::new(act.configure(&config, now)))
     }
 }
 
@@ -341,6 +364,7 @@ waiting!(
     Consume,
     ConsumeBatch,
     Configure,
+    SetCustomerCaps,
     Delete,
     Get,
     ListSeats,

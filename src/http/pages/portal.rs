@@ -11,7 +11,8 @@ use serde::Deserialize;
 use super::data::{EntitlementData, Range};
 use super::sign::{Claims, LinkScope, Purpose};
 use super::{PageError, assets, html, same_origin, see_other, session_cookie};
-use crate::domain::{EntitlementId, EntitlementView};
+use crate::domain::{CustomerCaps, EntitlementId, EntitlementView, FeatureKey};
+use crate::engine::EngineError;
 use crate::http::AppState;
 
 pub const COOKIE: &str = "headroom_portal";
@@ -173,28 +174,38 @@ pub async fn show(
     ))
 }
 
-/// A posted customer cap: empty means none; else a whole number not above
-/// the vendor's hard cap.
-fn customer_cap(
-    field: &str,
-    raw: &str,
-    vendor_cap: crate::domain::Limit,
-) -> Result<Option<u64>, String> {
+/// A posted customer cap: empty means none; else a whole number (the
+/// engine checks it against the vendor's hard cap as it applies it).
+fn customer_cap(field: &str, raw: &str) -> Result<Option<u64>, String> {
     let raw = raw.trim();
     if raw.is_empty() {
         return Ok(None);
     }
-    let cap: u64 = raw
-        .parse()
-        .map_err(|_| format!("{field}: write a whole number of 0 or more, or leave it empty"))?;
-    if let Some(vendor) = vendor_cap.finite()
-        && cap > vendor
-    {
-        return Err(format!(
-            "{field}: {cap} is above your vendor's hard cap of {vendor}; write at most {vendor}"
-        ));
+    raw.parse()
+        .map(Some)
+        .map_err(|_| format!("{field}: write a whole number of 0 or more, or leave it empty"))
+}
+
+/// The form's fields as the customer's ceilings: `seats`, and
+/// `feature.<key>` for each feature the entitlement has.
+fn caps_of(form: &HashMap<String, String>, view: &EntitlementView) -> Result<CustomerCaps, String> {
+    let mut caps = CustomerCaps::default();
+    for (name, value) in form {
+        match name.as_str() {
+            "csrf" => {}
+            "seats" => caps.seats = Some(customer_cap("seats", value)?),
+            other => {
+                let key = other
+                    .strip_prefix("feature.")
+                    .and_then(|k| FeatureKey::parse(k).ok())
+                    .filter(|k| view.features.contains_key(k))
+                    .ok_or_else(|| format!("{other:?} is not a field of this form"))?;
+                let cap = customer_cap(key.as_str(), value)?;
+                caps.features.push((key, cap));
+            }
+        }
     }
-    Ok(Some(cap))
+    Ok(caps)
 }
 
 /// `POST /portal/e/{id}/customer-cap` (scope `manage`): the customer's own
@@ -231,35 +242,15 @@ pub async fn set_customer_cap(
     if !csrf_ok || !same_origin(&req) {
         return Err(refused());
     }
-    let mut config = view.config.clone();
-    let mut problem = None;
-    for (name, value) in form.iter() {
-        let result = match name.as_str() {
-            "csrf" => continue,
-            "seats" => customer_cap("Seats", value, config.seats.hard_cap())
-                .map(|c| config.seats.customer_cap = c),
-            other => match other
-                .strip_prefix("feature.")
-                .and_then(|k| crate::domain::FeatureKey::parse(k).ok())
-                .and_then(|k| config.features.get_mut(&k).map(|f| (k, f)))
-            {
-                Some((k, f)) => {
-                    customer_cap(k.as_str(), value, f.hard_cap()).map(|c| f.customer_cap = c)
-                }
-                None => Err(format!("{other:?} is not a field of this form")),
-            },
-        };
-        if let Err(e) = result {
-            problem = Some(e);
-            break;
-        }
-    }
-    if problem.is_none()
-        && let Err(e) = config.validate()
-    {
-        problem = Some(e.to_string());
-    }
-    if let Some(error) = problem {
+    let applied = match caps_of(&form, &view) {
+        Err(e) => Err(e),
+        Ok(caps) => match state.engine.set_customer_caps(&id, caps).await {
+            Ok(_) => Ok(()),
+            Err(EngineError::Invalid(v)) => Err(v.to_string()),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    if let Err(error) = applied {
         let data = EntitlementData::load(&state.engine, &id, Range::Week).await?;
         return Ok(render(
             &state,
@@ -271,9 +262,6 @@ pub async fn set_customer_cap(
             Some(error),
         ));
     }
-    if config != view.config {
-        state.engine.put(&id, config).await?;
-        tracing::info!(entitlement = %id, "the customer changed their customer cap");
-    }
+    tracing::info!(entitlement = %id, "the customer set their own caps");
     Ok(see_other(&format!("/portal/e/{id}?saved=1")))
 }
