@@ -21,6 +21,12 @@
 //!   `http/webhooks.rs`; the caller's scope, path ids, queries and bounded
 //!   bodies are extractors in `http/extract.rs`; every error becomes
 //!   problem+json in `http/problem.rs`, the one table of status and `code`.
+//! - **The pages**: `http/pages/` — the customer's page (`portal.rs`), the
+//!   console (`console.rs`), what an entitlement's page shows (`data.rs`),
+//!   signed links, sessions and CSRF tokens (`sign.rs`), the link routes of
+//!   the API (`links.rs`), CSV exports (`csv.rs`), embedded assets
+//!   (`assets.rs`, uPlot vendored under `assets/uplot/`) and the askama
+//!   templates (`templates/`).
 //! - **One call, end to end**: the handler calls [`engine::Engine`], which
 //!   finds the entitlement's actor in the registry (`engine/registry.rs`)
 //!   and sends it a typed request (`engine/actor/requests.rs`); the actor

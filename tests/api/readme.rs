@@ -68,6 +68,14 @@ async fn the_readme_walkthrough_works_verbatim_on_the_in_memory_tracker() {
     for round in 1..=2 {
         assert_eq!(run_block(&script, &env), expected, "round {round}");
     }
+    // Then the customer's page of the README's next block.
+    let pages = format!("{script}\n{}", block("README.md", "pages", "sh"));
+    let lines = run_block(&pages, &env);
+    let send = format!("send: {}/portal/e/demo?token=…", tracker.base);
+    assert_eq!(
+        lines[expected.len()..],
+        [send, "seats in use: 4".to_string()]
+    );
 }
 
 /// The Redis guide's walk-through, twice against the same Redis: the same
