@@ -29,6 +29,13 @@ pub const FORWARDED_BY: &str = "headroom-forwarded-by";
 /// The header that carries the cluster secret on a forwarded call.
 pub const NODE_SECRET: &str = "headroom-node-secret";
 
+/// The `Host` a client sent to the node that received a call, and the
+/// client's address: what the pages check a form's origin against and
+/// limit sign-ins by. Set by the receiving node, trusted only on a call
+/// that carries the cluster secret.
+pub const CLIENT_HOST: &str = "headroom-client-host";
+pub const CLIENT_ADDRESS: &str = "headroom-client-address";
+
 /// Headers that belong to one connection, not to the call.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -236,9 +243,18 @@ impl Forwarder {
                     if !HOP_BY_HOP.contains(&name.as_str())
                         && name != NODE_SECRET
                         && name != FORWARDED_BY
+                        && name != CLIENT_HOST
+                        && name != CLIENT_ADDRESS
                     {
                         out = out.header(name.as_str(), value.as_bytes());
                     }
+                }
+                let (host, address) = client_of(req, self.is_from_a_node(req.headers()));
+                if let Some(host) = host {
+                    out = out.header(CLIENT_HOST, host);
+                }
+                if let Some(address) = address {
+                    out = out.header(CLIENT_ADDRESS, address);
                 }
             }
             None => out = out.header("content-type", "application/json"),
@@ -333,6 +349,22 @@ impl Forwarder {
     }
 }
 
+/// The `Host` the client sent and the client's address: as a node that
+/// sent the call on passed them (`from_a_node`: it carries the cluster
+/// secret), else as this node sees them.
+pub fn client_of(req: &HttpRequest, from_a_node: bool) -> (Option<String>, Option<String>) {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    if from_a_node {
+        return (header(CLIENT_HOST), header(CLIENT_ADDRESS));
+    }
+    (header("host"), req.peer_addr().map(|a| a.ip().to_string()))
+}
+
 /// Whether a call went through two nodes already.
 fn hopped_twice(req: &ServiceRequest) -> bool {
     req.headers()
@@ -340,10 +372,14 @@ fn hopped_twice(req: &ServiceRequest) -> bool {
         .is_some_and(|v| v.as_bytes().contains(&b','))
 }
 
-/// The entitlement a path is about: `/v1/entitlements/{id}` and below
+/// The entitlement a path is about: `/v1/entitlements/{id}` and below, and
+/// its pages `/portal/e/{id}` and `/console/e/{id}` and below
 /// (percent-decoded, as the handlers read it).
 pub(crate) fn entitlement_of(path: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let rest = path.strip_prefix("/v1/entitlements/")?;
+    let rest = path
+        .strip_prefix("/v1/entitlements/")
+        .or_else(|| path.strip_prefix("/portal/e/"))
+        .or_else(|| path.strip_prefix("/console/e/"))?;
     let id = rest.split('/').next()?;
     if id.is_empty() {
         return None;
@@ -367,5 +403,9 @@ mod tests {
         assert_eq!(entitlement_of("/v1/entitlements/"), None);
         assert_eq!(entitlement_of("/v1/usage/batch"), None);
         assert_eq!(entitlement_of("/v1/cluster"), None);
+        assert_eq!(of("/portal/e/acme").as_deref(), Some("acme"));
+        assert_eq!(of("/console/e/acme/history.csv").as_deref(), Some("acme"));
+        assert_eq!(entitlement_of("/console"), None);
+        assert_eq!(entitlement_of("/console/search"), None);
     }
 }

@@ -1117,3 +1117,89 @@ async fn a_body_that_never_arrives_for_another_nodes_entitlement_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert_eq!(answered(&a).await, before, "nothing sent on");
 }
+
+/// The pages of an entitlement go to its owner like its API calls: a link
+/// opened and a form posted through any node work (the owner checks the
+/// form's origin against the host the browser asked), and no node but the
+/// owner ever loads the entitlement (one claim each, no fenced write).
+#[actix_rt::test]
+async fn an_entitlements_pages_are_served_by_its_owner_through_any_node() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis), node(&redis)];
+    until_members(&[&nodes[0], &nodes[1]], 2).await;
+    let http = crate::pages::browser();
+    let ids: Vec<String> = (0..6).map(|i| format!("page{i}")).collect();
+    for id in &ids {
+        nodes[0]
+            .create(id, r#"{"seats": {"purchased": 2, "hard_cap": 4}}"#)
+            .await;
+    }
+    for id in &ids {
+        let (status, body) = nodes[0]
+            .send(
+                Method::POST,
+                &format!("/v1/entitlements/{id}/portal-links"),
+                Some(ADMIN),
+                Some(r#"{"scope": "manage"}"#),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let link = body["url"].as_str().expect("url");
+        // Opened through node 1, the page read through node 0.
+        let opened = http
+            .get(format!("{}{link}", nodes[1].base))
+            .send()
+            .await
+            .expect("open");
+        assert_eq!(opened.status().as_u16(), 303, "{id}");
+        let cookie = opened
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|c| c.split(';').next())
+            .expect("a session cookie")
+            .to_string();
+        let page = http
+            .get(format!("{}/portal/e/{id}", nodes[0].base))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .expect("page");
+        assert_eq!(page.status().as_u16(), 200, "{id}");
+        let html = page.text().await.expect("html");
+        assert!(html.contains(&format!("Usage of {id}")), "{id}");
+        let at = html.find(r#"name="csrf" value=""#).expect("csrf") + 19;
+        let csrf = html[at..].split('"').next().expect("csrf").to_string();
+        // The customer's form, posted through node 1 from node 1's page.
+        let posted = http
+            .post(format!("{}/portal/e/{id}/customer-cap", nodes[1].base))
+            .header("cookie", &cookie)
+            .header("origin", &nodes[1].base)
+            .form(&[("csrf", csrf.as_str()), ("seats", "3")])
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(posted.status().as_u16(), 303, "{id}");
+        let (_, e) = nodes[1]
+            .send(
+                Method::GET,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                None,
+            )
+            .await;
+        assert_eq!(e["config"]["seats"]["customer_cap"], 3, "{id}: {e}");
+    }
+    let (mut claims, mut fenced) = (0.0, 0.0);
+    for n in &nodes {
+        let text = scrape(n).await;
+        claims += metric(&text, "headroom_claims_total");
+        fenced += metric(&text, "headroom_fenced_writes_total");
+    }
+    assert_eq!(
+        claims,
+        ids.len() as f64,
+        "each entitlement loaded by its owner only"
+    );
+    assert_eq!(fenced, 0.0);
+}

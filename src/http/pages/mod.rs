@@ -149,9 +149,10 @@ impl Pages {
 
     /// Takes one sign-in or link opening from the caller's allowance.
     fn login_allowed(&self, req: &HttpRequest) -> Result<(), PageError> {
-        let ip = req
-            .peer_addr()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let ip = client(req)
+            .1
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
         if self.logins.len() > 100_000 {
             self.logins.retain_recent();
         }
@@ -411,19 +412,35 @@ fn session_cookie<'a>(
         .finish()
 }
 
+/// The `Host` the browser sent and its address, also when another node
+/// received the request and sent it on to the entitlement's owner.
+fn client(req: &HttpRequest) -> (Option<String>, Option<String>) {
+    let from_a_node = req
+        .app_data::<web::Data<crate::http::AppState>>()
+        .and_then(|s| s.forwarder.as_ref())
+        .is_some_and(|f| f.is_from_a_node(req.headers()));
+    crate::nodes::forward::client_of(req, from_a_node)
+}
+
 /// Whether a form was posted from one of these pages: the `Origin` header,
-/// when the browser sends one, must be this host (the CSRF token is
-/// checked as well).
+/// when the browser sends one, must be the host the browser asked, or the
+/// public URL's (the CSRF token is checked as well).
 fn same_origin(req: &HttpRequest) -> bool {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return true;
     };
-    let Ok(origin) = origin.to_str() else {
+    let Some(origin) = origin.to_str().ok().and_then(|o| url::Url::parse(o).ok()) else {
         return false;
     };
-    let host = req.connection_info().host().to_string();
-    url::Url::parse(origin).is_ok_and(|u| {
-        let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
-        u.host_str().is_some_and(|h| format!("{h}{port}") == host)
-    })
+    let public = req
+        .app_data::<web::Data<crate::http::AppState>>()
+        .and_then(|s| s.pages.settings.public_url.clone());
+    if public.is_some_and(|p| p.origin() == origin.origin()) {
+        return true;
+    }
+    let port = origin.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let host = client(req).0.unwrap_or_default();
+    origin
+        .host_str()
+        .is_some_and(|h| format!("{h}{port}").eq_ignore_ascii_case(&host))
 }
