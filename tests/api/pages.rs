@@ -890,6 +890,11 @@ async fn the_console_pages_and_exports_ten_thousand_entitlements_in_overdraft() 
     let csv = get(&http, &app, "/console/overdraft.csv", Some(&session)).await;
     assert_eq!(csv.status, 200);
     assert_eq!(csv.header("content-type"), "text/csv; charset=utf-8");
+    assert_eq!(
+        csv.header("transfer-encoding"),
+        "chunked",
+        "streamed, not built whole"
+    );
     assert!(csv.header("content-disposition").contains("overdraft.csv"));
     let lines: Vec<&str> = csv.body.lines().collect();
     assert_eq!(lines.len(), 1 + 2 * N);
@@ -972,5 +977,126 @@ async fn the_history_export_has_a_row_per_bucket() {
             .status,
         404
     );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn bad_page_requests_get_a_4xx_page_and_change_nothing() {
+    let clock = manual_clock("2026-11-02T10:00:00Z");
+    let app = app_on(memory_store(), &clock, pages(KEY_1)).await;
+    let http = browser();
+    app.put("acme", CONFIG).await;
+    let session = open(&http, &app, &link(&app, "acme", "manage").await).await;
+    let console = console_cookie(&sign_in(&http, &app, ADMIN).await);
+    let long = "x".repeat(6000);
+    for (method, path, cookie, want) in [
+        (
+            Method::GET,
+            "/portal/e/acme?range=5y".to_string(),
+            Some(&session),
+            400,
+        ),
+        (Method::GET, "/portal/e/acme?token=".to_string(), None, 401),
+        (
+            Method::GET,
+            "/portal/e/acme?token=a.b.c".to_string(),
+            None,
+            401,
+        ),
+        (
+            Method::GET,
+            format!("/portal/e/acme?token={long}"),
+            None,
+            401,
+        ),
+        (
+            Method::GET,
+            "/portal/e/no%20such".to_string(),
+            Some(&session),
+            404,
+        ),
+        (Method::GET, "/portal/e/".to_string(), None, 404),
+        (Method::GET, "/portal/anything".to_string(), None, 404),
+        (
+            Method::PUT,
+            "/portal/e/acme".to_string(),
+            Some(&session),
+            405,
+        ),
+        (
+            Method::POST,
+            "/portal/e/acme/customer-cap".to_string(),
+            Some(&session),
+            400,
+        ),
+        (Method::POST, "/console/login".to_string(), None, 400),
+        (
+            Method::GET,
+            "/console?page=99999999999999999999".to_string(),
+            Some(&console),
+            400,
+        ),
+        (
+            Method::GET,
+            "/console/denied?hours=0".to_string(),
+            Some(&console),
+            400,
+        ),
+        (
+            Method::GET,
+            "/console/denied?after=garbage".to_string(),
+            Some(&console),
+            400,
+        ),
+        (
+            Method::GET,
+            "/console/search?id=".to_string(),
+            Some(&console),
+            400,
+        ),
+        (
+            Method::GET,
+            "/console/e/acme?range=forever".to_string(),
+            Some(&console),
+            400,
+        ),
+        (
+            Method::POST,
+            "/console/e/acme/portal-links".to_string(),
+            Some(&console),
+            400,
+        ),
+        (
+            Method::GET,
+            "/assets/0000/uPlot.min.css".to_string(),
+            None,
+            404,
+        ),
+        (
+            Method::GET,
+            "/assets/0000/../../Cargo.toml".to_string(),
+            None,
+            404,
+        ),
+    ] {
+        let a = fetch(
+            &http,
+            &app,
+            method.clone(),
+            &path,
+            cookie.map(String::as_str),
+            None,
+        )
+        .await;
+        assert_eq!(
+            a.status,
+            want,
+            "{method} {}: {}",
+            &path[..path.len().min(80)],
+            a.body
+        );
+    }
+    let (_, e) = app.get("acme").await;
+    assert!(e["config"]["seats"]["customer_cap"].is_null(), "{e}");
     app.stop().await;
 }

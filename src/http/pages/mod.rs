@@ -222,7 +222,13 @@ fn page(
         InitError = (),
     >,
 > {
-    super::timed(pattern).wrap(security_headers())
+    super::timed(pattern)
+        .app_data(
+            web::FormConfig::default()
+                .limit(16 * 1024)
+                .error_handler(|e, _| PageError::bad_request(format!("the form: {e}")).into()),
+        )
+        .wrap(security_headers())
 }
 
 /// Declares the page routes once: [`ROUTES`] (their patterns, for the
