@@ -741,12 +741,10 @@ async fn the_console_sorts_the_overdraft_list_finds_entitlements_and_mints_links
     let found = get(&http, &app, "/console/search?id=b", Some(&session)).await;
     assert_eq!(found.status, 303);
     assert_eq!(found.header("location"), "/console/e/b");
-    assert_eq!(
-        get(&http, &app, "/console/search?id=nobody", Some(&session))
-            .await
-            .status,
-        404
-    );
+    let unknown = get(&http, &app, "/console/search?id=nobody", Some(&session)).await;
+    assert_eq!(unknown.header("location"), "/console/e/nobody");
+    let page = get(&http, &app, "/console/e/nobody", Some(&session)).await;
+    assert_eq!(page.status, 404);
     assert_eq!(
         get(&http, &app, "/console/search?id=no%20way", Some(&session))
             .await
