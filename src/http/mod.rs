@@ -222,6 +222,7 @@ api! {
     "/v1/webhooks" => { post => webhooks::create, get => webhooks::list },
     "/v1/webhooks/{id}" => { get => webhooks::get, delete => webhooks::delete },
     "/v1/webhooks/{id}/deliveries" => { get => webhooks::deliveries },
+    "/v1/webhooks/{id}/rotate-secret" => { post => webhooks::rotate_secret },
     "/v1/cluster" => { get => handlers::cluster },
     "/v1/nodes/usage" => { post => nodes::node_usage },
     "/healthz" => { get => handlers::healthz },

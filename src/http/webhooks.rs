@@ -109,3 +109,58 @@ pub async fn deliveries(
     let log = hooks.deliveries(&path, limit).await.map_err(store_error)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "webhook": path.as_str(), "deliveries": log })))
 }
+
+/// The longest overlap of a rotation: a week.
+pub const MAX_OVERLAP_SECONDS: u64 = 7 * 24 * 3600;
+/// The overlap when the request names none: a day.
+pub const DEFAULT_OVERLAP_SECONDS: u64 = 24 * 3600;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    overlap_seconds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct RotateAnswer<'a> {
+    id: &'a str,
+    secret: &'a str,
+    previous_secret_expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `POST /v1/webhooks/{id}/rotate-secret` (`{"overlap_seconds": N}`,
+/// optional): a new secret, shown once; the old one keeps signing too for
+/// the overlap (default a day, at most a week; 0 ends it at once).
+pub async fn rotate_secret(
+    _: Admin,
+    path: web::Path<String>,
+    Body(body, ..): Body<Small>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let hooks = webhooks(&state)?;
+    let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateRequest::default()
+    } else {
+        crate::domain::json::decode(&body)?
+    };
+    let overlap = request.overlap_seconds.unwrap_or(DEFAULT_OVERLAP_SECONDS);
+    if overlap > MAX_OVERLAP_SECONDS {
+        return Err(crate::domain::ValidationError::new(
+            "overlap_seconds",
+            format!("must be from 0 to {MAX_OVERLAP_SECONDS}, got {overlap}"),
+        )
+        .into());
+    }
+    let rotated = hooks
+        .rotate(&path, std::time::Duration::from_secs(overlap))
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| not_found(&path))?;
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(RotateAnswer {
+            id: &path,
+            secret: &rotated.secret,
+            previous_secret_expires_at: rotated.previous_until,
+        }))
+}

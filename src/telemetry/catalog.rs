@@ -84,6 +84,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/webhooks",
     "/v1/webhooks/{id}",
     "/v1/webhooks/{id}/deliveries",
+    "/v1/webhooks/{id}/rotate-secret",
     "/v1/cluster",
     "/v1/nodes/usage",
     "/healthz",

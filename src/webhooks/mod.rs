@@ -24,11 +24,10 @@ mod dispatch;
 mod sign;
 
 pub use dispatch::{DispatchError, Dispatcher};
-pub use sign::{SIGNATURE_HEADER, sign, verify};
+pub use sign::{ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, new_secret, sign, verify};
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -117,9 +116,51 @@ struct Stored {
     hook: Webhook,
     secret: String,
     after_entries: Vec<String>,
+    /// Secrets replaced by a rotation, still signing until they expire.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    previous: Vec<PreviousSecret>,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PreviousSecret {
+    secret: String,
+    until: DateTime<Utc>,
+}
+
+/// Most secrets that sign at once (the current one and those of rotations
+/// still in their overlap).
+const MAX_SECRETS: usize = 4;
+
+/// A rotation's answer: the new secret (shown once) and until when the
+/// one it replaced still signs.
+#[derive(Debug)]
+pub struct Rotated {
+    pub secret: String,
+    pub previous_until: DateTime<Utc>,
+}
+
+/// Sets a registration to a new value only if it is still the one read
+/// (a concurrent rotation or deletion is not overwritten): 1 set, 0 not.
+const COMPARE_AND_SET: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
 impl Stored {
+    /// The secrets a delivery at `now` is signed with: the current one
+    /// first, then those of rotations still in their overlap.
+    fn signing_secrets(&self, now: DateTime<Utc>) -> impl Iterator<Item = &str> {
+        std::iter::once(self.secret.as_str()).chain(
+            self.previous
+                .iter()
+                .filter(move |p| p.until > now)
+                .map(|p| p.secret.as_str()),
+        )
+    }
+
     /// Where this endpoint's entries of `bucket`'s stream start.
     fn after(&self, bucket: usize) -> (u64, u64) {
         self.after_entries
@@ -337,13 +378,10 @@ impl Webhooks {
         // The group must exist before the registration's starting point is
         // read, so that no event after it is missed.
         self.ensure_group().await?;
-        let mut raw = [0u8; 24];
+        let mut raw = [0u8; 8];
         rand::Rng::fill(&mut rand::rng(), &mut raw[..]);
-        let id = format!("wh_{}", hex::encode(&raw[..8]));
-        let secret = format!(
-            "whsec_{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[8..])
-        );
+        let id = format!("wh_{}", hex::encode(raw));
+        let secret = new_secret();
         let hook = Webhook {
             id: id.clone(),
             url: new.url,
@@ -359,6 +397,7 @@ impl Webhooks {
             hook: hook.clone(),
             secret: secret.clone(),
             after_entries: self.last_entries().await?,
+            previous: Vec::new(),
         };
         let registration = serde_json::to_string(&stored).map_err(|e| {
             StoreError::not_sent(
@@ -421,6 +460,57 @@ impl Webhooks {
         value
             .map(|v| decode::<Stored>("a webhook registration", &v).map(|s| s.hook))
             .transpose()
+    }
+
+    /// Gives an endpoint a new secret; the one it had keeps signing too
+    /// (both signatures on each delivery) for `overlap`, so its receiver
+    /// can switch without missing a delivery. `None` when there is none.
+    pub async fn rotate(&self, id: &str, overlap: Duration) -> Result<Option<Rotated>, StoreError> {
+        // A concurrent rotation or deletion changes the registration under
+        // this one: read it again and retry (a deleted one is gone).
+        for _ in 0..5 {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGET").arg(self.keys.webhooks()).arg(id);
+            let (raw,): (Option<String>,) = self.run("webhook get", &pipe).await?;
+            let Some(raw) = raw else { return Ok(None) };
+            let mut stored: Stored = decode("a webhook registration", &raw)?;
+            let now = Utc::now();
+            let until =
+                now + chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::days(7));
+            let old = std::mem::replace(&mut stored.secret, new_secret());
+            stored.previous.retain(|p| p.until > now);
+            stored
+                .previous
+                .insert(0, PreviousSecret { secret: old, until });
+            stored.previous.truncate(MAX_SECRETS - 1);
+            let value = serde_json::to_string(&stored).map_err(|e| {
+                StoreError::not_sent(
+                    "webhook registration",
+                    "could not be encoded",
+                    Some(e.into()),
+                )
+            })?;
+            let mut pipe = redis::pipe();
+            pipe.cmd("EVAL")
+                .arg(COMPARE_AND_SET)
+                .arg(1)
+                .arg(self.keys.webhooks())
+                .arg(id)
+                .arg(&raw)
+                .arg(&value);
+            let (set,): (i64,) = self.run("webhook rotate", &pipe).await?;
+            if set == 1 {
+                return Ok(Some(Rotated {
+                    secret: stored.secret,
+                    previous_until: until,
+                }));
+            }
+        }
+        Err(StoreError::not_sent(
+            "webhook rotate",
+            "the registration kept changing meanwhile; try again",
+            None,
+        ))
     }
 
     /// Removes an endpoint and its log; its parked deliveries are dropped

@@ -476,3 +476,20 @@ pub fn count_kind(events: &[(String, String, Value)], entitlement: &str, kind: &
         .filter(|(k, e, _)| k == kind && e == entitlement)
         .count()
 }
+
+/// The Python of the virtual environment `.ci/run` makes (`.ci/venv`), or
+/// `HEADROOM_TEST_PYTHON`, checked to have `module`.
+pub fn venv_python(module: &str) -> String {
+    let python = std::env::var("HEADROOM_TEST_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.ci/venv/bin/python", env!("CARGO_MANIFEST_DIR")));
+    let has = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has,
+        "{python} with the `{module}` package is needed: run .ci/run once (it makes .ci/venv \
+         from .ci/requirements.txt), or set HEADROOM_TEST_PYTHON to a Python that has it"
+    );
+    python
+}

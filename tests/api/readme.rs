@@ -151,7 +151,7 @@ async fn the_readme_webhook_receiver_verifies_deliveries() {
     let script = dir.path().join("receiver.py");
     std::fs::write(&script, block("docs/webhooks.md", "receiver", "python"))
         .expect("write receiver.py");
-    let mut receiver = Command::new("python3")
+    let mut receiver = Command::new(venv_python("standardwebhooks"))
         .arg(&script)
         .arg(port.to_string())
         .env("WEBHOOK_SECRET", secret)
@@ -168,10 +168,12 @@ async fn the_readme_webhook_receiver_verifies_deliveries() {
     // A forged delivery is refused.
     let forged = http
         .post(format!("http://127.0.0.1:{port}/"))
+        .header("webhook-id", "forged")
         .header(
-            "Headroom-Signature",
-            format!("t={},v1=00", chrono::Utc::now().timestamp()),
+            "webhook-timestamp",
+            chrono::Utc::now().timestamp().to_string(),
         )
+        .header("webhook-signature", "v1,AAAA")
         .body("{}")
         .send()
         .await
@@ -229,21 +231,8 @@ async fn the_readme_webhook_receiver_verifies_deliveries() {
     );
 }
 
-/// A Python with the `redis` package: `HEADROOM_TEST_PYTHON`, or the
-/// virtual environment `.ci/run` makes (`.ci/venv`).
 fn python_with_redis() -> String {
-    let python = std::env::var("HEADROOM_TEST_PYTHON")
-        .unwrap_or_else(|_| format!("{}/.ci/venv/bin/python", env!("CARGO_MANIFEST_DIR")));
-    let has = Command::new(&python)
-        .args(["-c", "import redis"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        has,
-        "{python} with the `redis` package is needed: run .ci/run once (it makes .ci/venv), \
-         or set HEADROOM_TEST_PYTHON to a Python that has it"
-    );
-    python
+    venv_python("redis")
 }
 
 /// Runs the guide's consumer with `--drain` and `env`: its output lines.

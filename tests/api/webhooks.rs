@@ -205,23 +205,81 @@ fn stream_ids(
 }
 
 pub(crate) fn check_signed(r: &Received, secret: &str) {
-    let header = r
-        .headers
-        .get("headroom-signature")
-        .expect("signature header");
+    let header = |name: &str| {
+        r.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .as_str()
+    };
+    let (id, timestamp, signature) = (
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        header("webhook-signature"),
+    );
     let now = chrono::Utc::now().timestamp();
+    let body = r.body.as_bytes();
     assert!(
-        verify(secret, header, r.body.as_bytes(), now, 300),
+        verify(secret, id, timestamp, signature, body, now, 300),
         "signature of {}",
         r.body
     );
-    assert!(!verify("whsec_other", header, r.body.as_bytes(), now, 300));
+    assert!(!verify(
+        "whsec_AAAA",
+        id,
+        timestamp,
+        signature,
+        body,
+        now,
+        300
+    ));
     assert_eq!(
         r.headers.get("content-type").map(String::as_str),
         Some("application/cloudevents+json")
     );
-    assert!(r.headers.contains_key("headroom-delivery-id"));
+    assert_eq!(
+        r.headers.get("headroom-delivery-id").map(String::as_str),
+        Some(id)
+    );
     assert_eq!(r.event()["specversion"], "1.0");
+}
+
+/// What the Standard Webhooks Python library (`standardwebhooks`, in
+/// `.ci/venv`) says of each delivery with `secret`: `ok`, or the error.
+pub(crate) fn library_verdicts(got: &[Received], secret: &str) -> Vec<String> {
+    let deliveries: Vec<Value> = got
+        .iter()
+        .map(|r| serde_json::json!({ "headers": r.headers, "body": r.body }))
+        .collect();
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook
+secret, deliveries = sys.argv[1], json.load(sys.stdin)
+for d in deliveries:
+    try:
+        Webhook(secret).verify(d["body"], d["headers"])
+        print("ok")
+    except Exception as e:
+        print(type(e).__name__)
+"#;
+    use std::io::Write;
+    let mut child = std::process::Command::new(venv_python("standardwebhooks"))
+        .args(["-c", script, secret])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(serde_json::to_string(&deliveries).expect("json").as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("python");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 #[actix_rt::test]
@@ -259,6 +317,20 @@ async fn each_matching_event_is_delivered_once_and_signed() {
     for r in &got_all {
         check_signed(r, &all_secret);
     }
+    // The stock Standard Webhooks library verifies every real delivery,
+    // and refuses them with another endpoint's secret.
+    assert!(
+        library_verdicts(&got_all, &all_secret)
+            .iter()
+            .all(|v| v == "ok"),
+        "standardwebhooks refused a delivery"
+    );
+    assert!(
+        library_verdicts(&got_all, &seats_secret)
+            .iter()
+            .all(|v| v == "WebhookVerificationError"),
+        "standardwebhooks accepted another secret"
+    );
     for r in &got_seats {
         check_signed(r, &seats_secret);
         assert!(
@@ -666,4 +738,63 @@ async fn bad_webhook_registrations_are_refused() {
     assert_eq!(status, 409);
     assert_eq!(body["code"], "webhooks_unavailable");
     memory.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_rotated_secret_and_the_old_one_both_sign_until_the_overlap_ends() {
+    let redis = RedisServer::start();
+    let (app, hooks) = app_with_webhooks(&redis, "rot").await;
+    let dispatcher = Dispatcher::start(hooks, fast_settings("rot")).expect("dispatcher");
+    let receiver = Receiver::new(204);
+    receiver.listen();
+    let (id, old) = register(&app, &receiver.url(), Some(&["entitlement.*"])).await;
+    let rotate = |body: &'static str| {
+        let app = &app;
+        let path = format!("/v1/webhooks/{id}/rotate-secret");
+        async move { app.send(Method::POST, &path, Some(ADMIN), Some(body)).await }
+    };
+    for bad in [
+        r#"{"overlap_seconds": 604801}"#,
+        r#"{"overlap_seconds": -1}"#,
+        r#"{"x": 1}"#,
+    ] {
+        assert_eq!(rotate(bad).await.0, 400, "{bad}");
+    }
+    let (status, _) = app
+        .send(
+            Method::POST,
+            "/v1/webhooks/wh_nobody/rotate-secret",
+            Some(ADMIN),
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, rotated) = rotate(r#"{"overlap_seconds": 3}"#).await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["secret"].as_str().expect("secret").to_string();
+    assert!(new.starts_with("whsec_") && new != old);
+    assert!(rotated["previous_secret_expires_at"].is_string());
+
+    // In the overlap: two signatures, each secret verifies (the library too).
+    app.put("acme", r#"{"seats": {"purchased": 1}}"#).await;
+    let got = receiver.wait_for(1, 20).await;
+    assert_eq!(got.len(), 1);
+    let signatures = got[0].headers["webhook-signature"].split(' ').count();
+    assert_eq!(signatures, 2, "{:?}", got[0].headers);
+    check_signed(&got[0], &old);
+    check_signed(&got[0], &new);
+    assert_eq!(library_verdicts(&got, &old), ["ok"]);
+    assert_eq!(library_verdicts(&got, &new), ["ok"]);
+
+    // After it: the new secret only.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    app.put("acme", r#"{"seats": {"purchased": 2}}"#).await;
+    let got = receiver.wait_for(2, 20).await;
+    assert_eq!(got.len(), 2);
+    let last = &got[1..];
+    assert_eq!(last[0].headers["webhook-signature"].split(' ').count(), 1);
+    assert_eq!(library_verdicts(last, &new), ["ok"]);
+    assert_eq!(library_verdicts(last, &old), ["WebhookVerificationError"]);
+    dispatcher.stop().await;
+    app.stop().await;
 }

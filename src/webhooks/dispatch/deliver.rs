@@ -9,7 +9,9 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::{Delivery, DeliveryJob, DispatchState, encode, now_ms};
 use crate::store::{StoreError, chain};
-use crate::webhooks::{LOG_KEPT, LogEntry, SIGNATURE_HEADER, Stored, sign};
+use crate::webhooks::{
+    ID_HEADER, LOG_KEPT, LogEntry, SIGNATURE_HEADER, Stored, TIMESTAMP_HEADER, sign,
+};
 
 impl DispatchState {
     pub(super) fn add_log(
@@ -65,7 +67,8 @@ impl DispatchState {
     async fn attempt(&self, stored: &Stored, job: DeliveryJob) {
         let d = &job.d;
         let started = Instant::now();
-        let timestamp = Utc::now().timestamp();
+        let now = Utc::now();
+        let timestamp = now.timestamp();
         let result = self
             .client
             .post(&stored.hook.url)
@@ -73,9 +76,18 @@ impl DispatchState {
                 reqwest::header::CONTENT_TYPE,
                 "application/cloudevents+json",
             )
+            // Standard Webhooks: the delivery's id (the same on a retry),
+            // when it was sent, and one signature per signing secret.
+            .header(ID_HEADER, &d.id)
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(
                 SIGNATURE_HEADER,
-                sign(&stored.secret, timestamp, d.event.as_bytes()),
+                sign(
+                    stored.signing_secrets(now),
+                    &d.id,
+                    timestamp,
+                    d.event.as_bytes(),
+                ),
             )
             .header("Headroom-Webhook-Id", &stored.hook.id)
             .header("Headroom-Delivery-Id", &d.id)
