@@ -333,6 +333,13 @@ impl EntitlementConfig {
         Ok(())
     }
 
+    /// The entity tag of this configuration (an HTTP `ETag`, quoted): a
+    /// hash of its JSON, the same on every node and build.
+    pub fn etag(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(&json))
+    }
+
     /// Why nothing new may be granted now, if anything stands in the way.
     pub fn blocked(&self, now: DateTime<Utc>) -> Option<super::DenyReason> {
         if self.disabled {

@@ -44,6 +44,10 @@ pub enum EngineError {
     Encoding(#[source] Arc<serde_json::Error>),
     #[error("the tracker is shutting down")]
     ShuttingDown,
+    /// A conditional change whose condition did not hold (`If-Match` with
+    /// another configuration's tag, say): nothing was applied.
+    #[error("{0}")]
+    PreconditionFailed(String),
 }
 
 impl From<StoreError> for EngineError {

@@ -150,6 +150,44 @@ pub struct Configured {
     pub view: EntitlementView,
 }
 
+/// What must hold before a configuration is replaced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Precondition {
+    #[default]
+    None,
+    /// The entitlement exists with one of these configuration tags
+    /// (`If-Match`), or with any (`If-Match: *`, an empty list).
+    Matches(Vec<String>),
+    /// The entitlement does not exist (`If-None-Match: *`).
+    Absent,
+}
+
+impl Precondition {
+    /// Whether it holds for the configuration there is now (if any).
+    pub fn check(&self, now: Option<&EntitlementConfig>) -> Result<(), EngineError> {
+        match (self, now) {
+            (Precondition::None, _) => Ok(()),
+            (Precondition::Absent, None) => Ok(()),
+            (Precondition::Absent, Some(_)) => Err(EngineError::PreconditionFailed(
+                "If-None-Match: * but the entitlement exists".into(),
+            )),
+            (Precondition::Matches(_), None) => Err(EngineError::PreconditionFailed(
+                "If-Match but the entitlement does not exist".into(),
+            )),
+            (Precondition::Matches(tags), Some(c)) => {
+                let tag = c.etag();
+                if tags.is_empty() || tags.contains(&tag) {
+                    Ok(())
+                } else {
+                    Err(EngineError::PreconditionFailed(format!(
+                        "the configuration changed since it was read: its ETag is now {tag}"
+                    )))
+                }
+            }
+        }
+    }
+}
+
 /// The handle the HTTP layer holds: cheap to clone, safe to share.
 #[derive(Clone)]
 pub struct Engine {
@@ -278,7 +316,20 @@ impl Engine {
         id: &EntitlementId,
         config: EntitlementConfig,
     ) -> Result<Configured, EngineError> {
-        self.call(id, Configure(Box::new(config))).await.map(|c| *c)
+        self.put_if(id, config, Precondition::None).await
+    }
+
+    /// As [`Engine::put`], if `condition` holds for the configuration the
+    /// actor holds when it applies it (`If-Match` / `If-None-Match`).
+    pub async fn put_if(
+        &self,
+        id: &EntitlementId,
+        config: EntitlementConfig,
+        condition: Precondition,
+    ) -> Result<Configured, EngineError> {
+        self.call(id, Configure(Box::new(config), condition))
+            .await
+            .map(|c| *c)
     }
 
     /// Sets or removes the customer's own ceilings (from their page), on

@@ -122,9 +122,12 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
         .and_then(bearer_of)
 }
 
-/// The token of an `Authorization` header's value.
+/// The token of an `Authorization` header's value: the scheme `Bearer` in
+/// any case (RFC 9110 §11.1), then the token.
 fn bearer_of(authorization: &str) -> Option<&str> {
-    authorization.strip_prefix("Bearer ").map(str::trim)
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// A token's fingerprint: the first 16 bytes of its SHA-256, in hex.
@@ -263,6 +266,27 @@ impl Auth {
                 Kind::Unauthorized,
                 "the bearer token is not known",
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_of;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for ok in [
+            "Bearer t1",
+            "bearer t1",
+            "BEARER t1",
+            "bEaReR   t1 ",
+            " Bearer t1",
+        ] {
+            assert_eq!(bearer_of(ok), Some("t1"), "{ok:?}");
+        }
+        for bad in ["Basic dTpw", "Bearer", "Bearer ", "Bearert1", "t1", ""] {
+            assert_eq!(bearer_of(bad), None, "{bad:?}");
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::domain::{
     UsageDecision,
 };
 use crate::domain::{ValidationError, json};
-use crate::engine::{UsageReply, UsageRequest};
+use crate::engine::{Precondition, UsageReply, UsageRequest};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -92,20 +92,93 @@ pub(super) fn usage_answer(
     Ok(res.json(&d))
 }
 
+/// The condition of a `PUT` of a configuration: `If-Match` (`*`, or the
+/// tags of configurations it may replace) or `If-None-Match: *` (create
+/// only). A weak tag never matches (`If-Match` compares strongly).
+fn precondition(req: &HttpRequest) -> Result<Precondition> {
+    use actix_web::http::header::{IF_MATCH, IF_NONE_MATCH};
+    let value = |name: actix_web::http::header::HeaderName| -> Result<Option<String>> {
+        let mut all = req.headers().get_all(&name).peekable();
+        if all.peek().is_none() {
+            return Ok(None);
+        }
+        let joined = all
+            .map(|v| v.to_str().map(str::to_string))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| ValidationError::new(name.as_str(), "must be visible ASCII"))?;
+        Ok(Some(joined.join(",")))
+    };
+    match (value(IF_MATCH)?, value(IF_NONE_MATCH)?) {
+        (Some(_), Some(_)) => Err(ValidationError::new(
+            "If-None-Match",
+            "send If-Match or If-None-Match, not both",
+        )
+        .into()),
+        (None, None) => Ok(Precondition::None),
+        (None, Some(v)) if v.trim() == "*" => Ok(Precondition::Absent),
+        (None, Some(_)) => Err(ValidationError::new(
+            "If-None-Match",
+            "only `If-None-Match: *` (create, never replace) is understood on PUT",
+        )
+        .into()),
+        (Some(v), None) if v.trim() == "*" => Ok(Precondition::Matches(Vec::new())),
+        (Some(v), None) => {
+            let tags: Vec<String> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect();
+            let strong = |t: &str| t.len() >= 2 && t.starts_with('"') && t.ends_with('"');
+            let weak = |t: &str| t.strip_prefix("W/").is_some_and(strong);
+            if tags.is_empty() || tags.iter().any(|t| !strong(t) && !weak(t)) {
+                return Err(ValidationError::new(
+                    "If-Match",
+                    "write * or entity tags in quotes, as the ETag header gave them",
+                )
+                .into());
+            }
+            // A weak tag (W/"…") never matches: keep only strong ones, and
+            // one that cannot match if there were only weak ones.
+            let strong: Vec<String> = tags.into_iter().filter(|t| strong(t)).collect();
+            Ok(Precondition::Matches(if strong.is_empty() {
+                vec!["W/never".into()]
+            } else {
+                strong
+            }))
+        }
+    }
+}
+
+/// A configuration's answer, with its `ETag`.
+fn with_etag(status: StatusCode, view: &crate::domain::EntitlementView) -> HttpResponse {
+    let mut res = HttpResponse::build(status);
+    res.insert_header((actix_web::http::header::ETAG, view.config.etag()));
+    if status == StatusCode::CREATED {
+        res.insert_header((
+            actix_web::http::header::LOCATION,
+            format!("/v1/entitlements/{}", view.id),
+        ));
+    }
+    res.json(view)
+}
+
 pub async fn put_entitlement(
     _: Admin,
+    req: HttpRequest,
     EntitlementPath(id): EntitlementPath,
     Body(body, ..): Body<Large>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
+    let condition = precondition(&req)?;
     let config = EntitlementConfig::from_json(&body)?;
-    let put = state.engine.put(&id, config).await?;
+    let put = state.engine.put_if(&id, config, condition).await?;
     let status = if put.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok(json(status, &put.view))
+    Ok(with_etag(status, &put.view))
 }
 
 pub async fn get_entitlement(
@@ -113,7 +186,7 @@ pub async fn get_entitlement(
     EntitlementPath(id): EntitlementPath,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    Ok(json(StatusCode::OK, &state.engine.get(&id).await?))
+    Ok(with_etag(StatusCode::OK, &state.engine.get(&id).await?))
 }
 
 pub async fn delete_entitlement(

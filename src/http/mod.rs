@@ -90,12 +90,45 @@ pub struct AppState {
     pub pages: pages::Pages,
 }
 
-async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(
-        Kind::MethodNotAllowed,
-        format!("{} is not allowed on {}", req.method(), req.path()),
-    ))
+/// The `Allow` value of a route that takes `methods`: those, `HEAD` with
+/// `GET`, and `OPTIONS`.
+fn allow_of(methods: &[&str]) -> String {
+    let mut all: Vec<&str> = methods.to_vec();
+    if methods.contains(&"GET") {
+        all.push("HEAD");
+    }
+    all.push("OPTIONS");
+    all.join(", ")
 }
+
+/// `405` with the `Allow` header RFC 9110 §15.5.6 asks for.
+async fn method_not_allowed(req: HttpRequest, allow: web::Data<Allow>) -> HttpResponse {
+    use actix_web::ResponseError;
+    let mut res = ApiError::new(
+        Kind::MethodNotAllowed,
+        format!(
+            "{} is not allowed on {}; use {}",
+            req.method(),
+            req.path(),
+            allow.0
+        ),
+    )
+    .error_response();
+    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&allow.0) {
+        res.headers_mut().insert(actix_web::http::header::ALLOW, v);
+    }
+    res
+}
+
+/// `OPTIONS`: `204` with the methods of the route.
+async fn options(allow: web::Data<Allow>) -> HttpResponse {
+    HttpResponse::NoContent()
+        .insert_header((actix_web::http::header::ALLOW, allow.0.clone()))
+        .finish()
+}
+
+/// A route's `Allow` value, in its resource's data.
+struct Allow(String);
 
 thread_local! {
     /// Requests this worker thread has served, for the idle memory trim.
@@ -131,6 +164,7 @@ thread_local! {
 /// resource, so the pattern is known without matching the path again.
 fn timed(
     pattern: &'static str,
+    methods: &'static [&'static str],
 ) -> actix_web::Resource<
     impl ServiceFactory<
         ServiceRequest,
@@ -141,6 +175,8 @@ fn timed(
     >,
 > {
     web::resource(pattern)
+        .app_data(web::Data::new(Allow(allow_of(methods))))
+        .route(web::method(actix_web::http::Method::OPTIONS).to(options))
         .default_service(web::to(method_not_allowed))
         .wrap_fn(move |req, srv| {
             SERVED.with(|s| s.set(s.get() + 1));
@@ -187,11 +223,20 @@ macro_rules! api {
         /// Every route of the API, each timed under its pattern; shared by
         /// `main` and the tests.
         pub fn routes(cfg: &mut ServiceConfig) {
-            $(cfg.service(timed($pattern)$(.route(web::$method().to($handler)))+);)+
+            $({
+                let resource = timed($pattern, &[$(api!(@name $method)),+]);
+                $(let resource = api!(@route resource, $method, $handler);)+
+                cfg.service(resource);
+            })+
             pages::routes(cfg);
             cfg.default_service(web::to(handlers::not_found));
         }
     };
+    // A GET route answers HEAD alike (actix sends no body for HEAD).
+    (@route $r:ident, get, $handler:path) => {
+        $r.route(web::get().to($handler)).route(web::head().to($handler))
+    };
+    (@route $r:ident, $method:ident, $handler:path) => { $r.route(web::$method().to($handler)) };
     (@name get) => { "GET" };
     (@name put) => { "PUT" };
     (@name post) => { "POST" };

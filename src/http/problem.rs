@@ -22,6 +22,7 @@ pub enum Kind {
     FeatureNotFound,
     MethodNotAllowed,
     IdempotencyConflict,
+    PreconditionFailed,
     PayloadTooLarge,
     RequestTimeout,
     BatchTooLarge,
@@ -64,6 +65,11 @@ impl Kind {
                 S::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "Method not allowed",
+            ),
+            Kind::PreconditionFailed => (
+                S::PRECONDITION_FAILED,
+                "precondition_failed",
+                "The condition of the request does not hold",
             ),
             Kind::IdempotencyConflict => (
                 S::CONFLICT,
@@ -222,6 +228,7 @@ impl From<EngineError> for ApiError {
             EngineError::Corrupt(_) => Kind::StoredStateCorrupt,
             EngineError::Encoding(_) => Kind::Internal,
             EngineError::ShuttingDown => Kind::ShuttingDown,
+            EngineError::PreconditionFailed(_) => Kind::PreconditionFailed,
         };
         let mut err = ApiError::new(kind, chain(&e));
         if matches!(

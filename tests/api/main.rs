@@ -9,6 +9,7 @@ mod faults;
 mod fuzz;
 mod grafana;
 mod helpers;
+mod http;
 mod nodes;
 mod ops;
 mod pages;

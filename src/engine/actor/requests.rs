@@ -69,7 +69,7 @@ pub(crate) struct Consume(pub UsageRequest);
 #[derive(Clone, Debug)]
 pub(crate) struct ConsumeBatch(pub Arc<Vec<UsageRequest>>);
 #[derive(Clone, Debug)]
-pub(crate) struct Configure(pub Box<EntitlementConfig>);
+pub(crate) struct Configure(pub Box<EntitlementConfig>, pub crate::engine::Precondition);
 /// The customer's own ceilings, applied to the configuration the actor
 /// holds (no other change can slip in between reading and writing it).
 #[derive(Clone, Debug)]
@@ -178,6 +178,7 @@ impl Request for Configure {
         act: &mut EntitlementActor,
         now: DateTime<Utc>,
     ) -> Result<Box<Configured>, EngineError> {
+        self.1.check(act.state.as_ref().map(|e| &e.config))?;
         Ok(Box::new(act.configure(&self.0, now)))
     }
 }

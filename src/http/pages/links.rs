@@ -116,6 +116,8 @@ pub async fn create_portal_link(
     let link = mint_portal(&state, &id, scope, request.ttl_seconds).await?;
     Ok(HttpResponse::build(StatusCode::CREATED)
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        // What was created is the link itself.
+        .insert_header((actix_web::http::header::LOCATION, link.url.clone()))
         .json(PortalLinkAnswer {
             url: link.url,
             expires_at: link.expires_at,
@@ -175,10 +177,9 @@ pub async fn create_console_link(
         nonce: super::sign::nonce(),
     };
     let token = state.pages.signer.sign(&claims);
+    let url = state.pages.url(&format!("/console/login?token={token}"));
     Ok(HttpResponse::build(StatusCode::CREATED)
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
-        .json(ConsoleLinkAnswer {
-            url: state.pages.url(&format!("/console/login?token={token}")),
-            expires_at,
-        }))
+        .insert_header((actix_web::http::header::LOCATION, url.clone()))
+        .json(ConsoleLinkAnswer { url, expires_at }))
 }

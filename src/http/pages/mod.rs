@@ -213,6 +213,7 @@ fn security_headers() -> DefaultHeaders {
 /// A page route: timed like the API's, with the pages' headers.
 fn page(
     pattern: &'static str,
+    methods: &'static [&'static str],
 ) -> actix_web::Resource<
     impl ServiceFactory<
         ServiceRequest,
@@ -222,7 +223,7 @@ fn page(
         InitError = (),
     >,
 > {
-    super::timed(pattern)
+    super::timed(pattern, methods)
         .app_data(
             web::FormConfig::default()
                 .limit(16 * 1024)
@@ -241,9 +242,19 @@ macro_rules! pages {
 
         /// Every page route, each timed and with the pages' headers.
         pub fn routes(cfg: &mut ServiceConfig) {
-            $(cfg.service(page($pattern)$(.route(web::$method().to($handler)))+);)+
+            $({
+                let resource = page($pattern, &[$(pages!(@name $method)),+]);
+                $(let resource = pages!(@route resource, $method, $handler);)+
+                cfg.service(resource);
+            })+
         }
     };
+    (@route $r:ident, get, $handler:path) => {
+        $r.route(web::get().to($handler)).route(web::head().to($handler))
+    };
+    (@route $r:ident, $method:ident, $handler:path) => { $r.route(web::$method().to($handler)) };
+    (@name get) => { "GET" };
+    (@name post) => { "POST" };
 }
 
 pages! {
