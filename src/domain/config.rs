@@ -130,7 +130,7 @@ impl<'de> Deserialize<'de> for Percent {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SeatConfig {
     pub purchased: u64,
@@ -182,7 +182,7 @@ impl Default for SeatConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureConfig {
     pub included: u64,
@@ -296,12 +296,13 @@ impl CustomerCaps {
 }
 
 /// What one customer bought: a seat pool and any number of metered features.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EntitlementConfig {
     #[serde(default)]
     pub seats: SeatConfig,
     #[serde(default)]
+    #[schema(value_type = std::collections::BTreeMap<String, FeatureConfig>)]
     pub features: KeyMap<FeatureConfig>,
     #[serde(default)]
     pub disabled: bool,

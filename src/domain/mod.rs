@@ -11,6 +11,7 @@ mod ids;
 pub mod json;
 mod keymap;
 mod period;
+mod schema;
 mod view;
 
 pub use config::{
@@ -50,7 +51,7 @@ impl ValidationError {
 }
 
 /// The answer to every seat or usage call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Within what was purchased.
@@ -71,7 +72,7 @@ impl Outcome {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DenyReason {
     /// The effective cap (vendor's hard cap or customer's ceiling) would be passed.

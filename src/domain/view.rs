@@ -9,7 +9,7 @@ use super::config::{EntitlementConfig, Limit, Percent};
 use super::entitlement::{Entitlement, remaining};
 use super::ids::{EntitlementId, FeatureKey, SeatId};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct EntitlementView {
     pub id: EntitlementId,
     pub config: EntitlementConfig,
@@ -19,7 +19,7 @@ pub struct EntitlementView {
     pub features: BTreeMap<FeatureKey, FeatureView>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct SeatsView {
     pub in_use: u64,
     pub purchased: u64,
@@ -37,7 +37,7 @@ pub struct SeatsView {
     pub overdraft_denied: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct FeatureView {
     pub used: u64,
     pub included: u64,
@@ -55,7 +55,7 @@ pub struct FeatureView {
     pub used_total: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct SeatView {
     pub seat_id: SeatId,
     pub activated_at: DateTime<Utc>,

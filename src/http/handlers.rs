@@ -163,6 +163,31 @@ fn with_etag(status: StatusCode, view: &crate::domain::EntitlementView) -> HttpR
     res.json(view)
 }
 
+/// Creates or replaces an entitlement's configuration; its live state
+/// (seats, usage, denials) is kept.
+#[utoipa::path(
+    put,
+    path = "/v1/entitlements/{id}",
+    tag = "entitlements",
+    params(
+        ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
+        ("If-Match" = Option<String>, Header, description = "Replace only this configuration (its `ETag`), or `*`: any existing one."),
+        ("If-None-Match" = Option<String>, Header, description = "`*`: create only, never replace."),
+    ),
+    request_body(content = EntitlementConfig, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Replaced.", body = crate::domain::EntitlementView,
+         headers(("ETag" = String, description = "The new configuration's tag."))),
+        (status = 201, description = "Created.", body = crate::domain::EntitlementView,
+         headers(("ETag" = String, description = "The configuration's tag."),
+                 ("Location" = String, description = "`/v1/entitlements/{id}`."))),
+        (status = 400, description = "`invalid_json` or `invalid_request` (with `field`).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`precondition_failed`: `If-Match` / `If-None-Match` did not hold; nothing was applied.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn put_entitlement(
     _: Admin,
     req: HttpRequest,
@@ -181,6 +206,21 @@ pub async fn put_entitlement(
     Ok(with_etag(status, &put.view))
 }
 
+/// The configuration and live state of an entitlement.
+#[utoipa::path(
+    get,
+    path = "/v1/entitlements/{id}",
+    tag = "entitlements",
+    params(("id" = crate::domain::EntitlementId, Path, description = "The entitlement.")),
+    responses(
+        (status = 200, description = "The entitlement.", body = crate::domain::EntitlementView,
+         headers(("ETag" = String, description = "The configuration's tag, for `If-Match`."))),
+        (status = 400, description = "`invalid_request`: not an entitlement id.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn get_entitlement(
     _: Admin,
     EntitlementPath(id): EntitlementPath,
@@ -189,6 +229,21 @@ pub async fn get_entitlement(
     Ok(with_etag(StatusCode::OK, &state.engine.get(&id).await?))
 }
 
+/// Deletes an entitlement and its live state (closed-period records stay
+/// until their retention ends).
+#[utoipa::path(
+    delete,
+    path = "/v1/entitlements/{id}",
+    tag = "entitlements",
+    params(("id" = crate::domain::EntitlementId, Path, description = "The entitlement.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 400, description = "`invalid_request`: not an entitlement id.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn delete_entitlement(
     _: Admin,
     EntitlementPath(id): EntitlementPath,
@@ -198,6 +253,20 @@ pub async fn delete_entitlement(
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// The active seats of an entitlement, with their lease expiry.
+#[utoipa::path(
+    get,
+    path = "/v1/entitlements/{id}/seats",
+    tag = "entitlements",
+    params(("id" = crate::domain::EntitlementId, Path, description = "The entitlement.")),
+    responses(
+        (status = 200, description = "The active seats.", body = SeatList),
+        (status = 400, description = "`invalid_request`: not an entitlement id.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn list_seats(
     _: Admin,
     EntitlementPath(id): EntitlementPath,
@@ -207,8 +276,8 @@ pub async fn list_seats(
     Ok(json(StatusCode::OK, &SeatList { seats }))
 }
 
-#[derive(Serialize)]
-struct SeatList {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SeatList {
     seats: Vec<crate::domain::SeatView>,
 }
 

@@ -6,6 +6,7 @@ mod extract;
 mod forwarding;
 mod handlers;
 mod nodes;
+pub mod openapi;
 pub mod pages;
 pub mod problem;
 pub mod reports;

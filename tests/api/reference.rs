@@ -36,3 +36,31 @@ fn the_metrics_catalogue_names_every_route() {
     let catalogued: BTreeSet<&str> = headroom::telemetry::ROUTES.iter().copied().collect();
     assert_eq!(served, catalogued);
 }
+
+/// The committed `openapi.json` is what the handlers generate (run `cargo
+/// run --example openapi_json > openapi.json` after changing the API), and
+/// a valid OpenAPI 3.1 document (openapi-spec-validator, in `.ci/venv`).
+#[test]
+fn the_committed_openapi_document_is_the_generated_one_and_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+    let committed = std::fs::read_to_string(path).expect("openapi.json");
+    let generated = headroom::http::openapi::document()
+        .to_pretty_json()
+        .expect("the document encodes");
+    assert_eq!(
+        committed.trim_end(),
+        generated.trim_end(),
+        "run `cargo run --example openapi_json > openapi.json`"
+    );
+    let python = crate::helpers::venv_python("openapi_spec_validator");
+    let out = std::process::Command::new(python)
+        .args(["-m", "openapi_spec_validator", path])
+        .output()
+        .expect("openapi-spec-validator");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -69,7 +69,7 @@ pub struct Meter {
 }
 
 /// A usage call's decision and the meter's counters after it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageDecision {
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]

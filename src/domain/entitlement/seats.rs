@@ -116,7 +116,7 @@ impl SeatPool {
 }
 
 /// A seat activation's decision and the pool's counters after it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SeatDecision {
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,7 +134,7 @@ pub struct SeatDecision {
     pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleaseResult {
     pub seat_id: SeatId,
     /// False when the seat was not active (not an error).
