@@ -15,7 +15,9 @@ pub struct Event {
     pub data: EventData,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// An event's `data`: which fields go with which `type` is in the variant
+/// names (`SeatOverdraftEntered` is `seat.overdraft_entered`, …).
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum EventData {
     SeatOverdraftEntered {

@@ -7,6 +7,7 @@ use utoipa::openapi::{RefOr, Schema};
 use utoipa::{PartialSchema, ToSchema};
 
 use super::config::{Limit, Percent};
+use super::entitlement::Amount;
 use super::ids::{EntitlementId, FeatureKey, IdempotencyKey, SeatId};
 
 /// The pattern every id and key matches.
@@ -74,3 +75,15 @@ impl PartialSchema for Percent {
 }
 
 impl ToSchema for Percent {}
+
+impl PartialSchema for Amount {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::new(Type::Integer))
+            .minimum(Some(1))
+            .description(Some("How much is consumed: at least 1."))
+            .into()
+    }
+}
+
+impl ToSchema for Amount {}

@@ -18,7 +18,7 @@ use crate::store::{PERIODS_KEPT, chain};
 pub const MAX_BUCKETS: i64 = 10_000;
 
 /// An id in an index, or a record, that could not be read.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Unreadable {
     /// The entitlement (or, for a malformed index entry, the entry itself).
     pub entitlement: String,

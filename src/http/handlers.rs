@@ -297,6 +297,27 @@ fn check_empty(body: &[u8]) -> Result<()> {
     }
 }
 
+/// Activates a seat, or refreshes the lease of an active one (never a
+/// second seat).
+#[utoipa::path(
+    post,
+    path = "/v1/entitlements/{id}/seats/{seat_id}",
+    tag = "metering",
+    params(
+        ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
+        ("seat_id" = crate::domain::SeatId, Path, description = "The seat (a user or device)."),
+    ),
+    request_body(content = Option<serde_json::Value>, description = "None, or `{}`.", content_type = "application/json"),
+    responses(
+        (status = 200, description = "`granted` (within purchased) or `overdraft` (allowed, flagged).", body = crate::domain::SeatDecision),
+        (status = 400, description = "`invalid_request` or `invalid_json`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`denied` (with `reason` and the `decision`), or `rate_limited` past `--churn-limit` (with `Retry-After`).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("client" = []), ("admin" = [])),
+)]
 pub async fn activate_seat(
     _: SeatCaller,
     EntitlementPath(id): EntitlementPath,
@@ -308,6 +329,25 @@ pub async fn activate_seat(
     seat_answer(state.engine.activate(&id, seat).await?)
 }
 
+/// Releases a seat; releasing one that is not active is not an error.
+#[utoipa::path(
+    delete,
+    path = "/v1/entitlements/{id}/seats/{seat_id}",
+    tag = "metering",
+    params(
+        ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
+        ("seat_id" = crate::domain::SeatId, Path, description = "The seat."),
+    ),
+    responses(
+        (status = 200, description = "Released (`released: false` when it was not active).", body = crate::domain::ReleaseResult),
+        (status = 400, description = "`invalid_request` or `invalid_json`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` past `--churn-limit`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("client" = []), ("admin" = [])),
+)]
 pub async fn release_seat(
     _: SeatCaller,
     EntitlementPath(id): EntitlementPath,
@@ -322,9 +362,9 @@ pub async fn release_seat(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UsageBody {
+pub(super) struct UsageBody {
     feature: FeatureKey,
     amount: Amount,
     #[serde(default)]
@@ -341,6 +381,28 @@ impl From<UsageBody> for UsageRequest {
     }
 }
 
+/// Consumes `amount` of a feature; a call that would pass the effective
+/// cap is denied whole.
+#[utoipa::path(
+    post,
+    path = "/v1/entitlements/{id}/usage",
+    tag = "metering",
+    params(
+        ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
+        ("Idempotency-Key" = Option<crate::domain::IdempotencyKey>, Header, description = "As the body's `idempotency_key` (the two must not differ)."),
+    ),
+    request_body(content = UsageBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "`granted` or `overdraft`; `Idempotency-Replayed: true` on a replay.", body = crate::domain::UsageDecision),
+        (status = 400, description = "`invalid_request` or `invalid_json`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found` or `feature_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_conflict`: the key was used with another payload.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`denied`, with `reason`, the `decision` and, for periodic features, `Retry-After` until the period ends.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("client" = []), ("admin" = [])),
+)]
 pub async fn record_usage(
     _: Client,
     EntitlementPath(id): EntitlementPath,
@@ -371,6 +433,21 @@ pub(super) fn usage_request(body: &[u8], header: Option<IdempotencyKey>) -> Resu
     Ok(usage.into())
 }
 
+/// Many usage events, each decided (or failing) on its own, answered in
+/// input order.
+#[utoipa::path(
+    post,
+    path = "/v1/usage/batch",
+    tag = "metering",
+    request_body(content = super::openapi::BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "One result per event, in order.", body = super::openapi::BatchAnswer),
+        (status = 400, description = "`invalid_json` or `invalid_request` (the body itself, or an `Idempotency-Key` header).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large` or `batch_too_large` (more than 10,000 events).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("client" = []), ("admin" = [])),
+)]
 pub async fn record_batch(
     req: HttpRequest,
     _: Client,
@@ -394,6 +471,16 @@ pub async fn record_batch(
 
 /// The nodes and their shares: this node alone unless several share the
 /// Redis (a cluster secret set).
+#[utoipa::path(
+    get,
+    path = "/v1/cluster",
+    tag = "nodes",
+    responses(
+        (status = 200, description = "This node and the live members, with their shares.", body = super::openapi::ClusterView),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn cluster(_: Admin, state: web::Data<AppState>) -> HttpResponse {
     #[derive(serde::Serialize)]
     struct Node<'a> {
@@ -436,10 +523,25 @@ pub async fn cluster(_: Admin, state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "self": me.id, "members": members }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is up.", body = super::openapi::Status)),
+)]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The store answers.", body = super::openapi::Status),
+        (status = 503, description = "`store_unavailable`, or `shutting_down` (this node is leaving), with `Retry-After`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
     if state.nodes.as_ref().is_some_and(|n| n.has_left()) {
         let mut err = ApiError::new(
@@ -459,6 +561,17 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format (METRICS.md lists every series).", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 401, description = "`unauthorized`: scrape tokens are configured and none was sent.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: a client token.", body = super::openapi::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("metrics" = []), ("admin" = [])),
+)]
 pub async fn metrics(_: MetricsReader, state: web::Data<AppState>) -> Result<HttpResponse> {
     metrics::gauge!("headroom_entitlements_in_memory").set(state.engine.resident() as f64);
     crate::telemetry::collect_process_metrics();

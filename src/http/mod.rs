@@ -274,6 +274,7 @@ api! {
     "/healthz" => { get => handlers::healthz },
     "/readyz" => { get => handlers::readyz },
     "/metrics" => { get => handlers::metrics },
+    "/openapi.json" => { get => openapi::serve },
 }
 
 /// Counts the open connections of all workers. A connection accepted while

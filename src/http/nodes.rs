@@ -21,6 +21,22 @@ use crate::domain::{EntitlementId, json};
 use crate::engine::UsageRequest;
 use crate::nodes::coalesce::{NodeAnswer, NodeAnswers, NodeCall, NodeCalls};
 
+/// Internal: usage calls another node sent on together to this owner.
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/usage",
+    tag = "nodes",
+    request_body(content = serde_json::Value, description = "`{\"calls\": [{\"entitlement\", \"authorization\", \"idempotency_key\", \"body\"}]}`: each call as its client sent it.", content_type = "application/json"),
+    responses(
+        (status = 200, description = "`{\"answers\": [{\"status\", \"headers\", \"body\"}]}`: each call's answer, in order, as the usage route gives it.", body = serde_json::Value),
+        (status = 400, description = "`invalid_json` or `invalid_request`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the request does not carry the cluster secret.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: this node is alone (no cluster secret).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("node" = [])),
+)]
 pub async fn node_usage(
     req: HttpRequest,
     Body(body, ..): Body<Large>,

@@ -1,9 +1,8 @@
 //! The OpenAPI 3.1 document of the API, generated from the handlers'
 //! `#[utoipa::path]` annotations and the types' `ToSchema` derives.
 //!
-//! Work in progress (issue 16): the entitlement routes are described; the
-//! others follow, and `/openapi.json` is served once every route of
-//! [`super::ROUTES`] is in the document (a test lists what is missing).
+//! Every route of [`super::ROUTES`] is in the document (a test checks it);
+//! the pages under `/portal` and `/console` are for browsers and are not.
 
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ResponseBuilder, ResponsesBuilder, content::ContentBuilder};
@@ -12,11 +11,11 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use super::handlers;
 
 /// An error, as every route answers it (RFC 9457 problem details).
-#[derive(ToSchema)]
+#[derive(ToSchema, serde::Serialize)]
 #[allow(dead_code)]
 pub struct Problem {
     /// `https://headroom.dev/problems/<code>`.
-    #[schema(rename = "type")]
+    #[serde(rename = "type")]
     pub type_: String,
     pub title: String,
     pub status: u16,
@@ -25,6 +24,138 @@ pub struct Problem {
     pub detail: String,
     /// With `invalid_request`: the field at fault, when known.
     pub field: Option<String>,
+    /// With `denied`: why.
+    pub reason: Option<crate::domain::DenyReason>,
+    /// With `denied`: the decision, with the counters after it.
+    pub decision: Option<Decision>,
+}
+
+/// A seat's or a usage call's decision.
+#[derive(ToSchema, serde::Serialize)]
+#[allow(dead_code)]
+#[serde(untagged)]
+pub enum Decision {
+    Seat(crate::domain::SeatDecision),
+    Usage(crate::domain::UsageDecision),
+}
+
+/// `POST /v1/usage/batch`'s body (the handler decodes each event on its
+/// own, so that a bad one fails in its slot).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct BatchRequest {
+    /// At most 10,000.
+    pub events: Vec<BatchEvent>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct BatchEvent {
+    pub entitlement: crate::domain::EntitlementId,
+    pub feature: crate::domain::FeatureKey,
+    pub amount: crate::domain::Amount,
+    pub idempotency_key: Option<crate::domain::IdempotencyKey>,
+}
+
+/// An event as the stream and the webhooks carry it: a CloudEvents 1.0
+/// document (`Content-Type: application/cloudevents+json` on webhooks).
+#[derive(ToSchema, serde::Serialize)]
+#[allow(dead_code)]
+pub struct CloudEvent {
+    pub specversion: String,
+    /// `{entitlement}:{incarnation}:{seq}`: the same on a redelivery.
+    pub id: String,
+    pub source: String,
+    /// One of `seat.overdraft_entered`, `seat.overdraft_exited`,
+    /// `seat.hard_cap_reached`, `seat.denied`, `seat.expired`,
+    /// `usage.threshold_crossed`, `usage.overdraft_entered`,
+    /// `usage.hard_cap_reached`, `usage.denied`, `usage.reset`,
+    /// `usage.period_closed`, `entitlement.updated`, `entitlement.deleted`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The entitlement.
+    pub subject: String,
+    pub time: chrono::DateTime<chrono::Utc>,
+    pub datacontenttype: String,
+    pub data: crate::domain::EventData,
+}
+
+/// `GET /healthz` and `/readyz`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Status {
+    /// `ok` or `ready`.
+    pub status: String,
+}
+
+/// `GET /v1/cluster`.
+#[derive(ToSchema, serde::Serialize)]
+#[allow(dead_code)]
+pub struct ClusterView {
+    /// This node's id.
+    #[serde(rename = "self")]
+    pub self_: String,
+    pub members: Vec<ClusterMember>,
+}
+
+#[derive(ToSchema, serde::Serialize)]
+#[allow(dead_code)]
+pub struct ClusterMember {
+    pub id: String,
+    /// host:port the other nodes reach it at.
+    pub address: String,
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// When its registration runs out unless renewed (`null` alone).
+    pub lease_expires: Option<chrono::DateTime<chrono::Utc>>,
+    /// The fraction of entitlements it owns, estimated.
+    pub share: f64,
+}
+
+/// `GET /v1/webhooks`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct WebhookList {
+    pub webhooks: Vec<crate::webhooks::Webhook>,
+}
+
+/// `GET /v1/webhooks/{id}/deliveries`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct DeliveryLog {
+    pub webhook: String,
+    pub deliveries: Vec<crate::webhooks::LogEntry>,
+}
+
+/// A closed usage period, as a billing record.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct PeriodRecord {
+    pub feature: crate::domain::FeatureKey,
+    pub period_start: chrono::DateTime<chrono::Utc>,
+    pub period_end: chrono::DateTime<chrono::Utc>,
+    pub used: u64,
+    pub included: u64,
+    /// Used above what was included.
+    pub overage: u64,
+    pub peak: u64,
+    pub denied: u64,
+    pub closed_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One result per event, in order: its decision (denied ones included),
+/// or the problem that made it fail.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct BatchAnswer {
+    pub results: Vec<BatchResult>,
+}
+
+#[derive(ToSchema, serde::Serialize)]
+#[allow(dead_code)]
+#[serde(untagged)]
+pub enum BatchResult {
+    Decision(crate::domain::UsageDecision),
+    Failed { error: Problem },
 }
 
 /// The errors any route may answer, whatever it does.
@@ -104,23 +235,88 @@ impl Modify for Security {
         handlers::get_entitlement,
         handlers::delete_entitlement,
         handlers::list_seats,
+        handlers::activate_seat,
+        handlers::release_seat,
+        handlers::record_usage,
+        handlers::record_batch,
+        super::reports::overdraft_report,
+        super::reports::history,
+        super::reports::periods,
+        super::webhooks::create,
+        super::webhooks::list,
+        super::webhooks::get,
+        super::webhooks::delete,
+        super::webhooks::deliveries,
+        super::webhooks::rotate_secret,
+        super::pages::links::create_portal_link,
+        super::pages::links::revoke_portal_links,
+        super::pages::links::create_console_link,
+        handlers::cluster,
+        super::nodes::node_usage,
+        handlers::healthz,
+        handlers::readyz,
+        handlers::metrics,
+        serve,
     ),
-    components(schemas(Problem)),
+    components(schemas(Problem, CloudEvent)),
     modifiers(&Security),
     tags(
         (name = "entitlements", description = "What each customer bought (admin token)."),
+        (name = "metering", description = "Seats and usage (client or admin token)."),
+        (name = "evidence", description = "The overdraft report, history and closed periods."),
+        (name = "webhooks", description = "Endpoints that get the events (admin token, Redis only)."),
+        (name = "pages", description = "Links to the customer's page and the console."),
+        (name = "nodes", description = "Several nodes on one Redis."),
+        (name = "operations", description = "Health, readiness and metrics (no token)."),
     ),
 )]
 pub struct ApiDoc;
 
-/// The document, as `/openapi.json` will serve it.
+/// The document `/openapi.json` serves.
 pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
+}
+
+static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    document()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"the document could not be encoded: {e}\"}}"))
+});
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of every route.", body = serde_json::Value)),
+)]
+pub async fn serve() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("application/json")
+        .body(DOCUMENT.as_str())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_route_and_method_is_in_the_document() {
+        let doc = serde_json::to_value(document()).expect("json");
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("item").keys() {
+                if ["get", "put", "post", "delete"].contains(&method.as_str()) {
+                    documented.insert(format!("{} {path}", method.to_uppercase()));
+                }
+            }
+        }
+        let served: std::collections::BTreeSet<String> = super::super::ROUTES
+            .iter()
+            .flat_map(|(p, ms)| ms.iter().map(move |m| format!("{m} {p}")))
+            .collect();
+        assert_eq!(documented, served);
+    }
 
     #[test]
     fn the_document_is_openapi_3_1_with_its_schemas() {

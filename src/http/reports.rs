@@ -69,7 +69,7 @@ impl Cursor {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ReportSeats {
     pub(crate) in_use: u64,
     pub(crate) purchased: u64,
@@ -83,7 +83,7 @@ pub(crate) struct ReportSeats {
     pub(crate) denied_total: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ReportFeature {
     pub(crate) used: u64,
     pub(crate) included: u64,
@@ -98,7 +98,7 @@ pub(crate) struct ReportFeature {
     pub(crate) period_end: Option<DateTime<Utc>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ReportItem {
     pub(crate) entitlement: EntitlementId,
     /// The earliest of the seats' and the features' overdraft starts.
@@ -164,6 +164,23 @@ impl ReportItem {
 /// `GET /v1/reports/overdraft`: every entitlement in overdraft now, in id
 /// order; or, with `state=denied_recently`, every entitlement with a
 /// denial in the last `hours`, most recent first.
+#[utoipa::path(
+    get,
+    path = "/v1/reports/overdraft",
+    tag = "evidence",
+    params(
+        ("limit" = Option<usize>, Query, description = "Items per page, 1 to 1000 (default 100)."),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the page before."),
+        ("state" = Option<String>, Query, description = "`overdraft` (default) or `denied_recently`."),
+        ("hours" = Option<i64>, Query, description = "With `denied_recently`: the look-back, 1 to 720 (default 24)."),
+    ),
+    responses(
+        (status = 200, description = "A page of the report.", body = Report),
+        (status = 400, description = "`invalid_request` (with `field`).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn overdraft_report(
     _: Admin,
     Query(q): Query<ReportQuery>,
@@ -239,8 +256,8 @@ pub async fn overdraft_report(
 
 /// A report page; entitlements whose stored state could not be read are
 /// listed in `unreadable` (left out when there are none).
-#[derive(Serialize)]
-struct Report {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Report {
     state: &'static str,
     items: Vec<ReportItem>,
     next_cursor: Option<String>,
@@ -262,20 +279,20 @@ fn instant(field: &str, raw: &str) -> Result<DateTime<Utc>> {
         .map_err(|e| invalid(field, format!("not an RFC 3339 time ({e})")))
 }
 
-#[derive(Serialize, Default)]
-struct FeatureBucket {
+#[derive(Serialize, Default, utoipa::ToSchema)]
+pub struct FeatureBucket {
     added: u64,
     denied: u64,
 }
 
-#[derive(Serialize)]
-struct SeatBucket {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SeatBucket {
     peak: u64,
     denied: u64,
 }
 
-#[derive(Serialize)]
-struct Bucket {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Bucket {
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     seats: SeatBucket,
@@ -285,6 +302,24 @@ struct Bucket {
 /// `GET /v1/entitlements/{id}/history`: per bucket, the peak of seats in
 /// use, seats denied, and per feature the usage added and the denials;
 /// every bucket of the range, empty ones included.
+#[utoipa::path(
+    get,
+    path = "/v1/entitlements/{id}/history",
+    tag = "evidence",
+    params(
+        ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
+        ("bucket" = Option<String>, Query, description = "`hour` (default) or `day`."),
+        ("from" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "RFC 3339; default 24 buckets before `to`."),
+        ("to" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "RFC 3339; default now."),
+    ),
+    responses(
+        (status = 200, description = "Every bucket of the range, empty ones included.", body = History),
+        (status = 400, description = "`invalid_request` (with `field`): a bad bucket or time, more than 10,000 buckets, a range before the retention.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("client" = []), ("admin" = [])),
+)]
 pub async fn history(
     _: Client,
     EntitlementPath(id): EntitlementPath,
@@ -316,8 +351,8 @@ pub async fn history(
     }))
 }
 
-#[derive(Serialize)]
-struct History {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct History {
     entitlement: EntitlementId,
     bucket: BucketSize,
     from: DateTime<Utc>,
@@ -353,6 +388,23 @@ pub struct PeriodsQuery {
 /// `GET /v1/entitlements/{id}/periods`: closed usage periods, newest first,
 /// as billing records (kept after the entitlement is deleted, until the
 /// daily retention runs out).
+#[utoipa::path(
+    get,
+    path = "/v1/entitlements/{id}/periods",
+    tag = "evidence",
+    params(
+        ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
+        ("feature" = Option<crate::domain::FeatureKey>, Query, description = "Only this feature's periods."),
+        ("limit" = Option<usize>, Query, description = "1 to 10,000 (default 100)."),
+    ),
+    responses(
+        (status = 200, description = "Closed periods, newest first.", body = PeriodsBody),
+        (status = 400, description = "`invalid_request` (with `field`).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("client" = []), ("admin" = [])),
+)]
 pub async fn periods(
     _: Client,
     EntitlementPath(id): EntitlementPath,
@@ -376,9 +428,10 @@ pub async fn periods(
 
 /// Closed periods; records that could not be read are listed in
 /// `unreadable` (left out when there are none).
-#[derive(Serialize)]
-struct PeriodsBody {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PeriodsBody {
     entitlement: EntitlementId,
+    #[schema(value_type = Vec<super::openapi::PeriodRecord>)]
     periods: Vec<serde_json::Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     unreadable: Vec<Unreadable>,

@@ -31,13 +31,30 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// A new registration as answered once: with its secret.
-#[derive(Serialize)]
-struct Created<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Created<'a> {
     #[serde(flatten)]
     hook: &'a Webhook,
+    /// `whsec_…`: the signing secret, shown only now.
     secret: &'a str,
 }
 
+/// Registers an endpoint; the answer shows its signing secret, once.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    request_body(content = crate::webhooks::NewWebhook, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Registered.", body = Created,
+         headers(("Location" = String, description = "`/v1/webhooks/{id}`."))),
+        (status = 400, description = "`invalid_json` or `invalid_request` (with `field`).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`webhooks_unavailable`: the tracker runs on the in-memory store.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn create(
     _: Admin,
     Body(body, ..): Body<Small>,
@@ -58,12 +75,36 @@ pub async fn create(
         }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    responses(
+        (status = 200, description = "Every endpoint, oldest first (no secrets).", body = super::openapi::WebhookList),
+        (status = 409, description = "`webhooks_unavailable`: the tracker runs on the in-memory store.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn list(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse> {
     let hooks = webhooks(&state)?;
     let all = hooks.list().await.map_err(store_error)?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "webhooks": all })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The webhook (`wh_…`).")),
+    responses(
+        (status = 200, description = "The endpoint (no secret).", body = crate::webhooks::Webhook),
+        (status = 404, description = "`webhook_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`webhooks_unavailable`: the tracker runs on the in-memory store.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn get(
     _: Admin,
     path: web::Path<String>,
@@ -76,6 +117,19 @@ pub async fn get(
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The webhook (`wh_…`).")),
+    responses(
+        (status = 204, description = "Deleted, with its log."),
+        (status = 404, description = "`webhook_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`webhooks_unavailable`: the tracker runs on the in-memory store.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn delete(
     _: Admin,
     path: web::Path<String>,
@@ -95,6 +149,20 @@ pub struct DeliveriesQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}/deliveries",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The webhook (`wh_…`)."), ("limit" = Option<usize>, Query, description = "1 to 1000 (default 100).")),
+    responses(
+        (status = 200, description = "The newest attempts first.", body = super::openapi::DeliveryLog),
+        (status = 400, description = "`invalid_request` (with `field`).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`webhook_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`webhooks_unavailable`: the tracker runs on the in-memory store.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn deliveries(
     _: Admin,
     path: web::Path<String>,
@@ -115,14 +183,15 @@ pub const MAX_OVERLAP_SECONDS: u64 = 7 * 24 * 3600;
 /// The overlap when the request names none: a day.
 pub const DEFAULT_OVERLAP_SECONDS: u64 = 24 * 3600;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RotateRequest {
+pub struct RotateRequest {
+    /// Seconds the old secret keeps signing, 0 to 604,800 (default 86,400).
     overlap_seconds: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct RotateAnswer<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RotateAnswer<'a> {
     id: &'a str,
     secret: &'a str,
     previous_secret_expires_at: chrono::DateTime<chrono::Utc>,
@@ -131,6 +200,22 @@ struct RotateAnswer<'a> {
 /// `POST /v1/webhooks/{id}/rotate-secret` (`{"overlap_seconds": N}`,
 /// optional): a new secret, shown once; the old one keeps signing too for
 /// the overlap (default a day, at most a week; 0 ends it at once).
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/{id}/rotate-secret",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "The webhook (`wh_…`).")),
+    request_body(content = Option<RotateRequest>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The new secret, shown once; the old one signs too until `previous_secret_expires_at`.", body = RotateAnswer),
+        (status = 400, description = "`invalid_json` or `invalid_request` (with `field`).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`webhook_not_found`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`webhooks_unavailable`: the tracker runs on the in-memory store.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn rotate_secret(
     _: Admin,
     path: web::Path<String>,

@@ -90,6 +90,7 @@ pub const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
     "/metrics",
+    "/openapi.json",
     "/portal/e/{id}",
     "/portal/e/{id}/customer-cap",
     "/console/login",

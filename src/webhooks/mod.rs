@@ -97,7 +97,7 @@ impl WebhookSettings {
 }
 
 /// An endpoint as the API shows it (never with its secret).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Webhook {
     pub id: String,
     pub url: String,
@@ -182,7 +182,7 @@ impl Webhook {
 }
 
 /// What `POST /v1/webhooks` takes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
     pub url: String,
@@ -243,7 +243,7 @@ impl NewWebhook {
 }
 
 /// One attempt's record in an endpoint's delivery log.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogEntry {
     pub delivery_id: String,
     /// The CloudEvents id of the event (`null` if the stream entry

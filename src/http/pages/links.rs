@@ -81,15 +81,15 @@ pub async fn revoke(state: &AppState, id: &EntitlementId) -> Result<(), ApiError
     Ok(())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PortalLinkRequest {
+pub struct PortalLinkRequest {
     scope: Option<LinkScope>,
     ttl_seconds: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct PortalLinkAnswer {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PortalLinkAnswer {
     url: String,
     expires_at: DateTime<Utc>,
     scope: LinkScope,
@@ -105,6 +105,22 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Resul
 
 /// `POST /v1/entitlements/{id}/portal-links`: `{"scope", "ttl_seconds"}`,
 /// both optional → `201 {"url", "expires_at", "scope"}`.
+#[utoipa::path(
+    post,
+    path = "/v1/entitlements/{id}/portal-links",
+    tag = "pages",
+    params(("id" = crate::domain::EntitlementId, Path, description = "The entitlement.")),
+    request_body(content = Option<PortalLinkRequest>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The link (also in `Location`).", body = PortalLinkAnswer,
+         headers(("Location" = String, description = "The link."))),
+        (status = 400, description = "`invalid_json` or `invalid_request` (with `field`).", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        crate::http::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn create_portal_link(
     _: Admin,
     EntitlementPath(id): EntitlementPath,
@@ -127,6 +143,19 @@ pub async fn create_portal_link(
 
 /// `DELETE /v1/entitlements/{id}/portal-links`: withdraws every portal
 /// link and customer session of the entitlement issued until now → `204`.
+#[utoipa::path(
+    delete,
+    path = "/v1/entitlements/{id}/portal-links",
+    tag = "pages",
+    params(("id" = crate::domain::EntitlementId, Path, description = "The entitlement.")),
+    responses(
+        (status = 204, description = "Every link and customer session issued until now is withdrawn."),
+        (status = 400, description = "`invalid_request`: not an entitlement id.", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`entitlement_not_found`.", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        crate::http::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn revoke_portal_links(
     _: Admin,
     EntitlementPath(id): EntitlementPath,
@@ -136,14 +165,14 @@ pub async fn revoke_portal_links(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ConsoleLinkRequest {
+pub struct ConsoleLinkRequest {
     ttl_seconds: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct ConsoleLinkAnswer {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ConsoleLinkAnswer {
     url: String,
     expires_at: DateTime<Utc>,
 }
@@ -152,6 +181,20 @@ struct ConsoleLinkAnswer {
 /// "expires_at"}`, a link that signs its holder in to the console as the
 /// admin token that asked (until that token is taken out of the
 /// configuration).
+#[utoipa::path(
+    post,
+    path = "/v1/console-links",
+    tag = "pages",
+    request_body(content = Option<ConsoleLinkRequest>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "A link that signs in to the console as the admin token that asked.", body = ConsoleLinkAnswer,
+         headers(("Location" = String, description = "The link."))),
+        (status = 400, description = "`invalid_json` or `invalid_request` (with `field`).", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`.", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        crate::http::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
 pub async fn create_console_link(
     _: Admin,
     req: HttpRequest,

@@ -33,7 +33,7 @@ pub enum Purpose {
 }
 
 /// What a customer may do on their page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkScope {
     /// See the page.
