@@ -1,6 +1,6 @@
 //! Prints the OpenAPI document: `cargo run --example openapi_json > openapi.json`.
 
 fn main() {
-    let doc = headroom::http::openapi::document();
-    println!("{}", doc.to_pretty_json().expect("the document encodes"));
+    let doc = headroom::http::openapi::document_json().expect("the document encodes");
+    println!("{doc}");
 }

@@ -139,6 +139,7 @@ pub struct SeatConfig {
     #[serde(default)]
     pub customer_cap: Option<u64>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 31622400)]
     pub lease_seconds: Option<u64>,
 }
 

@@ -106,7 +106,9 @@ fn precondition(req: &HttpRequest) -> Result<Precondition> {
             .map(|v| v.to_str().map(str::to_string))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|_| ValidationError::new(name.as_str(), "must be visible ASCII"))?;
-        Ok(Some(joined.join(",")))
+        let joined = joined.join(",");
+        // An empty list is no condition (RFC 9110 §13.1.1).
+        Ok((!joined.trim().is_empty()).then_some(joined))
     };
     match (value(IF_MATCH)?, value(IF_NONE_MATCH)?) {
         (Some(_), Some(_)) => Err(ValidationError::new(
@@ -171,8 +173,8 @@ fn with_etag(status: StatusCode, view: &crate::domain::EntitlementView) -> HttpR
     tag = "entitlements",
     params(
         ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
-        ("If-Match" = Option<String>, Header, description = "Replace only this configuration (its `ETag`), or `*`: any existing one."),
-        ("If-None-Match" = Option<String>, Header, description = "`*`: create only, never replace."),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"[^"]*"(\s*,\s*(W/)?"[^"]*")*)$"#, description = "Replace only this configuration (its `ETag`; several, comma-separated), or `*`: any existing one."),
+        ("If-None-Match" = Option<String>, Header, pattern = r"^\*$", description = "`*`: create only, never replace."),
     ),
     request_body(content = EntitlementConfig, content_type = "application/json"),
     responses(
@@ -307,7 +309,7 @@ fn check_empty(body: &[u8]) -> Result<()> {
         ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
         ("seat_id" = crate::domain::SeatId, Path, description = "The seat (a user or device)."),
     ),
-    request_body(content = Option<serde_json::Value>, description = "None, or `{}`.", content_type = "application/json"),
+    request_body(content = super::openapi::NoFields, description = "None, or `{}`.", content_type = "application/json"),
     responses(
         (status = 200, description = "`granted` (within purchased) or `overdraft` (allowed, flagged).", body = crate::domain::SeatDecision),
         (status = 400, description = "`invalid_request` or `invalid_json`.", body = super::openapi::Problem, content_type = "application/problem+json"),

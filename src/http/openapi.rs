@@ -39,13 +39,31 @@ pub enum Decision {
     Usage(crate::domain::UsageDecision),
 }
 
-/// `POST /v1/usage/batch`'s body (the handler decodes each event on its
-/// own, so that a bad one fails in its slot).
-#[derive(ToSchema)]
+/// `POST /v1/usage/batch`'s body. Each event is read on its own: one that
+/// is not a valid [`BatchEvent`] fails in its slot of the answer (the
+/// request is still `200`), so any item is accepted here.
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct BatchRequest {
-    /// At most 10,000.
-    pub events: Vec<BatchEvent>,
+    /// At most 10,000 usage events, each a `BatchEvent`.
+    #[schema(max_items = 10000)]
+    pub events: Vec<serde_json::Value>,
+}
+
+/// A body with no fields: `{}` (or none at all).
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct NoFields {}
+
+/// Which report `GET /v1/reports/overdraft` answers.
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum ReportState {
+    Overdraft,
+    DeniedRecently,
 }
 
 #[derive(ToSchema)]
@@ -258,7 +276,7 @@ impl Modify for Security {
         handlers::metrics,
         serve,
     ),
-    components(schemas(Problem, CloudEvent)),
+    components(schemas(Problem, CloudEvent, BatchEvent, ReportState)),
     modifiers(&Security),
     tags(
         (name = "entitlements", description = "What each customer bought (admin token)."),
@@ -277,9 +295,82 @@ pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
+/// A schema that utoipa wrote "T or null" for an `Option<T>`, as T.
+fn not_null(schema: &mut serde_json::Value) -> bool {
+    if let Some(types) = schema.get_mut("type").and_then(|t| t.as_array_mut()) {
+        types.retain(|t| t != "null");
+        if types.len() == 1 {
+            let only = types[0].clone();
+            schema["type"] = only;
+        }
+        return true;
+    }
+    let inner = schema
+        .get("oneOf")
+        .and_then(|o| o.as_array())
+        .filter(|o| o.len() == 2 && o[1] == serde_json::json!({"type": "null"}))
+        .map(|o| o[0].clone());
+    match inner {
+        Some(inner) => {
+            *schema = inner;
+            true
+        }
+        None => false,
+    }
+}
+
+/// The document as JSON. Optional bodies and parameters are written
+/// `Option<T>` in the annotations, which utoipa renders as "T or null";
+/// a route takes no body or a T, never `null`, and a header or query
+/// parameter cannot be null, so those are made "T, not required".
+pub fn document_json() -> Result<String, serde_json::Error> {
+    let mut doc = serde_json::to_value(document())?;
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for operation in paths
+            .values_mut()
+            .filter_map(|i| i.as_object_mut())
+            .flat_map(|i| i.values_mut())
+        {
+            if let Some(params) = operation
+                .get_mut("parameters")
+                .and_then(|p| p.as_array_mut())
+            {
+                for param in params {
+                    if let Some(schema) = param.get_mut("schema") {
+                        not_null(schema);
+                    }
+                }
+            }
+            let Some(body) = operation.get_mut("requestBody") else {
+                continue;
+            };
+            let Some(content) = body.get_mut("content").and_then(|c| c.as_object_mut()) else {
+                continue;
+            };
+            let mut optional = false;
+            for media in content.values_mut() {
+                let Some(schema) = media.get_mut("schema") else {
+                    continue;
+                };
+                if schema.get("oneOf").is_some() && not_null(schema) {
+                    optional = true;
+                }
+                if schema.get("$ref").and_then(|r| r.as_str())
+                    == Some("#/components/schemas/NoFields")
+                {
+                    optional = true;
+                }
+            }
+            if optional {
+                body["required"] = serde_json::Value::Bool(false);
+            }
+        }
+    }
+    serde_json::to_string_pretty(&doc)
+}
+
 static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    document()
-        .to_pretty_json()
+    document_json()
         .unwrap_or_else(|e| format!("{{\"error\": \"the document could not be encoded: {e}\"}}"))
 });
 

@@ -169,10 +169,10 @@ impl ReportItem {
     path = "/v1/reports/overdraft",
     tag = "evidence",
     params(
-        ("limit" = Option<usize>, Query, description = "Items per page, 1 to 1000 (default 100)."),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the page before."),
-        ("state" = Option<String>, Query, description = "`overdraft` (default) or `denied_recently`."),
-        ("hours" = Option<i64>, Query, description = "With `denied_recently`: the look-back, 1 to 720 (default 24)."),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Items per page (default 100)."),
+        ("cursor" = Option<String>, Query, pattern = "^[A-Za-z0-9_-]+$", description = "`next_cursor` of the page before (of the same `state`)."),
+        ("state" = Option<super::openapi::ReportState>, Query, description = "`overdraft` (default) or `denied_recently`."),
+        ("hours" = Option<i64>, Query, minimum = 1, maximum = 720, description = "Only with `state=denied_recently`: the look-back (default 24)."),
     ),
     responses(
         (status = 200, description = "A page of the report.", body = Report),
@@ -308,7 +308,7 @@ pub struct Bucket {
     tag = "evidence",
     params(
         ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
-        ("bucket" = Option<String>, Query, description = "`hour` (default) or `day`."),
+        ("bucket" = Option<crate::domain::BucketSize>, Query, description = "`hour` (default) or `day`."),
         ("from" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "RFC 3339; default 24 buckets before `to`."),
         ("to" = Option<chrono::DateTime<chrono::Utc>>, Query, description = "RFC 3339; default now."),
     ),
@@ -395,7 +395,7 @@ pub struct PeriodsQuery {
     params(
         ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
         ("feature" = Option<crate::domain::FeatureKey>, Query, description = "Only this feature's periods."),
-        ("limit" = Option<usize>, Query, description = "1 to 10,000 (default 100)."),
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 10000, description = "Records (default 100)."),
     ),
     responses(
         (status = 200, description = "Closed periods, newest first.", body = PeriodsBody),

@@ -153,7 +153,7 @@ pub struct DeliveriesQuery {
     get,
     path = "/v1/webhooks/{id}/deliveries",
     tag = "webhooks",
-    params(("id" = String, Path, description = "The webhook (`wh_…`)."), ("limit" = Option<usize>, Query, description = "1 to 1000 (default 100).")),
+    params(("id" = String, Path, description = "The webhook (`wh_…`)."), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Entries (default 100).")),
     responses(
         (status = 200, description = "The newest attempts first.", body = super::openapi::DeliveryLog),
         (status = 400, description = "`invalid_request` (with `field`).", body = super::openapi::Problem, content_type = "application/problem+json"),
@@ -187,6 +187,7 @@ pub const DEFAULT_OVERLAP_SECONDS: u64 = 24 * 3600;
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
     /// Seconds the old secret keeps signing, 0 to 604,800 (default 86,400).
+    #[schema(minimum = 0, maximum = 604800)]
     overlap_seconds: Option<u64>,
 }
 

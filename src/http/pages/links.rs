@@ -84,7 +84,10 @@ pub async fn revoke(state: &AppState, id: &EntitlementId) -> Result<(), ApiError
 #[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortalLinkRequest {
+    /// `view` (default) or `manage`.
     scope: Option<LinkScope>,
+    /// 60 to `--portal-link-max-ttl` (30 days by default); default `--portal-link-ttl`.
+    #[schema(minimum = 60, maximum = 2592000)]
     ttl_seconds: Option<u64>,
 }
 
@@ -168,6 +171,8 @@ pub async fn revoke_portal_links(
 #[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleLinkRequest {
+    /// 60 to `--portal-link-max-ttl` (30 days by default); default `--portal-link-ttl`.
+    #[schema(minimum = 60, maximum = 2592000)]
     ttl_seconds: Option<u64>,
 }
 
