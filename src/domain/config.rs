@@ -303,7 +303,7 @@ pub struct EntitlementConfig {
     #[serde(default)]
     pub seats: SeatConfig,
     #[serde(default)]
-    #[schema(value_type = std::collections::BTreeMap<String, FeatureConfig>)]
+    #[schema(value_type = std::collections::BTreeMap<super::ids::FeatureKey, FeatureConfig>)]
     pub features: KeyMap<FeatureConfig>,
     #[serde(default)]
     pub disabled: bool,

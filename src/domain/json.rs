@@ -20,7 +20,21 @@ pub enum JsonError {
 /// Decodes `body` as `T`, naming the field at fault. The body is decoded
 /// as usual first; only a body that fails is decoded again with the path
 /// tracked (which costs on every field), so a good call pays nothing.
-pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, JsonError> {
+/// A number written with a zero fraction (`5.0`) is a whole number, as
+/// JSON Schema counts it: a body that fails only for that is read with its
+/// whole numbers written plainly.
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, JsonError> {
+    match decode_borrowed(body) {
+        Ok(v) => Ok(v),
+        Err(e) => match with_whole_numbers(body) {
+            Some(plain) => serde_json::from_slice(&plain).map_err(|_| e),
+            None => Err(e),
+        },
+    }
+}
+
+/// [`decode`] of a `T` that borrows from the body (no whole-number retry).
+pub fn decode_borrowed<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, JsonError> {
     let first = match serde_json::from_slice(body) {
         Ok(v) => return Ok(v),
         Err(e) => e,
@@ -36,8 +50,40 @@ pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, JsonError>
     }
 }
 
+/// `body` with every number that has a zero fraction written as a whole
+/// number, if it has any (`None`: nothing to change, or not JSON).
+fn with_whole_numbers(body: &[u8]) -> Option<Vec<u8>> {
+    fn plain(v: &mut serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Number(n) if n.is_f64() => {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                // Exactly representable: up to 2^53.
+                if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+                    *v = if f >= 0.0 {
+                        serde_json::Value::from(f as u64)
+                    } else {
+                        serde_json::Value::from(f as i64)
+                    };
+                    true
+                } else {
+                    false
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().fold(false, |c, i| plain(i) | c),
+            serde_json::Value::Object(map) => map.values_mut().fold(false, |c, i| plain(i) | c),
+            _ => false,
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if plain(&mut value) {
+        serde_json::to_vec(&value).ok()
+    } else {
+        None
+    }
+}
+
 /// [`decode`] of text already known to be UTF-8 (a batch's events).
-pub fn decode_str<'de, T: Deserialize<'de>>(body: &'de str) -> Result<T, JsonError> {
+pub fn decode_str<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, JsonError> {
     match serde_json::from_str(body) {
         Ok(v) => Ok(v),
         Err(_) => decode(body.as_bytes()),
@@ -195,5 +241,17 @@ mod tests {
         let e = decode_query::<Page>("colour=red").expect_err("unknown");
         assert_eq!(e.field, "colour");
         assert!(decode_query::<Page>("limit=5").is_ok());
+    }
+
+    #[test]
+    fn a_whole_number_with_a_zero_fraction_is_a_whole_number() {
+        let ok: Inner = decode(br#"{"purchased": 5.0}"#).expect("5.0 is 5");
+        assert_eq!(ok.purchased, 5);
+        let e = decode::<Inner>(br#"{"purchased": 5.5}"#).expect_err("5.5 is not");
+        assert!(e.to_string().contains("purchased"), "{e}");
+        assert!(
+            decode::<Inner>(br#"{"purchased": -1.0}"#).is_err(),
+            "still not negative"
+        );
     }
 }

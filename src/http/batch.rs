@@ -35,7 +35,7 @@ pub type DecodedEvent = Result<(EntitlementId, UsageRequest), ApiError>;
 /// Decodes a batch body. Fails as a whole only when the body itself is
 /// malformed or carries too many events; a bad event fails in its slot.
 pub fn decode(body: &[u8]) -> Result<Vec<DecodedEvent>, ApiError> {
-    let batch: BatchBody<'_> = crate::domain::json::decode(body)?;
+    let batch: BatchBody<'_> = crate::domain::json::decode_borrowed(body)?;
     if batch.events.len() > MAX_BATCH_EVENTS {
         return Err(ApiError::new(
             Kind::BatchTooLarge,

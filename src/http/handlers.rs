@@ -111,9 +111,15 @@ fn precondition(req: &HttpRequest) -> Result<Precondition> {
         Ok((!joined.trim().is_empty()).then_some(joined))
     };
     match (value(IF_MATCH)?, value(IF_NONE_MATCH)?) {
+        // If-Match needs the entitlement, If-None-Match: * its absence: both
+        // never hold (RFC 9110 §13.2.2 evaluates them in turn: 412).
+        (Some(_), Some(n)) if n.trim() == "*" => Err(ApiError::new(
+            Kind::PreconditionFailed,
+            "If-Match and If-None-Match: * cannot both hold",
+        )),
         (Some(_), Some(_)) => Err(ValidationError::new(
             "If-None-Match",
-            "send If-Match or If-None-Match, not both",
+            "only `If-None-Match: *` (create, never replace) is understood on PUT",
         )
         .into()),
         (None, None) => Ok(Precondition::None),

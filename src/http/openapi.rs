@@ -319,12 +319,39 @@ fn not_null(schema: &mut serde_json::Value) -> bool {
     }
 }
 
+/// Every `u64` of the API as what it is: utoipa writes them `int64` with
+/// minimum 0, whose range ends at 2^63 - 1; the API takes up to 2^64 - 1.
+fn unsigned(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let integer = match map.get("type") {
+                Some(serde_json::Value::String(t)) => t == "integer",
+                Some(serde_json::Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
+                _ => false,
+            };
+            if integer
+                && map.get("format").is_some_and(|f| f == "int64")
+                && map.get("minimum").is_some_and(|m| m == 0)
+            {
+                map.insert("format".into(), "uint64".into());
+                if !map.contains_key("maximum") {
+                    map.insert("maximum".into(), u64::MAX.into());
+                }
+            }
+            map.values_mut().for_each(unsigned);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(unsigned),
+        _ => {}
+    }
+}
+
 /// The document as JSON. Optional bodies and parameters are written
 /// `Option<T>` in the annotations, which utoipa renders as "T or null";
 /// a route takes no body or a T, never `null`, and a header or query
 /// parameter cannot be null, so those are made "T, not required".
 pub fn document_json() -> Result<String, serde_json::Error> {
     let mut doc = serde_json::to_value(document())?;
+    unsigned(&mut doc);
     if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
         for operation in paths
             .values_mut()
@@ -407,6 +434,26 @@ mod tests {
             .flat_map(|(p, ms)| ms.iter().map(move |m| format!("{m} {p}")))
             .collect();
         assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn the_webhook_type_filter_lists_every_event_type() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&document_json().expect("json")).expect("json");
+        let schemas = &doc["components"]["schemas"];
+        let listed: Vec<&str> = schemas["WebhookType"]["enum"]
+            .as_array()
+            .expect("enum")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for kind in crate::domain::EVENT_KINDS {
+            assert!(listed.contains(&kind), "{kind}");
+        }
+        let max = &schemas["NewWebhook"]["properties"]["types"]["maxItems"];
+        assert_eq!(max, crate::domain::EVENT_KINDS.len());
+        let included = &schemas["FeatureConfig"]["properties"]["included"];
+        assert_eq!(included["maximum"], u64::MAX, "a u64 is documented as one");
     }
 
     #[test]

@@ -181,12 +181,61 @@ impl Webhook {
     }
 }
 
+/// A webhook's type filter: an event type, a prefix, or everything.
+#[derive(utoipa::ToSchema)]
+#[schema(as = WebhookType)]
+#[allow(dead_code)]
+pub enum WebhookType {
+    #[schema(rename = "*")]
+    All,
+    #[schema(rename = "seat.*")]
+    Seat,
+    #[schema(rename = "usage.*")]
+    Usage,
+    #[schema(rename = "entitlement.*")]
+    Entitlement,
+    #[schema(rename = "seat.overdraft_entered")]
+    SeatOverdraftEntered,
+    #[schema(rename = "seat.overdraft_exited")]
+    SeatOverdraftExited,
+    #[schema(rename = "seat.hard_cap_reached")]
+    SeatHardCapReached,
+    #[schema(rename = "seat.denied")]
+    SeatDenied,
+    #[schema(rename = "seat.expired")]
+    SeatExpired,
+    #[schema(rename = "usage.threshold_crossed")]
+    UsageThresholdCrossed,
+    #[schema(rename = "usage.overdraft_entered")]
+    UsageOverdraftEntered,
+    #[schema(rename = "usage.hard_cap_reached")]
+    UsageHardCapReached,
+    #[schema(rename = "usage.denied")]
+    UsageDenied,
+    #[schema(rename = "usage.reset")]
+    UsageReset,
+    #[schema(rename = "usage.period_closed")]
+    UsagePeriodClosed,
+    #[schema(rename = "entitlement.updated")]
+    EntitlementUpdated,
+    #[schema(rename = "entitlement.deleted")]
+    EntitlementDeleted,
+}
+
 /// What `POST /v1/webhooks` takes.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
+    /// Where deliveries are POSTed: http or https, with a host.
+    #[schema(
+        format = "uri",
+        max_length = 2048,
+        pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+"
+    )]
     pub url: String,
+    /// Event types, `seat.*`, `usage.*`, `entitlement.*` or `*` (default `["*"]`).
     #[serde(default)]
+    #[schema(min_items = 1, max_items = 13, value_type = Option<Vec<WebhookType>>)]
     pub types: Option<Vec<String>>,
     #[serde(default)]
     pub description: Option<String>,

@@ -4,6 +4,7 @@
 mod bad_input;
 mod browser;
 mod cluster;
+mod contract;
 mod engine;
 mod faults;
 mod fuzz;
