@@ -179,8 +179,8 @@ fn with_etag(status: StatusCode, view: &crate::domain::EntitlementView) -> HttpR
     tag = "entitlements",
     params(
         ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
-        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"[^"]*"(\s*,\s*(W/)?"[^"]*")*)$"#, description = "Replace only this configuration (its `ETag`; several, comma-separated), or `*`: any existing one."),
-        ("If-None-Match" = Option<String>, Header, pattern = r"^\*$", description = "`*`: create only, never replace."),
+        ("If-Match" = Option<String>, Header, pattern = r#"^\s*(\*|(W/)?"[^"]*"(\s*,\s*(W/)?"[^"]*")*)?\s*$"#, description = "Replace only this configuration (its `ETag`; several, comma-separated), or `*`: any existing one; empty: no condition."),
+        ("If-None-Match" = Option<String>, Header, pattern = r"^\s*\*?\s*$", description = "`*`: create only, never replace; empty: no condition."),
     ),
     request_body(content = EntitlementConfig, content_type = "application/json"),
     responses(
@@ -203,8 +203,9 @@ pub async fn put_entitlement(
     Body(body, ..): Body<Large>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let condition = precondition(&req)?;
+    // The body first: a malformed one is a 400 whatever its conditions.
     let config = EntitlementConfig::from_json(&body)?;
+    let condition = precondition(&req)?;
     let put = state.engine.put_if(&id, config, condition).await?;
     let status = if put.created {
         StatusCode::CREATED
