@@ -216,10 +216,14 @@ impl Engine {
         let starts: Vec<i64> = (0..count).map(|i| first + i * step).collect();
         let records = self.core.store.history(id, size, &starts).await?;
         let created = size.start(view.created_at.timestamp_millis());
+        // Nothing is recorded after the current bucket: the level at a
+        // start in the future is the one at the end of the current bucket
+        // (looking back from there, not from the future hour by hour).
+        let latest = size.start(now.timestamp_millis()) + step;
         let mut level = if records.first().is_some_and(|r| r.is_some()) || first <= created {
             0
         } else {
-            self.level_before(id, size, first, oldest.max(created))
+            self.level_before(id, size, first.min(latest), oldest.max(created))
                 .await?
         };
         let mut names: Vec<String> = view.features.keys().map(|k| k.to_string()).collect();

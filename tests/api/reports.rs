@@ -754,3 +754,28 @@ async fn the_report_expires_leases_that_ran_out() {
     assert_eq!(body["items"], serde_json::json!([]), "{body}");
     app.stop().await;
 }
+
+/// A range in the future (found by schemathesis: the look-back for the seats
+/// in use walked from year 3638 to now, hour by hour) answers at once, with
+/// the seats in use now carried through it.
+#[actix_rt::test]
+async fn history_of_a_range_far_in_the_future_carries_the_seats_in_use() {
+    let app = TestApp::spawn(memory_store()).await;
+    app.put("acme", r#"{"seats": {"purchased": 5}}"#).await;
+    for s in ["a", "b"] {
+        assert_eq!(app.activate("acme", s).await.0, 200);
+    }
+    let (status, body) = app
+        .send(
+            Method::GET,
+            "/v1/entitlements/acme/history?to=3638-04-25T00:00:00Z",
+            Some(CLIENT),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let buckets = body["buckets"].as_array().expect("buckets");
+    assert_eq!(buckets.len(), 24);
+    assert!(buckets.iter().all(|b| b["seats"]["peak"] == 2), "{body}");
+    app.stop().await;
+}
