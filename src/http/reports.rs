@@ -273,7 +273,7 @@ pub struct HistoryQuery {
     to: Option<String>,
 }
 
-fn instant(field: &str, raw: &str) -> Result<DateTime<Utc>> {
+pub(crate) fn instant(field: &str, raw: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(raw)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| invalid(field, format!("not an RFC 3339 time ({e})")))

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::data::{EntitlementData, Range, utc};
 use super::portal::PageQuery;
 use super::sign::{Claims, LinkScope, Purpose};
-use super::{PageError, assets, html, same_origin, see_other, session_cookie};
+use super::{PageError, assets, entitlement_id, html, same_origin, see_other, session_cookie};
 use crate::domain::{BucketSize, EntitlementId};
 use crate::http::AppState;
 use crate::http::reports::ReportItem;
@@ -411,17 +411,10 @@ pub struct OverdraftQuery {
     page: Option<String>,
 }
 
-fn parse_query<T: serde::de::DeserializeOwned>(
-    req: &HttpRequest,
-) -> std::result::Result<T, PageError> {
-    serde_urlencoded::from_str(req.query_string())
-        .map_err(|e| PageError::bad_request(format!("the query is not understood ({e})")))
-}
-
 /// `GET /console?sort=since|peak|denials|id&page=N`: who is in overdraft.
 pub async fn overdraft(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse> {
     let s = session(&req, &state)?;
-    let q: OverdraftQuery = parse_query(&req)?;
+    let q: OverdraftQuery = super::query(&req)?;
     let sort = match q.sort.as_deref() {
         None | Some("") => Sort::Since,
         Some(k) => Sort::ALL
@@ -501,7 +494,7 @@ pub struct DeniedQuery {
 /// hours, most recent first; `after` continues a list.
 pub async fn denied(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse> {
     let s = session(&req, &state)?;
-    let q: DeniedQuery = parse_query(&req)?;
+    let q: DeniedQuery = super::query(&req)?;
     let max = crate::http::reports::MAX_DENIED_HOURS;
     let hours: i64 = match q.hours.as_deref() {
         None | Some("") => 24,
@@ -566,7 +559,7 @@ pub struct SearchQuery {
 /// when there is none; it is served by the entitlement's owner).
 pub async fn search(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse> {
     session(&req, &state)?;
-    let q: SearchQuery = parse_query(&req)?;
+    let q: SearchQuery = super::query(&req)?;
     let raw = q.id.unwrap_or_default();
     let raw = raw.trim();
     let id = EntitlementId::parse(raw).map_err(|e| {
@@ -592,10 +585,6 @@ struct EntitlementPage<'a> {
     config: String,
     minted: Option<Minted>,
     notice: Option<&'a str>,
-}
-
-fn entitlement_id(raw: &str) -> std::result::Result<EntitlementId, PageError> {
-    EntitlementId::parse(raw).map_err(|_| PageError::not_found())
 }
 
 async fn entitlement_page(
@@ -714,9 +703,7 @@ pub struct HistoryCsvQuery {
 }
 
 fn instant(field: &str, raw: &str) -> std::result::Result<DateTime<Utc>, PageError> {
-    DateTime::parse_from_rfc3339(raw)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| PageError::bad_request(format!("{field}: not an RFC 3339 time ({e})")))
+    crate::http::reports::instant(field, raw).map_err(|e| PageError::bad_request(e.detail))
 }
 
 /// `GET /console/e/{id}/history.csv?bucket=hour|day&from=&to=`: the
@@ -728,7 +715,7 @@ pub async fn history_csv(
 ) -> Result<HttpResponse> {
     session(&req, &state)?;
     let id = entitlement_id(&path)?;
-    let q: HistoryCsvQuery = parse_query(&req)?;
+    let q: HistoryCsvQuery = super::query(&req)?;
     let size = match q.bucket.as_deref() {
         None | Some("") => BucketSize::Hour,
         Some(b) => BucketSize::parse(b).ok_or_else(|| {

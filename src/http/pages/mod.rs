@@ -400,6 +400,18 @@ fn html(status: StatusCode, page: &impl Template) -> HttpResponse {
     }
 }
 
+/// The entitlement of a page's path; a malformed id is a page that does
+/// not exist.
+fn entitlement_id(raw: &str) -> Result<crate::domain::EntitlementId, PageError> {
+    crate::domain::EntitlementId::parse(raw).map_err(|_| PageError::not_found())
+}
+
+/// A page's query parameters as `T`.
+fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, PageError> {
+    serde_urlencoded::from_str(req.query_string())
+        .map_err(|e| PageError::bad_request(format!("the query is not understood ({e})")))
+}
+
 /// A redirect after a form or a link (`303 See Other`: the browser GETs it).
 fn see_other(location: &str) -> HttpResponse {
     HttpResponse::SeeOther()

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::data::{EntitlementData, Range};
 use super::sign::{Claims, LinkScope, Purpose};
-use super::{PageError, assets, html, same_origin, see_other, session_cookie};
+use super::{PageError, assets, entitlement_id, html, same_origin, see_other, session_cookie};
 use crate::domain::{CustomerCaps, EntitlementId, EntitlementView, FeatureKey};
 use crate::engine::EngineError;
 use crate::http::AppState;
@@ -34,13 +34,8 @@ pub(super) struct PageQuery {
 
 impl PageQuery {
     pub fn of(req: &HttpRequest) -> Result<PageQuery, PageError> {
-        serde_urlencoded::from_str(req.query_string())
-            .map_err(|e| PageError::bad_request(format!("the query is not understood ({e})")))
+        super::query(req)
     }
-}
-
-fn entitlement_id(raw: &str) -> Result<EntitlementId, PageError> {
-    EntitlementId::parse(raw).map_err(|_| PageError::not_found())
 }
 
 /// Checks a portal token for entitlement `id`: signed by a key, of the
