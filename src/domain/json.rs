@@ -33,6 +33,17 @@ pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, JsonErro
     }
 }
 
+/// [`decode`] of an optional body: none (or only whitespace) is `T`'s
+/// default, as `{}` would be.
+pub fn decode_optional<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+) -> Result<T, JsonError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    decode(body)
+}
+
 /// [`decode`] of a `T` that borrows from the body (no whole-number retry).
 pub fn decode_borrowed<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, JsonError> {
     let first = match serde_json::from_slice(body) {

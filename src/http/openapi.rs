@@ -129,6 +129,47 @@ pub struct ClusterMember {
     pub share: f64,
 }
 
+/// A webhook's type filter: an event type, a prefix, or everything.
+#[derive(utoipa::ToSchema)]
+#[schema(as = WebhookType)]
+#[allow(dead_code)]
+pub enum WebhookType {
+    #[schema(rename = "*")]
+    All,
+    #[schema(rename = "seat.*")]
+    Seat,
+    #[schema(rename = "usage.*")]
+    Usage,
+    #[schema(rename = "entitlement.*")]
+    Entitlement,
+    #[schema(rename = "seat.overdraft_entered")]
+    SeatOverdraftEntered,
+    #[schema(rename = "seat.overdraft_exited")]
+    SeatOverdraftExited,
+    #[schema(rename = "seat.hard_cap_reached")]
+    SeatHardCapReached,
+    #[schema(rename = "seat.denied")]
+    SeatDenied,
+    #[schema(rename = "seat.expired")]
+    SeatExpired,
+    #[schema(rename = "usage.threshold_crossed")]
+    UsageThresholdCrossed,
+    #[schema(rename = "usage.overdraft_entered")]
+    UsageOverdraftEntered,
+    #[schema(rename = "usage.hard_cap_reached")]
+    UsageHardCapReached,
+    #[schema(rename = "usage.denied")]
+    UsageDenied,
+    #[schema(rename = "usage.reset")]
+    UsageReset,
+    #[schema(rename = "usage.period_closed")]
+    UsagePeriodClosed,
+    #[schema(rename = "entitlement.updated")]
+    EntitlementUpdated,
+    #[schema(rename = "entitlement.deleted")]
+    EntitlementDeleted,
+}
+
 /// `GET /v1/webhooks`.
 #[derive(ToSchema)]
 #[allow(dead_code)]

@@ -224,11 +224,7 @@ pub async fn rotate_secret(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
     let hooks = webhooks(&state)?;
-    let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        RotateRequest::default()
-    } else {
-        crate::domain::json::decode(&body)?
-    };
+    let request: RotateRequest = crate::domain::json::decode_optional(&body)?;
     let overlap = request.overlap_seconds.unwrap_or(DEFAULT_OVERLAP_SECONDS);
     if overlap > MAX_OVERLAP_SECONDS {
         return Err(crate::domain::ValidationError::new(

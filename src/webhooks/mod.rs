@@ -181,47 +181,6 @@ impl Webhook {
     }
 }
 
-/// A webhook's type filter: an event type, a prefix, or everything.
-#[derive(utoipa::ToSchema)]
-#[schema(as = WebhookType)]
-#[allow(dead_code)]
-pub enum WebhookType {
-    #[schema(rename = "*")]
-    All,
-    #[schema(rename = "seat.*")]
-    Seat,
-    #[schema(rename = "usage.*")]
-    Usage,
-    #[schema(rename = "entitlement.*")]
-    Entitlement,
-    #[schema(rename = "seat.overdraft_entered")]
-    SeatOverdraftEntered,
-    #[schema(rename = "seat.overdraft_exited")]
-    SeatOverdraftExited,
-    #[schema(rename = "seat.hard_cap_reached")]
-    SeatHardCapReached,
-    #[schema(rename = "seat.denied")]
-    SeatDenied,
-    #[schema(rename = "seat.expired")]
-    SeatExpired,
-    #[schema(rename = "usage.threshold_crossed")]
-    UsageThresholdCrossed,
-    #[schema(rename = "usage.overdraft_entered")]
-    UsageOverdraftEntered,
-    #[schema(rename = "usage.hard_cap_reached")]
-    UsageHardCapReached,
-    #[schema(rename = "usage.denied")]
-    UsageDenied,
-    #[schema(rename = "usage.reset")]
-    UsageReset,
-    #[schema(rename = "usage.period_closed")]
-    UsagePeriodClosed,
-    #[schema(rename = "entitlement.updated")]
-    EntitlementUpdated,
-    #[schema(rename = "entitlement.deleted")]
-    EntitlementDeleted,
-}
-
 /// What `POST /v1/webhooks` takes.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -235,7 +194,7 @@ pub struct NewWebhook {
     pub url: String,
     /// Event types, `seat.*`, `usage.*`, `entitlement.*` or `*` (default `["*"]`).
     #[serde(default)]
-    #[schema(min_items = 1, max_items = 13, value_type = Option<Vec<WebhookType>>)]
+    #[schema(min_items = 1, max_items = 13, value_type = Option<Vec<crate::http::openapi::WebhookType>>)]
     pub types: Option<Vec<String>>,
     #[serde(default)]
     pub description: Option<String>,

@@ -98,14 +98,6 @@ pub struct PortalLinkAnswer {
     scope: LinkScope,
 }
 
-/// An optional JSON body: none (or only whitespace) is `{}`.
-fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    crate::domain::json::decode(body).map_err(ApiError::from)
-}
-
 /// `POST /v1/entitlements/{id}/portal-links`: `{"scope", "ttl_seconds"}`,
 /// both optional → `201 {"url", "expires_at", "scope"}`.
 #[utoipa::path(
@@ -130,7 +122,7 @@ pub async fn create_portal_link(
     Body(body, ..): Body<Small>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let request: PortalLinkRequest = optional_json(&body)?;
+    let request: PortalLinkRequest = crate::domain::json::decode_optional(&body)?;
     let scope = request.scope.unwrap_or(LinkScope::View);
     let link = mint_portal(&state, &id, scope, request.ttl_seconds).await?;
     Ok(HttpResponse::build(StatusCode::CREATED)
@@ -206,7 +198,7 @@ pub async fn create_console_link(
     Body(body, ..): Body<Small>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let request: ConsoleLinkRequest = optional_json(&body)?;
+    let request: ConsoleLinkRequest = crate::domain::json::decode_optional(&body)?;
     let ttl = ttl(&state, request.ttl_seconds)?;
     let admin = state
         .auth
