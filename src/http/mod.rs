@@ -1,5 +1,18 @@
 //! The HTTP API (actix-web): routes, auth, problem+json errors, `/metrics`.
 
+/// Adds a handler for `$method` to resource `$r`; a GET route answers
+/// HEAD alike (actix sends no body for HEAD). Shared by the API's and the
+/// pages' route tables.
+macro_rules! route_of {
+    ($r:ident, get, $handler:path) => {
+        $r.route(web::get().to($handler))
+            .route(web::head().to($handler))
+    };
+    ($r:ident, $method:ident, $handler:path) => {
+        $r.route(web::$method().to($handler))
+    };
+}
+
 pub mod auth;
 pub mod batch;
 mod extract;
@@ -226,18 +239,13 @@ macro_rules! api {
         pub fn routes(cfg: &mut ServiceConfig) {
             $({
                 let resource = timed($pattern, &[$(api!(@name $method)),+]);
-                $(let resource = api!(@route resource, $method, $handler);)+
+                $(let resource = route_of!(resource, $method, $handler);)+
                 cfg.service(resource);
             })+
             pages::routes(cfg);
             cfg.default_service(web::to(handlers::not_found));
         }
     };
-    // A GET route answers HEAD alike (actix sends no body for HEAD).
-    (@route $r:ident, get, $handler:path) => {
-        $r.route(web::get().to($handler)).route(web::head().to($handler))
-    };
-    (@route $r:ident, $method:ident, $handler:path) => { $r.route(web::$method().to($handler)) };
     (@name get) => { "GET" };
     (@name put) => { "PUT" };
     (@name post) => { "POST" };

@@ -244,15 +244,11 @@ macro_rules! pages {
         pub fn routes(cfg: &mut ServiceConfig) {
             $({
                 let resource = page($pattern, &[$(pages!(@name $method)),+]);
-                $(let resource = pages!(@route resource, $method, $handler);)+
+                $(let resource = route_of!(resource, $method, $handler);)+
                 cfg.service(resource);
             })+
         }
     };
-    (@route $r:ident, get, $handler:path) => {
-        $r.route(web::get().to($handler)).route(web::head().to($handler))
-    };
-    (@route $r:ident, $method:ident, $handler:path) => { $r.route(web::$method().to($handler)) };
     (@name get) => { "GET" };
     (@name post) => { "POST" };
 }
