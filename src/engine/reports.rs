@@ -25,11 +25,12 @@ pub struct Unreadable {
     pub detail: String,
 }
 
-/// One page of the overdraft report.
+/// One page of the overdraft report, or of the list of entitlements.
 #[derive(Debug, Default)]
 pub struct OverdraftPage {
     /// The acknowledged state of each entitlement of the index page, in id
-    /// order (reading it ran its housekeeping: one may have just left).
+    /// order (reading it ran its housekeeping: one may have just left the
+    /// overdraft).
     pub views: Vec<EntitlementView>,
     /// The last id of this page when another may follow.
     pub next_after: Option<String>,
@@ -127,6 +128,22 @@ impl Engine {
         limit: usize,
     ) -> Result<OverdraftPage, EngineError> {
         let ids = self.core.store.overdraft_page(after, limit).await?;
+        let next_after = (ids.len() == limit).then(|| ids.last().cloned()).flatten();
+        let (views, unreadable) = self.stored_views(&ids).await?;
+        Ok(OverdraftPage {
+            views,
+            next_after,
+            unreadable,
+        })
+    }
+
+    /// Every configured entitlement, in id order, after `after`.
+    pub async fn entitlement_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<OverdraftPage, EngineError> {
+        let ids = self.core.store.entitlement_page(after, limit).await?;
         let next_after = (ids.len() == limit).then(|| ids.last().cloned()).flatten();
         let (views, unreadable) = self.stored_views(&ids).await?;
         Ok(OverdraftPage {

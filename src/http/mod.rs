@@ -15,6 +15,7 @@ macro_rules! route_of {
 
 pub mod auth;
 pub mod batch;
+mod events;
 mod extract;
 mod forwarding;
 mod handlers;
@@ -253,6 +254,7 @@ macro_rules! api {
 }
 
 api! {
+    "/v1/entitlements" => { get => reports::list_entitlements },
     "/v1/entitlements/{id}" => {
         put => handlers::put_entitlement,
         get => handlers::get_entitlement,
@@ -277,6 +279,7 @@ api! {
     "/v1/webhooks/{id}" => { get => webhooks::get, delete => webhooks::delete },
     "/v1/webhooks/{id}/deliveries" => { get => webhooks::deliveries },
     "/v1/webhooks/{id}/rotate-secret" => { post => webhooks::rotate_secret },
+    "/v1/events" => { get => events::list_events },
     "/v1/cluster" => { get => handlers::cluster },
     "/v1/nodes/usage" => { post => nodes::node_usage },
     "/healthz" => { get => handlers::healthz },

@@ -37,12 +37,13 @@ pub struct ReportQuery {
     hours: Option<i64>,
 }
 
-/// Where a report page continues: after this id (overdraft), or after this
-/// denial time and id (denied recently).
+/// Where a page continues: after this id (overdraft report, list of
+/// entitlements), or after this denial time and id (denied recently).
 #[derive(Debug, PartialEq)]
 enum Cursor {
     Overdraft(String),
     Denied(i64, String),
+    Listed(String),
 }
 
 impl Cursor {
@@ -50,6 +51,7 @@ impl Cursor {
         let raw = match self {
             Cursor::Overdraft(id) => format!("o:{id}"),
             Cursor::Denied(at, id) => format!("d:{at}:{id}"),
+            Cursor::Listed(id) => format!("e:{id}"),
         };
         URL_SAFE_NO_PAD.encode(raw)
     }
@@ -60,6 +62,7 @@ impl Cursor {
         let id = |s: &str| EntitlementId::parse(s).ok().map(|_| s.to_string());
         match kind {
             "o" => Some(Cursor::Overdraft(id(rest)?)),
+            "e" => Some(Cursor::Listed(id(rest)?)),
             "d" => {
                 let (at, rest) = rest.split_once(':')?;
                 Some(Cursor::Denied(at.parse().ok()?, id(rest)?))
@@ -252,6 +255,62 @@ pub async fn overdraft_report(
         next_cursor: next.map(|c| c.encode()),
         unreadable,
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/entitlements`: every entitlement, in id order, as last
+/// acknowledged.
+#[utoipa::path(
+    get,
+    path = "/v1/entitlements",
+    tag = "entitlements",
+    params(
+        ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Entitlements per page (default 100)."),
+        ("cursor" = Option<String>, Query, pattern = "^[A-Za-z0-9_-]+$", description = "`next_cursor` of the page before."),
+    ),
+    responses(
+        (status = 200, description = "A page of entitlements.", body = EntitlementList),
+        (status = 400, description = "`invalid_request` (with `field`).", body = super::openapi::Problem, content_type = "application/problem+json"),
+        super::openapi::CommonErrors,
+    ),
+    security(("admin" = [])),
+)]
+pub async fn list_entitlements(
+    _: Admin,
+    Query(q): Query<ListQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let limit = page_limit(q.limit, MAX_PAGE)?;
+    let after = match q.cursor.as_deref().map(Cursor::decode) {
+        None => None,
+        Some(Some(Cursor::Listed(id))) => Some(id),
+        Some(Some(_)) => return Err(invalid("cursor", "the cursor is of a report")),
+        Some(None) => return Err(invalid("cursor", "malformed cursor")),
+    };
+    let page = state.engine.entitlement_page(after.as_deref(), limit).await?;
+    Ok(HttpResponse::build(StatusCode::OK).json(EntitlementList {
+        items: page.views,
+        next_cursor: page.next_after.map(|id| Cursor::Listed(id).encode()),
+        unreadable: page.unreadable,
+    }))
+}
+
+/// A page of entitlements (each as `GET /v1/entitlements/{id}` shows it);
+/// those whose stored state could not be read are listed in `unreadable`
+/// (left out when there are none).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EntitlementList {
+    items: Vec<EntitlementView>,
+    /// Pass as `cursor` for the next page; `null` on the last.
+    next_cursor: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unreadable: Vec<Unreadable>,
 }
 
 /// A report page; entitlements whose stored state could not be read are

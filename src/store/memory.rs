@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Commit, CommitOutcome, DENIALS_KEPT_MS, Loaded, OverdraftCounts, PERIODS_KEPT, Peeked, Records,
-    Store, StoreError, Write, decode_state,
+    Commit, CommitOutcome, DENIALS_KEPT_MS, EventEntry, EventsFrom, EventsPage, Loaded,
+    OverdraftCounts, PERIODS_KEPT, Peeked, Records, Store, StoreError, StreamPos, Write,
+    decode_state,
 };
 use crate::domain::{BucketRecord, BucketSize, EntitlementId, IdempotencyKey, Lease, SeatId};
 
@@ -41,6 +42,10 @@ struct Tables {
     next_purge: Instant,
     totals: OverdraftCounts,
     overdraft: BTreeSet<String>,
+    /// Every configured entitlement, by id.
+    configured: BTreeSet<String>,
+    /// The position of the latest event (as Redis numbers stream entries).
+    last_event: StreamPos,
     denied: HashMap<String, i64>,
     /// (id, bucket size, start) → record and when it expires (ms).
     history: HashMap<(EntitlementId, BucketSize, i64), (BucketRecord, i64)>,
@@ -102,9 +107,23 @@ impl Tables {
 /// One entry of the in-memory event stream.
 #[derive(Clone, Debug)]
 pub struct StoredEvent {
+    pub pos: StreamPos,
     pub kind: String,
     pub entitlement: String,
     pub event: String,
+}
+
+/// Up to `limit` ids of `set` after `after`, in order.
+fn page_of(set: &BTreeSet<String>, after: Option<&str>, limit: usize) -> Vec<String> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    match after {
+        Some(a) => set
+            .range::<str, _>((Excluded(a), Unbounded))
+            .take(limit)
+            .cloned()
+            .collect(),
+        None => set.iter().take(limit).cloned().collect(),
+    }
 }
 
 pub struct MemoryStore {
@@ -123,6 +142,8 @@ impl MemoryStore {
                 next_purge: Instant::now(),
                 totals: OverdraftCounts::default(),
                 overdraft: BTreeSet::new(),
+                configured: BTreeSet::new(),
+                last_event: StreamPos { ms: 0, seq: 0 },
                 denied: HashMap::new(),
                 history: HashMap::new(),
                 periods: HashMap::new(),
@@ -219,6 +240,7 @@ impl Store for MemoryStore {
                 entry.core = Some(core);
                 if let Some(config) = config {
                     entry.config = config;
+                    inner.configured.insert(commit.id.to_string());
                 }
                 for (seat, lease) in seats {
                     match lease {
@@ -230,10 +252,22 @@ impl Store for MemoryStore {
             Write::Delete => {
                 entry.core = None;
                 entry.seats.clear();
+                inner.configured.remove(commit.id.as_str());
             }
         }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         for (kind, event) in commit.events {
+            let last = inner.last_event;
+            let pos = if now_ms > last.ms {
+                StreamPos { ms: now_ms, seq: 0 }
+            } else {
+                last.next()
+            };
+            inner.last_event = pos;
             inner.events.push_back(StoredEvent {
+                pos,
                 kind: kind.to_string(),
                 entitlement: commit.id.to_string(),
                 event,
@@ -293,17 +327,54 @@ impl Store for MemoryStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
+        Ok(page_of(&self.lock().overdraft, after, limit))
+    }
+
+    async fn entitlement_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(page_of(&self.lock().configured, after, limit))
+    }
+
+    async fn events_page(
+        &self,
+        from: EventsFrom,
+        of: Option<&EntitlementId>,
+        limit: usize,
+    ) -> Result<EventsPage, StoreError> {
         let inner = self.lock();
-        let ids = match after {
-            Some(a) => inner
-                .overdraft
-                .range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
-                .take(limit)
-                .cloned()
-                .collect(),
-            None => inner.overdraft.iter().take(limit).cloned().collect(),
+        let end = inner.last_event.next();
+        let start = match from {
+            EventsFrom::Oldest => StreamPos { ms: 0, seq: 0 },
+            EventsFrom::Now => end,
+            EventsFrom::At(p) => p,
         };
-        Ok(ids)
+        let first = inner.events.partition_point(|e| e.pos < start);
+        let mut entries = Vec::new();
+        let mut next = end.max(start);
+        let mut more = false;
+        for e in inner.events.range(first..) {
+            if entries.len() >= limit {
+                next = e.pos;
+                more = true;
+                break;
+            }
+            if of.is_none_or(|id| id.as_str() == e.entitlement) {
+                entries.push(EventEntry {
+                    pos: e.pos,
+                    kind: e.kind.clone(),
+                    entitlement: e.entitlement.clone(),
+                    event: e.event.clone(),
+                });
+            }
+        }
+        Ok(EventsPage {
+            entries,
+            next,
+            more,
+        })
     }
 
     async fn denied_page(

@@ -187,6 +187,81 @@ pub enum CommitOutcome {
     KeysExist(Vec<(IdempotencyKey, String)>),
 }
 
+/// A position in the event streams, ordered as Redis orders stream entry
+/// ids (`ms-seq`); a page of events reads from one position up to the
+/// next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamPos {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl StreamPos {
+    /// The position right after this one.
+    pub fn next(self) -> StreamPos {
+        match self.seq.checked_add(1) {
+            Some(seq) => StreamPos { ms: self.ms, seq },
+            None => StreamPos {
+                ms: self.ms.saturating_add(1),
+                seq: 0,
+            },
+        }
+    }
+
+    /// `ms-seq`, as Redis writes a stream entry id.
+    pub fn parse(s: &str) -> Option<StreamPos> {
+        let (ms, seq) = s.split_once('-')?;
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return None;
+        }
+        Some(StreamPos {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for StreamPos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Where a page of events starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventsFrom {
+    /// The oldest entry still kept.
+    Oldest,
+    /// Only entries added after the read.
+    Now,
+    /// This position (a page's `next`), included.
+    At(StreamPos),
+}
+
+/// One entry of the event streams.
+#[derive(Debug, Clone)]
+pub struct EventEntry {
+    pub pos: StreamPos,
+    pub kind: String,
+    pub entitlement: String,
+    /// The CloudEvents JSON, as written.
+    pub event: String,
+}
+
+/// Entries of the event streams in position order, and where the next
+/// page starts: every entry before `next` in every stream read is in this
+/// page or an earlier one, and every entry added later lands at `next` or
+/// after it.
+#[derive(Debug, Clone)]
+pub struct EventsPage {
+    pub entries: Vec<EventEntry>,
+    pub next: StreamPos,
+    /// Whether entries were left for the next page (`false`: every stream
+    /// was read to its end).
+    pub more: bool,
+}
+
 /// A place to keep entitlements: in memory, or durably in Redis.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -221,6 +296,21 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError>;
+    /// Ids of the configured entitlements, in id order, after `after`.
+    async fn entitlement_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+    /// About `limit` entries of the event streams from `from` on (all of
+    /// one position's entries, so a page may hold a few more); only the
+    /// stream of `of`'s bucket when set.
+    async fn events_page(
+        &self,
+        from: EventsFrom,
+        of: Option<&EntitlementId>,
+        limit: usize,
+    ) -> Result<EventsPage, StoreError>;
     /// Ids with a denial at or after `since` (ms) and when their last one
     /// was, most recent first, after `after` (that position's ms and id).
     async fn denied_page(

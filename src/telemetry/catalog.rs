@@ -71,6 +71,7 @@ pub const VERSIONS: &[&str] = &[env!("CARGO_PKG_VERSION")];
 /// The routes of the API and of the pages (the `route` label: patterns,
 /// never raw paths).
 pub const ROUTES: &[&str] = &[
+    "/v1/entitlements",
     "/v1/entitlements/{id}",
     "/v1/entitlements/{id}/seats",
     "/v1/entitlements/{id}/seats/{seat_id}",
@@ -85,6 +86,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/webhooks/{id}",
     "/v1/webhooks/{id}/deliveries",
     "/v1/webhooks/{id}/rotate-secret",
+    "/v1/events",
     "/v1/cluster",
     "/v1/nodes/usage",
     "/healthz",

@@ -55,14 +55,18 @@ async fn the_usage_scenarios_hold_on_a_cluster() {
     concurrent_retries_of_keys_used_before_a_restart_all_replay_on(&r).await;
 }
 
-/// The report, history and billing-record scenarios of `reports.rs`, and
-/// the restart of `seats.rs`.
+/// The report, history and billing-record scenarios of `reports.rs`, the
+/// list of entitlements and the event stream of `listing.rs` (each bucket's
+/// stream on its primary, read by that primary's clock), and the restart
+/// of `seats.rs`.
 #[actix_rt::test]
 async fn the_evidence_scenarios_hold_on_a_cluster() {
     let r = on("evidence");
     crate::reports::the_report_lists_exactly_the_entitlements_in_overdraft_on(&r).await;
     crate::reports::history_of_a_scripted_day_on(&r).await;
     crate::reports::a_closed_period_is_a_billing_record_on(&r).await;
+    crate::listing::the_list_holds_every_configured_entitlement_once_in_id_order_on(&r).await;
+    crate::listing::the_event_stream_reads_every_event_once_while_it_is_written_on(&r).await;
     crate::seats::state_survives_a_restart_of_the_app_on_the_same_redis_on(&r).await;
 }
 

@@ -321,6 +321,21 @@ impl headroom::store::Store for CountingStore {
     ) -> Result<Vec<String>, headroom::store::StoreError> {
         self.inner.overdraft_page(after, limit).await
     }
+    async fn entitlement_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, headroom::store::StoreError> {
+        self.inner.entitlement_page(after, limit).await
+    }
+    async fn events_page(
+        &self,
+        from: headroom::store::EventsFrom,
+        of: Option<&EntitlementId>,
+        limit: usize,
+    ) -> Result<headroom::store::EventsPage, headroom::store::StoreError> {
+        self.inner.events_page(from, of, limit).await
+    }
     async fn denied_page(
         &self,
         since: i64,

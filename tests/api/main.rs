@@ -11,6 +11,7 @@ mod fuzz;
 mod grafana;
 mod helpers;
 mod http;
+mod listing;
 mod nodes;
 mod ops;
 mod pages;

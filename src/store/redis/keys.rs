@@ -184,6 +184,12 @@ impl Keys {
         self.bucket(bucket, "report:denied")
     }
 
+    /// Every configured entitlement of the bucket, by id (`GET
+    /// /v1/entitlements`).
+    pub fn entitlement_index(&self, bucket: usize) -> String {
+        self.bucket(bucket, "entitlements")
+    }
+
     /// The layout record: the bucket count the data was written with.
     pub fn meta(&self) -> String {
         format!("{}:meta", self.prefix)
@@ -303,6 +309,7 @@ mod tests {
             keys.overdraft_totals(b),
             keys.overdraft_index(b),
             keys.denied_index(b),
+            keys.entitlement_index(b),
         ] {
             assert_eq!(slot(k.as_bytes()), bucket_slot, "{k}");
         }

@@ -17,6 +17,7 @@ mod layout;
 mod link;
 mod reachability;
 mod reads;
+mod stream;
 mod scripts;
 
 pub use keys::{DEFAULT_BUCKETS, Keys, MAX_BUCKETS};
@@ -34,7 +35,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use self::committer::{CommitterCore, GRACE, Queued, Work, committer};
 use super::{
-    Commit, CommitOutcome, Loaded, OverdraftCounts, Peeked, Store, StoreError, StoreSettings,
+    Commit, CommitOutcome, EventsFrom, EventsPage, Loaded, OverdraftCounts, Peeked, Store,
+    StoreError, StoreSettings,
 };
 use crate::domain::{BucketRecord, BucketSize, EntitlementId};
 
@@ -270,6 +272,23 @@ impl Store for RedisStore {
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         self.read_overdraft_page(after, limit).await
+    }
+
+    async fn entitlement_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read_entitlement_page(after, limit).await
+    }
+
+    async fn events_page(
+        &self,
+        from: EventsFrom,
+        of: Option<&EntitlementId>,
+        limit: usize,
+    ) -> Result<EventsPage, StoreError> {
+        self.read_events_page(from, of, limit).await
     }
 
     async fn denied_page(

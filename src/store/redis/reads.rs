@@ -169,7 +169,7 @@ impl RedisStore {
     }
 
     /// Runs `cmds` (each naming one key, or none), one reply each.
-    async fn read_each(
+    pub(super) async fn read_each(
         &self,
         op: &'static str,
         cmds: Vec<redis::Cmd>,
@@ -223,8 +223,32 @@ impl RedisStore {
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let keys = &self.core.keys;
+        self.read_index_page("overdraft report", |b| keys.overdraft_index(b), after, limit)
+            .await
+    }
+
+    pub(super) async fn read_entitlement_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let keys = &self.core.keys;
+        self.read_index_page("entitlement list", |b| keys.entitlement_index(b), after, limit)
+            .await
+    }
+
+    /// Ids after `after` in the union of the buckets' id indexes (sorted
+    /// sets of score 0, read by id), `index(b)` naming bucket `b`'s.
+    async fn read_index_page(
+        &self,
+        op: &'static str,
+        index: impl Fn(usize) -> String,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
         let after = after.map(str::to_string);
-        merge_buckets(keys.buckets(), limit, after, |wanted, count| async move {
+        let index = &index;
+        merge_buckets(self.core.keys.buckets(), limit, after, |wanted, count| async move {
             let cmds = wanted
                 .iter()
                 .map(|(b, after)| {
@@ -232,7 +256,7 @@ impl RedisStore {
                         .as_ref()
                         .map_or_else(|| "-".to_string(), |a| format!("({a}"));
                     redis::cmd("ZRANGE")
-                        .arg(keys.overdraft_index(*b))
+                        .arg(index(*b))
                         .arg(min)
                         .arg("+")
                         .arg("BYLEX")
@@ -242,12 +266,12 @@ impl RedisStore {
                         .clone()
                 })
                 .collect();
-            let replies = self.read_each("overdraft report", cmds).await?;
+            let replies = self.read_each(op, cmds).await?;
             replies
                 .into_iter()
                 .map(|v| {
                     let ids: Vec<String> = redis::from_redis_value(v)
-                        .map_err(|e| StoreError::reply("overdraft report", e.to_string()))?;
+                        .map_err(|e| StoreError::reply(op, e.to_string()))?;
                     let full = ids.len() >= count;
                     Ok((ids, full))
                 })

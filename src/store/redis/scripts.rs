@@ -30,7 +30,7 @@ pub(super) struct CommitLimits {
 ///
 /// A call carries groups of commits, one group per bucket. Its `KEYS` are,
 /// per group, the bucket's event stream, overdraft totals hash, overdraft
-/// report index and recent-denials index, then per commit of the group its
+/// report index, recent-denials index and entitlement index, then per commit of the group its
 /// epoch, state hash, seats hash, closed-periods list, the hour and day
 /// history hashes of each history write, and its idempotency keys.
 ///
@@ -195,7 +195,7 @@ pub(super) fn commit_call(
     commits: &[CommitArgs<'_>],
 ) -> redis::Cmd {
     let groups: Vec<&[CommitArgs<'_>]> = commits.chunk_by(|a, b| a.bucket == b.bucket).collect();
-    let nkeys: usize = 4 * groups.len() + commits.iter().map(CommitArgs::key_count).sum::<usize>();
+    let nkeys: usize = 5 * groups.len() + commits.iter().map(CommitArgs::key_count).sum::<usize>();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(sha).arg(nkeys);
     for group in &groups {
@@ -203,7 +203,8 @@ pub(super) fn commit_call(
         cmd.arg(keys.events(b))
             .arg(keys.overdraft_totals(b))
             .arg(keys.overdraft_index(b))
-            .arg(keys.denied_index(b));
+            .arg(keys.denied_index(b))
+            .arg(keys.entitlement_index(b));
         for c in *group {
             c.push_keys(keys, &mut cmd);
         }

@@ -2,10 +2,11 @@
 -- Applies the changes of several entitlements, each atomically and on its
 -- own: one entitlement's refusal (fenced, idempotency key used) leaves the
 -- others' writes alone. The commits come in groups, one per bucket, each
--- led by its bucket's shared keys (stream, totals, report indexes). On a
--- standalone Redis one call carries a whole pipeline of commits, so Redis
--- pays the script-call overhead once per round trip; on a Redis Cluster
--- one call carries one bucket's (one hash slot's) commits.
+-- led by its bucket's shared keys (stream, totals, report indexes, the
+-- entitlement index). On a standalone Redis one call carries a whole
+-- pipeline of commits, so Redis pays the script-call overhead once per
+-- round trip; on a Redis Cluster one call carries one bucket's (one hash
+-- slot's) commits.
 --
 -- KEYS, ARGV and the replies are laid out in scripts.rs (`CommitArgs`),
 -- the one encoder of this script's arguments; the reads below follow it
@@ -31,7 +32,7 @@ local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local c = 0
 for _ = 1, tonumber(ARGV[1]) do
-  local stream, totals, overdraft_index, denied_index = key(), key(), key(), key()
+  local stream, totals, overdraft_index, denied_index, index = key(), key(), key(), key(), key()
   for _ = 1, tonumber(arg()) do
     c = c + 1
     local epoch_key, state_key, seats_key, periods_key = key(), key(), key(), key()
@@ -162,6 +163,12 @@ for _ = 1, tonumber(ARGV[1]) do
           end
         elseif mode == 'delete' then
           redis.call('ZREM', denied_index, id)
+        end
+        -- The list of entitlements: written with each configuration (rare).
+        if mode == 'delete' then
+          redis.call('ZREM', index, id)
+        elseif config ~= '' then
+          redis.call('ZADD', index, 0, id)
         end
         out[c] = {'ok', epoch}
       end
