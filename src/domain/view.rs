@@ -1,15 +1,16 @@
-//! Read models of an entitlement, as `GET` answers them.
+//! Read models of an entitlement, as `GET` answers them (and as the
+//! command line reads them back: one definition for both).
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::{EntitlementConfig, Limit, Percent};
 use super::entitlement::{Entitlement, remaining};
 use super::ids::{EntitlementId, FeatureKey, SeatId};
 
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EntitlementView {
     pub id: EntitlementId,
     pub config: EntitlementConfig,
@@ -19,7 +20,7 @@ pub struct EntitlementView {
     pub features: BTreeMap<FeatureKey, FeatureView>,
 }
 
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SeatsView {
     pub in_use: u64,
     pub purchased: u64,
@@ -37,7 +38,7 @@ pub struct SeatsView {
     pub overdraft_denied: u64,
 }
 
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeatureView {
     pub used: u64,
     pub included: u64,
@@ -55,7 +56,7 @@ pub struct FeatureView {
     pub used_total: u64,
 }
 
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SeatView {
     pub seat_id: SeatId,
     pub activated_at: DateTime<Utc>,

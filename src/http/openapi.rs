@@ -396,6 +396,7 @@ fn unsigned(v: &mut serde_json::Value) {
 pub fn document_json() -> Result<String, serde_json::Error> {
     let mut doc = serde_json::to_value(document())?;
     unsigned(&mut doc);
+    events_by_type(&mut doc);
     if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
         for operation in paths
             .values_mut()
@@ -440,6 +441,83 @@ pub fn document_json() -> Result<String, serde_json::Error> {
     serde_json::to_string_pretty(&doc)
 }
 
+/// `EventData` is untagged, so utoipa documents it as one `oneOf` whose
+/// variants overlap (`{"in_use", "hard_cap"}` fits two). The event's
+/// `type` says which it is: `CloudEvent` becomes a `oneOf` over the event
+/// types (discriminated by `type`), each with its own `data` schema
+/// (`SeatDeniedData`, …: exactly the fields written, nothing more).
+fn events_by_type(doc: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let variants = match schemas.remove("EventData") {
+        Some(Value::Object(mut data)) => match data.remove("oneOf") {
+            Some(Value::Array(v)) => v,
+            _ => return,
+        },
+        _ => return,
+    };
+    let Some(Value::Object(mut base)) = schemas.remove("CloudEvent") else {
+        return;
+    };
+    if let Some(props) = base.get_mut("properties").and_then(Value::as_object_mut) {
+        props.remove("data");
+        props.remove("type");
+    }
+    base.insert("description".into(), json!("What every event has in common."));
+    schemas.insert("CloudEventBase".into(), Value::Object(base));
+    let mut one_of = Vec::new();
+    let mut mapping = serde_json::Map::new();
+    for (kind, mut data) in crate::domain::EVENT_KINDS.iter().zip(variants) {
+        let name: String = kind
+            .split(['.', '_'])
+            .map(|w| {
+                let mut c = w.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect();
+        if let Some(d) = data.as_object_mut() {
+            d.insert("additionalProperties".into(), Value::Bool(false));
+            d.insert("description".into(), json!(format!("The `data` of `{kind}`.")));
+        }
+        schemas.insert(format!("{name}Data"), data);
+        let event = json!({
+            "description": format!("A `{kind}` event."),
+            "allOf": [
+                {"$ref": "#/components/schemas/CloudEventBase"},
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"const": kind},
+                        "data": {"$ref": format!("#/components/schemas/{name}Data")},
+                    },
+                    "required": ["type", "data"],
+                },
+            ],
+        });
+        schemas.insert(format!("{name}Event"), event);
+        let reference = format!("#/components/schemas/{name}Event");
+        one_of.push(json!({"$ref": reference}));
+        mapping.insert(kind.to_string(), Value::String(reference));
+    }
+    schemas.insert(
+        "CloudEvent".into(),
+        json!({
+            "description": "An event as the stream and the webhooks carry it: a CloudEvents 1.0 \
+                document (`Content-Type: application/cloudevents+json` on webhooks), its `data` \
+                by its `type`.",
+            "oneOf": one_of,
+            "discriminator": {"propertyName": "type", "mapping": mapping},
+        }),
+    );
+}
+
 static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     document_json()
         .unwrap_or_else(|e| format!("{{\"error\": \"the document could not be encoded: {e}\"}}"))
@@ -478,6 +556,33 @@ mod tests {
             .flat_map(|(p, ms)| ms.iter().map(move |m| format!("{m} {p}")))
             .collect();
         assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn each_event_type_has_its_data_schema() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&document_json().expect("json")).expect("json");
+        let schemas = &doc["components"]["schemas"];
+        assert!(schemas.get("EventData").is_none());
+        let mapping = schemas["CloudEvent"]["discriminator"]["mapping"]
+            .as_object()
+            .expect("mapping");
+        assert_eq!(mapping.len(), crate::domain::EVENT_KINDS.len());
+        // The variants were matched to the types by order: a few of each
+        // kind's own fields say the order held.
+        for (data, field) in [
+            ("SeatDeniedData", "seat_id"),
+            ("SeatExpiredData", "lease_expired_at"),
+            ("UsageThresholdCrossedData", "threshold"),
+            ("UsagePeriodClosedData", "overage"),
+            ("EntitlementUpdatedData", "created"),
+        ] {
+            assert!(schemas[data]["properties"].get(field).is_some(), "{data}");
+        }
+        assert_eq!(
+            schemas["EntitlementDeletedData"]["additionalProperties"],
+            false
+        );
     }
 
     #[test]
