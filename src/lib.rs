@@ -64,6 +64,7 @@
 //!   dispatcher (stream reader, delivery workers, retry schedule) in
 //!   `webhooks/dispatch/`.
 
+pub mod cli;
 pub mod domain;
 pub mod engine;
 pub mod flags;

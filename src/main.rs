@@ -8,22 +8,33 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use headroom::settings::Settings;
 use headroom::startup::Application;
 
-/// Errors end the process with one line on stderr that names the setting
+/// `headroom` alone, or `headroom serve`, runs the tracker; the other
+/// commands (`headroom entitlements get …`, `src/cli`) talk to one. Errors
+/// end the process with one line on stderr that names the setting
 /// concerned (status 2 for a bad setting, 1 when the tracker cannot start).
-#[actix_web::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     headroom::tls::install_crypto_provider();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if headroom::cli::is_client(&args) {
+        return headroom::cli::main(args);
+    }
+    // `headroom serve …` is `headroom …`.
+    if args.get(1).is_some_and(|a| a == "serve") {
+        args.remove(1);
+    }
+    let settings = Settings::from_args_or_exit(args);
     // An idle worker gives the memory it freed back (RELIABILITY.md, "Scale").
     headroom::telemetry::set_memory_trim(|| {
         // SAFETY: mi_collect only walks this thread's own heap and the arenas.
         unsafe { libmimalloc_sys::mi_collect(true) }
     });
-    let settings = Settings::from_env_or_exit();
     headroom::telemetry::init_logging(settings.log_json);
-    let served = match Application::build(settings).await {
-        Ok(app) => app.run_until_stopped().await,
-        Err(e) => Err(e),
-    };
+    let served = actix_web::rt::System::new().block_on(async move {
+        match Application::build(settings).await {
+            Ok(app) => app.run_until_stopped().await,
+            Err(e) => Err(e),
+        }
+    });
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -16,7 +16,10 @@ use crate::webhooks::WebhookSettings;
 #[command(
     name = "headroom",
     version,
-    about = "Seat and metered-usage tracker with overdraft and hard caps"
+    about = "Seat and metered-usage tracker with overdraft and hard caps",
+    after_help = "Runs the tracker (also `headroom serve`). The other commands talk to a running \
+        tracker: headroom entitlements|seats|usage|reports|history|periods|webhooks|events|\
+        openapi|completions|man (`headroom entitlements --help`, `man headroom`)."
 )]
 pub struct Settings {
     #[command(flatten)]
@@ -48,8 +51,16 @@ impl Settings {
     /// and the process exits with status 2; `--help` and `--version` print
     /// and exit as usual.
     pub fn from_env_or_exit() -> Settings {
+        Settings::from_args_or_exit(std::env::args_os())
+    }
+
+    /// [`Settings::from_env_or_exit`] from these arguments (program name
+    /// first).
+    pub fn from_args_or_exit(
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+    ) -> Settings {
         use clap::error::ErrorKind;
-        let parsed = Settings::try_parse().map_err(|e| match e.kind() {
+        let parsed = Settings::try_parse_from(args).map_err(|e| match e.kind() {
             ErrorKind::DisplayHelp
             | ErrorKind::DisplayVersion
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),

@@ -468,7 +468,10 @@ fn events_by_type(doc: &mut serde_json::Value) {
         props.remove("data");
         props.remove("type");
     }
-    base.insert("description".into(), json!("What every event has in common."));
+    base.insert(
+        "description".into(),
+        json!("What every event has in common."),
+    );
     schemas.insert("CloudEventBase".into(), Value::Object(base));
     let mut one_of = Vec::new();
     let mut mapping = serde_json::Map::new();
@@ -484,7 +487,10 @@ fn events_by_type(doc: &mut serde_json::Value) {
             .collect();
         if let Some(d) = data.as_object_mut() {
             d.insert("additionalProperties".into(), Value::Bool(false));
-            d.insert("description".into(), json!(format!("The `data` of `{kind}`.")));
+            d.insert(
+                "description".into(),
+                json!(format!("The `data` of `{kind}`.")),
+            );
         }
         schemas.insert(format!("{name}Data"), data);
         let event = json!({

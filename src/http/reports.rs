@@ -293,7 +293,10 @@ pub async fn list_entitlements(
         Some(Some(_)) => return Err(invalid("cursor", "the cursor is of a report")),
         Some(None) => return Err(invalid("cursor", "malformed cursor")),
     };
-    let page = state.engine.entitlement_page(after.as_deref(), limit).await?;
+    let page = state
+        .engine
+        .entitlement_page(after.as_deref(), limit)
+        .await?;
     Ok(HttpResponse::build(StatusCode::OK).json(EntitlementList {
         items: page.views,
         next_cursor: page.next_after.map(|id| Cursor::Listed(id).encode()),

@@ -61,13 +61,20 @@ pub(crate) async fn the_list_holds_every_configured_entitlement_once_in_id_order
 async fn list_scenario(app: &TestApp) {
     let ids: Vec<String> = (0..230).map(|i| format!("list-{i:03}")).collect();
     join_all(ids.iter().map(|id| async move {
-        let (status, body) = app.put(id, r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#).await;
+        let (status, body) = app
+            .put(id, r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#)
+            .await;
         assert_eq!(status, 201, "{body}");
     }))
     .await;
     for id in ids.iter().skip(200) {
         let (status, _) = app
-            .send(Method::DELETE, &format!("/v1/entitlements/{id}"), Some(ADMIN), None)
+            .send(
+                Method::DELETE,
+                &format!("/v1/entitlements/{id}"),
+                Some(ADMIN),
+                None,
+            )
             .await;
         assert_eq!(status, 204);
     }
@@ -79,7 +86,10 @@ async fn list_scenario(app: &TestApp) {
     }
     let (_, first) = app.read("/v1/entitlements?limit=10", ADMIN).await;
     let (_, one) = app.get("list-007").await;
-    assert_eq!(first["items"][7], one, "a listed entitlement as GET shows it");
+    assert_eq!(
+        first["items"][7], one,
+        "a listed entitlement as GET shows it"
+    );
     assert_eq!(first["items"][7]["seats"]["in_use"], 1);
     // Bad input changes nothing and says which parameter.
     for (query, field) in [
@@ -165,7 +175,9 @@ async fn events_scenario(app: &TestApp) {
     let done: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let writes = async {
         join_all(ids.iter().map(|id| async move {
-            let (status, body) = app.put(id, r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#).await;
+            let (status, body) = app
+                .put(id, r#"{"seats": {"purchased": 1, "hard_cap": 2}}"#)
+                .await;
             assert_eq!(status, 201, "{body}");
             for seat in ["a", "b", "c", "d"] {
                 app.activate(id, seat).await;
@@ -217,7 +229,10 @@ async fn events_scenario(app: &TestApp) {
     assert_eq!(per.len(), ids.len(), "every entitlement's events");
     for (entitlement, seqs) in &per {
         let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
-        assert_eq!(seqs, &expected, "{entitlement}'s events in order, none missing");
+        assert_eq!(
+            seqs, &expected,
+            "{entitlement}'s events in order, none missing"
+        );
         assert!(seqs.len() >= 4, "{entitlement}: {seqs:?}");
     }
     // Started before the writes, `from=now` reads the same, in the same order.

@@ -17,8 +17,8 @@ mod layout;
 mod link;
 mod reachability;
 mod reads;
-mod stream;
 mod scripts;
+mod stream;
 
 pub use keys::{DEFAULT_BUCKETS, Keys, MAX_BUCKETS};
 pub use link::Link;

@@ -223,8 +223,13 @@ impl RedisStore {
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let keys = &self.core.keys;
-        self.read_index_page("overdraft report", |b| keys.overdraft_index(b), after, limit)
-            .await
+        self.read_index_page(
+            "overdraft report",
+            |b| keys.overdraft_index(b),
+            after,
+            limit,
+        )
+        .await
     }
 
     pub(super) async fn read_entitlement_page(
@@ -233,8 +238,13 @@ impl RedisStore {
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let keys = &self.core.keys;
-        self.read_index_page("entitlement list", |b| keys.entitlement_index(b), after, limit)
-            .await
+        self.read_index_page(
+            "entitlement list",
+            |b| keys.entitlement_index(b),
+            after,
+            limit,
+        )
+        .await
     }
 
     /// Ids after `after` in the union of the buckets' id indexes (sorted
@@ -248,35 +258,40 @@ impl RedisStore {
     ) -> Result<Vec<String>, StoreError> {
         let after = after.map(str::to_string);
         let index = &index;
-        merge_buckets(self.core.keys.buckets(), limit, after, |wanted, count| async move {
-            let cmds = wanted
-                .iter()
-                .map(|(b, after)| {
-                    let min = after
-                        .as_ref()
-                        .map_or_else(|| "-".to_string(), |a| format!("({a}"));
-                    redis::cmd("ZRANGE")
-                        .arg(index(*b))
-                        .arg(min)
-                        .arg("+")
-                        .arg("BYLEX")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(count)
-                        .clone()
-                })
-                .collect();
-            let replies = self.read_each(op, cmds).await?;
-            replies
-                .into_iter()
-                .map(|v| {
-                    let ids: Vec<String> = redis::from_redis_value(v)
-                        .map_err(|e| StoreError::reply(op, e.to_string()))?;
-                    let full = ids.len() >= count;
-                    Ok((ids, full))
-                })
-                .collect()
-        })
+        merge_buckets(
+            self.core.keys.buckets(),
+            limit,
+            after,
+            |wanted, count| async move {
+                let cmds = wanted
+                    .iter()
+                    .map(|(b, after)| {
+                        let min = after
+                            .as_ref()
+                            .map_or_else(|| "-".to_string(), |a| format!("({a}"));
+                        redis::cmd("ZRANGE")
+                            .arg(index(*b))
+                            .arg(min)
+                            .arg("+")
+                            .arg("BYLEX")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(count)
+                            .clone()
+                    })
+                    .collect();
+                let replies = self.read_each(op, cmds).await?;
+                replies
+                    .into_iter()
+                    .map(|v| {
+                        let ids: Vec<String> = redis::from_redis_value(v)
+                            .map_err(|e| StoreError::reply(op, e.to_string()))?;
+                        let full = ids.len() >= count;
+                        Ok((ids, full))
+                    })
+                    .collect()
+            },
+        )
         .await
     }
 

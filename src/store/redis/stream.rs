@@ -76,10 +76,7 @@ impl RedisStore {
             more |= full;
             let this = match entries.last() {
                 Some(last) if full => last.pos.next(),
-                _ => StreamPos {
-                    ms: clock,
-                    seq: 0,
-                },
+                _ => StreamPos { ms: clock, seq: 0 },
             };
             bound = Some(bound.map_or(this, |m| m.min(this)));
             read.extend(entries.into_iter().map(|e| (e.pos, b, e)));
