@@ -921,14 +921,17 @@ async fn the_console_pages_and_exports_ten_thousand_entitlements_in_overdraft() 
 #[actix_rt::test]
 async fn the_history_export_has_a_row_per_bucket() {
     let redis = RedisServer::start();
-    let clock = manual_clock("2026-11-02T10:30:00Z");
+    // Yesterday: Redis expires hourly buckets 35 days after their hour by
+    // its own clock, so a fixed date would be gone once it is that old.
+    let day = (chrono::Utc::now() - Duration::days(1)).format("%Y-%m-%d");
+    let clock = manual_clock(&format!("{day}T10:30:00Z"));
     let app = app_on(redis_store(&redis, "hcsv"), &clock, pages(KEY_1)).await;
     let http = browser();
     app.put("acme", CONFIG).await;
     for s in ["a", "b", "c"] {
         assert_eq!(app.activate("acme", s).await.0, 200);
     }
-    clock.set("2026-11-02T12:15:00Z".parse().expect("time"));
+    clock.set(format!("{day}T12:15:00Z").parse().expect("time"));
     assert_eq!(
         app.usage("acme", r#"{"feature": "api", "amount": 7}"#)
             .await
@@ -945,18 +948,20 @@ async fn the_history_export_has_a_row_per_bucket() {
     let csv = get(
         &http,
         &app,
-        "/console/e/acme/history.csv?bucket=hour&from=2026-11-02T09:00:00Z&to=2026-11-02T13:00:00Z",
+        &format!("/console/e/acme/history.csv?bucket=hour&from={day}T09:00:00Z&to={day}T13:00:00Z"),
         Some(&session),
     )
     .await;
     assert_eq!(csv.status, 200, "{}", csv.body);
     assert_eq!(
         csv.body,
-        "bucket_start,bucket_end,seats_peak,seats_denied,api_used,api_denied\n\
-         2026-11-02T09:00:00.000Z,2026-11-02T10:00:00.000Z,0,0,0,0\n\
-         2026-11-02T10:00:00.000Z,2026-11-02T11:00:00.000Z,3,0,0,0\n\
-         2026-11-02T11:00:00.000Z,2026-11-02T12:00:00.000Z,3,0,0,0\n\
-         2026-11-02T12:00:00.000Z,2026-11-02T13:00:00.000Z,3,0,7,1\n"
+        format!(
+            "bucket_start,bucket_end,seats_peak,seats_denied,api_used,api_denied\n\
+             {day}T09:00:00.000Z,{day}T10:00:00.000Z,0,0,0,0\n\
+             {day}T10:00:00.000Z,{day}T11:00:00.000Z,3,0,0,0\n\
+             {day}T11:00:00.000Z,{day}T12:00:00.000Z,3,0,0,0\n\
+             {day}T12:00:00.000Z,{day}T13:00:00.000Z,3,0,7,1\n"
+        )
     );
     for bad in [
         "/console/e/acme/history.csv?bucket=week",
