@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-use crate::domain::{EntitlementConfig, EntitlementView, SeatDecision, UsageDecision};
+use crate::domain::{EntitlementConfig, EntitlementView};
 
 /// The first arguments that make `headroom` a client rather than the server.
 pub const COMMANDS: &[&str] = &[
@@ -268,6 +268,10 @@ pub enum CliError {
     },
     #[error("{0}")]
     Answered(Answer),
+    /// A seat or usage call denied: its decision, already printed in a
+    /// table; the problem's body for `-o json`.
+    #[error("denied")]
+    Denied { body: String },
     #[error("{0}")]
     Other(String),
 }
@@ -277,6 +281,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::Unreachable { .. } | CliError::Other(_) => 1,
+            CliError::Denied { .. } => 4,
             CliError::Answered(a) => match a.status.as_u16() {
                 400 | 413 | 415 | 422 => 2,
                 404 => 3,
@@ -343,10 +348,15 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // A refused call's body is what a script reads: printed as is.
-            if let (true, CliError::Answered(a)) = (json, &e) {
-                println!("{}", a.body);
+            match (&e, json) {
+                (CliError::Answered(a), true) => println!("{}", a.body),
+                (CliError::Denied { body }, true) => println!("{body}"),
+                _ => {}
             }
-            eprintln!("headroom: {e}");
+            // A denial's decision is its message, printed already.
+            if !matches!(e, CliError::Denied { .. }) {
+                eprintln!("headroom: {e}");
+            }
             ExitCode::from(e.code())
         }
     }
@@ -430,6 +440,31 @@ impl Api {
         }
     }
 
+    /// A seat or usage call: the decision's body and whether it was a
+    /// denial (a 429 problem carrying the decision; a 429 without one, a
+    /// rate limit, stays an error).
+    async fn decide(&self, method: Method, path: &str, body: Option<String>) -> Result<Decided> {
+        match self.send(method, path, body, &[]).await {
+            Ok(reply) => Ok(Decided {
+                decision: reply.body,
+                denied: None,
+            }),
+            Err(CliError::Answered(a)) if a.status == StatusCode::TOO_MANY_REQUESTS => {
+                match serde_json::from_str::<Value>(&a.body)
+                    .ok()
+                    .and_then(|p| p.get("decision").filter(|d| d.is_object()).cloned())
+                {
+                    Some(decision) => Ok(Decided {
+                        decision: decision.to_string(),
+                        denied: Some(a.body),
+                    }),
+                    None => Err(CliError::Answered(a)),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn get(&self, path: &str) -> Result<Reply> {
         self.send(Method::GET, path, None, &[]).await
     }
@@ -450,6 +485,41 @@ impl Api {
                 None => return Ok(()),
             }
         }
+    }
+}
+
+/// What a seat or usage call decided.
+struct Decided {
+    /// The decision (the body of a grant, the `decision` of a denial).
+    decision: String,
+    /// A denial's whole body (the problem).
+    denied: Option<String>,
+}
+
+impl Decided {
+    /// Prints the decision (the API's body for `-o json`, else `table`
+    /// given the decision read); a denial becomes exit code 4.
+    fn finish<T: serde::de::DeserializeOwned>(
+        self,
+        json: bool,
+        table: impl FnOnce(&T),
+    ) -> Result<()> {
+        match (json, self.denied) {
+            (true, Some(body)) => return Err(CliError::Denied { body }),
+            (true, None) => println!("{}", self.decision),
+            (false, denied) => {
+                let d = serde_json::from_str::<T>(&self.decision).map_err(|e| {
+                    CliError::Other(format!(
+                        "the tracker's answer is not what this version reads: {e}"
+                    ))
+                })?;
+                table(&d);
+                if let Some(body) = denied {
+                    return Err(CliError::Denied { body });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -498,20 +568,13 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(k) = idempotency_key {
                 body["idempotency_key"] = Value::String(k);
             }
-            let reply = api
-                .send(
-                    Method::POST,
-                    &format!("/v1/entitlements/{}/usage", enc(&entitlement)),
-                    Some(body.to_string()),
-                    &[],
-                )
-                .await?;
-            if json {
-                print_body(&reply);
-            } else {
-                output::usage_decision(&reply.parse::<UsageDecision>()?);
-            }
-            Ok(())
+            api.decide(
+                Method::POST,
+                &format!("/v1/entitlements/{}/usage", enc(&entitlement)),
+                Some(body.to_string()),
+            )
+            .await?
+            .finish(json, output::usage_decision)
         }
         Command::Reports(Reports::Overdraft {
             denied_recently,
@@ -716,11 +779,15 @@ async fn seats(api: &Api, c: Seats, json: bool) -> Result<()> {
                 enc(&entitlement),
                 enc(&seat)
             );
+            if activate {
+                return api
+                    .decide(method, &path, None)
+                    .await?
+                    .finish(json, output::seat_decision);
+            }
             let reply = api.send(method, &path, None, &[]).await?;
             if json {
                 println!("{}", reply.body);
-            } else if activate {
-                output::seat_decision(&reply.parse::<SeatDecision>()?);
             } else {
                 output::release(&reply.json()?);
             }

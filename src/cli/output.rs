@@ -127,7 +127,10 @@ pub(super) fn entitlement_list(views: &[EntitlementView]) {
 }
 
 pub(super) fn seat_decision(d: &SeatDecision) {
-    let reason = d.reason.map(|r| format!(" ({r:?})")).unwrap_or_default();
+    let reason = d
+        .reason
+        .map(|r| format!(" ({})", r.as_str().replace('_', " ")))
+        .unwrap_or_default();
     println!(
         "{} {}{reason}: {} in use, {} purchased, hard cap {}{}",
         d.seat_id,
@@ -140,7 +143,10 @@ pub(super) fn seat_decision(d: &SeatDecision) {
 }
 
 pub(super) fn usage_decision(d: &UsageDecision) {
-    let reason = d.reason.map(|r| format!(" ({r:?})")).unwrap_or_default();
+    let reason = d
+        .reason
+        .map(|r| format!(" ({})", r.as_str().replace('_', " ")))
+        .unwrap_or_default();
     println!(
         "{} +{} {}{reason}: {} used, {} included, hard cap {}",
         d.feature,

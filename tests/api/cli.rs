@@ -117,6 +117,12 @@ async fn the_command_line_does_the_everyday_tasks_against_a_tracker() {
     );
     assert_eq!(code(&denied), 4);
     assert_eq!(json(&text(&denied))["decision"]["outcome"], "denied");
+    // In a table the denial is the decision, like a grant, on stdout.
+    let denied = run(&tracker, &["seats", "activate", "demo", "eve"], 4);
+    assert_eq!(
+        denied.trim(),
+        "eve denied (hard cap): 4 in use, 3 purchased, hard cap 4"
+    );
     let listed = json(&run(&tracker, &["seats", "list", "demo", "-o", "json"], 0));
     assert_eq!(listed["seats"].as_array().expect("seats").len(), 4);
     assert!(run(&tracker, &["seats", "release", "demo", "ann"], 0).contains("released"));
@@ -205,7 +211,12 @@ async fn the_command_line_does_the_everyday_tasks_against_a_tracker() {
         .lines()
         .map(|l| json(l)["type"].as_str().expect("type").to_string())
         .collect();
-    assert_eq!(kinds, ["seat.denied", "usage.denied"], "{out}");
+    // eve twice (in JSON, then in a table), then the usage denial.
+    assert_eq!(
+        kinds,
+        ["seat.denied", "seat.denied", "usage.denied"],
+        "{out}"
+    );
     let out = run(
         &tracker,
         &[

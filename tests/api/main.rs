@@ -4,6 +4,7 @@
 mod bad_input;
 mod browser;
 mod cli;
+mod clients;
 mod cluster;
 mod contract;
 mod engine;
