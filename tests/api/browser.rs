@@ -210,6 +210,16 @@ fn numbers(values: impl Iterator<Item = u64>) -> Value {
     Value::from(values.collect::<Vec<_>>())
 }
 
+/// The scripted day: the day before yesterday (UTC), so that its 30 hours
+/// end before now and its hourly buckets are inside Redis's retention (a
+/// fixed date's would expire 35 days on, by Redis's own clock).
+fn script_day() -> DateTime<Utc> {
+    use chrono::DurationRound;
+    (Utc::now() - Duration::days(2))
+        .duration_trunc(Duration::days(1))
+        .expect("truncate")
+}
+
 /// The scripted customer: 100 seats purchased, a hard cap of 120; 117 in
 /// use at 08:10, 120 at 09:10 and the 121st denied, 110 from 09:40; `api_calls` (1,000 a
 /// day, cap 1,200, thresholds 50/80/100 %) crossing each threshold, going
@@ -263,7 +273,7 @@ async fn scripted(app: &TestApp, clock: &headroom::engine::ManualClock, day: Dat
 #[actix_rt::test]
 async fn the_customers_page_draws_the_apis_numbers_in_chromium() {
     let redis = RedisServer::start();
-    let day: DateTime<Utc> = "2026-11-10T00:00:00Z".parse().expect("day");
+    let day = script_day();
     let clock = manual_clock(&day.to_rfc3339());
     let app = app_on(redis_store(&redis, "browser"), &clock, pages(KEY_1)).await;
     scripted(&app, &clock, day).await;
@@ -348,8 +358,10 @@ async fn the_customers_page_draws_the_apis_numbers_in_chromium() {
         period_row,
         [
             "api_calls",
-            "2026-11-10 00:00 UTC",
-            "2026-11-11 00:00 UTC",
+            &day.format("%Y-%m-%d 00:00 UTC").to_string(),
+            &(day + Duration::days(1))
+                .format("%Y-%m-%d 00:00 UTC")
+                .to_string(),
             "1100",
             "1000",
             "100",
@@ -395,7 +407,7 @@ async fn the_customers_page_draws_the_apis_numbers_in_chromium() {
 #[actix_rt::test]
 async fn the_console_lists_and_shows_the_customer_in_chromium() {
     let redis = RedisServer::start();
-    let day: DateTime<Utc> = "2026-11-10T00:00:00Z".parse().expect("day");
+    let day = script_day();
     let clock = manual_clock(&day.to_rfc3339());
     let app = app_on(redis_store(&redis, "console-browser"), &clock, pages(KEY_1)).await;
     scripted(&app, &clock, day).await;
