@@ -343,6 +343,22 @@ fn show_next_step(generated: &Generated, base: &str) {
              -d '{{\"seats\": {{\"purchased\": 2, \"hard_cap\": 3}}}}' && \
              curl -s -X POST {base}/v1/entitlements/demo/seats/alice -H 'Authorization: Bearer {client}'"
         );
+        // The program as it was started (`target/release/headroom` under
+        // `cargo run`), so that the line runs as printed.
+        let program = std::env::args_os()
+            .next()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "headroom".into());
+        let url = if base == "http://127.0.0.1:8080" {
+            String::new()
+        } else {
+            format!("HEADROOM_URL={base} ")
+        };
+        println!(
+            "or the command line: {url}HEADROOM_TOKEN={admin} {program} entitlements list \
+             ({program} --help lists its commands)"
+        );
+        println!("the API in a browser: {base}/docs/");
     }
 }
 

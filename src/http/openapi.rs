@@ -339,6 +339,27 @@ pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
+/// A summary taken from a handler's comment that begins by naming its
+/// route ("`GET /v1/events`: the events…"), without the route, which
+/// readers of the document see next to it already.
+fn without_route(summary: &mut serde_json::Value) {
+    let Some(text) = summary.as_str() else {
+        return;
+    };
+    let Some(rest) = text
+        .strip_prefix('`')
+        .and_then(|t| t.split_once("`: "))
+        .filter(|(route, _)| route.contains(" /"))
+        .map(|(_, rest)| rest)
+    else {
+        return;
+    };
+    let mut chars = rest.chars();
+    if let Some(first) = chars.next() {
+        *summary = serde_json::Value::String(first.to_uppercase().chain(chars).collect());
+    }
+}
+
 /// A schema that utoipa wrote "T or null" for an `Option<T>`, as T.
 fn not_null(schema: &mut serde_json::Value) -> bool {
     if let Some(types) = schema.get_mut("type").and_then(|t| t.as_array_mut()) {
@@ -403,6 +424,9 @@ pub fn document_json() -> Result<String, serde_json::Error> {
             .filter_map(|i| i.as_object_mut())
             .flat_map(|i| i.values_mut())
         {
+            if let Some(summary) = operation.get_mut("summary") {
+                without_route(summary);
+            }
             if let Some(params) = operation
                 .get_mut("parameters")
                 .and_then(|p| p.as_array_mut())

@@ -106,6 +106,8 @@ pub const ROUTES: &[&str] = &[
     "/console/e/{id}/portal-links",
     "/console/e/{id}/revoke-links",
     "/assets/{hash}/{name}",
+    "/docs",
+    "/docs/{file:.*}",
     "/portal/{tail:.*}",
     "/console/{tail:.*}",
 ];

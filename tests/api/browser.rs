@@ -450,3 +450,58 @@ async fn the_console_lists_and_shows_the_customer_in_chromium() {
     screenshot(&url, "console-entitlement.png", 2600);
     app.stop().await;
 }
+
+/// `/docs` in Chromium: Swagger UI (embedded, nothing from a CDN) reads
+/// this server's `/openapi.json` and lists every operation of it, with no
+/// script error or content-security-policy violation.
+#[actix_rt::test]
+async fn the_docs_page_lists_every_operation_in_chromium() {
+    let tracker = TrackerProcess::start_in_memory().await;
+    let doc: Value = serde_json::from_str(
+        &headroom::http::openapi::document_json().expect("the document encodes"),
+    )
+    .expect("JSON");
+    let mut operations: Vec<String> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(path, item)| {
+            let methods = item.as_object().expect("path item").keys();
+            methods
+                .filter(|m| ["get", "put", "post", "delete", "patch"].contains(&m.as_str()))
+                .map(move |m| format!("{} {path}", m.to_uppercase()))
+        })
+        .collect();
+    operations.sort();
+
+    let url = format!("{}/docs", tracker.base);
+    let dom = load(&url);
+    let title = dom
+        .select(&Selector::parse("title").expect("selector"))
+        .next()
+        .map(|t| t.text().collect::<String>());
+    assert_eq!(title.as_deref(), Some("headroom API"));
+    let mut shown: Vec<String> = dom
+        .select(&Selector::parse(".opblock-summary").expect("selector"))
+        .map(|op| {
+            let part = |s: &str| {
+                op.select(&Selector::parse(s).expect("selector"))
+                    .next()
+                    .map(|e| {
+                        e.value()
+                            .attr("data-path")
+                            .map_or_else(|| e.text().collect(), str::to_string)
+                    })
+                    .unwrap_or_default()
+            };
+            format!(
+                "{} {}",
+                part(".opblock-summary-method"),
+                part(".opblock-summary-path")
+            )
+        })
+        .collect();
+    shown.sort();
+    assert_eq!(shown, operations, "the operations Swagger UI lists");
+    screenshot(&url, "docs.png", 1600);
+}

@@ -303,6 +303,20 @@ fn a_host_name_is_accepted_and_a_first_call_is_printed_with_the_generated_tokens
         next.contains(&format!(":{port}/v1/entitlements/")),
         "{next}"
     );
+    let cli = token("or the command line: ");
+    let base = next
+        .split_whitespace()
+        .find_map(|w| w.strip_suffix("/v1/entitlements/demo"))
+        .expect("the first call's address");
+    let program = env!("CARGO_BIN_EXE_headroom");
+    assert!(
+        cli.starts_with(&format!(
+            "HEADROOM_URL={base} HEADROOM_TOKEN={admin} {program} entitlements list"
+        )),
+        "{cli}"
+    );
+    let docs = token("the API in a browser: ");
+    assert_eq!(docs, format!("{base}/docs/"));
 }
 
 #[test]

@@ -98,8 +98,9 @@ pub struct PortalLinkAnswer {
     scope: LinkScope,
 }
 
-/// `POST /v1/entitlements/{id}/portal-links`: `{"scope", "ttl_seconds"}`,
-/// both optional → `201 {"url", "expires_at", "scope"}`.
+/// `POST /v1/entitlements/{id}/portal-links`: mints a link to the
+/// customer's usage page (`{"scope", "ttl_seconds"}`, both optional →
+/// `201 {"url", "expires_at", "scope"}`).
 #[utoipa::path(
     post,
     path = "/v1/entitlements/{id}/portal-links",
@@ -174,10 +175,10 @@ pub struct ConsoleLinkAnswer {
     expires_at: DateTime<Utc>,
 }
 
-/// `POST /v1/console-links`: `{"ttl_seconds"}` (optional) → `201 {"url",
-/// "expires_at"}`, a link that signs its holder in to the console as the
-/// admin token that asked (until that token is taken out of the
-/// configuration).
+/// `POST /v1/console-links`: mints a link that signs its holder in to the
+/// console as the admin token that asked, until that token is taken out
+/// of the configuration (`{"ttl_seconds"}`, optional → `201 {"url",
+/// "expires_at"}`).
 #[utoipa::path(
     post,
     path = "/v1/console-links",

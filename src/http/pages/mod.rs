@@ -8,6 +8,7 @@ mod assets;
 mod console;
 mod csv;
 mod data;
+mod docs;
 pub mod links;
 mod portal;
 pub mod sign;
@@ -267,6 +268,8 @@ pages! {
     "/console/e/{id}/portal-links" => { post => console::mint_link },
     "/console/e/{id}/revoke-links" => { post => console::revoke_links },
     "/assets/{hash}/{name}" => { get => assets::serve },
+    "/docs" => { get => docs::redirect },
+    "/docs/{file:.*}" => { get => docs::serve },
     "/portal/{tail:.*}" => { get => page_not_found },
     "/console/{tail:.*}" => { get => page_not_found },
 }
