@@ -17,16 +17,20 @@
 //!   `domain/config.rs`, the history a decision adds in `domain/history.rs`.
 //! - **The routes**: registered in `http::routes` (`http/mod.rs`); handlers
 //!   in `http/handlers.rs` (entitlements, seats, usage, batch, health,
-//!   metrics), `http/reports.rs` (report, history, periods) and
-//!   `http/webhooks.rs`; the caller's scope, path ids, queries and bounded
+//!   metrics), `http/reports.rs` (report, history, periods, the
+//!   entitlement list), `http/events.rs` (the event stream) and
+//!   `http/webhooks.rs`; the OpenAPI document is `http/openapi.rs` (from
+//!   the handlers' `utoipa::path` annotations); the caller's scope, path ids, queries and bounded
 //!   bodies are extractors in `http/extract.rs`; every error becomes
 //!   problem+json in `http/problem.rs`, the one table of status and `code`.
 //! - **The pages**: `http/pages/` — the customer's page (`portal.rs`), the
 //!   console (`console.rs`), what an entitlement's page shows (`data.rs`),
 //!   signed links, sessions and CSRF tokens (`sign.rs`), the link routes of
 //!   the API (`links.rs`), CSV exports (`csv.rs`), embedded assets
-//!   (`assets.rs`, uPlot vendored under `assets/uplot/`) and the askama
-//!   templates (`templates/`).
+//!   (`assets.rs`, uPlot vendored under `assets/uplot/`), the askama
+//!   templates (`templates/`) and `/docs` (`docs.rs`, Swagger UI).
+//! - **The command line**: `cli/` — `headroom <command>` as a client of
+//!   the HTTP API; `main.rs` chooses between it and the server.
 //! - **One call, end to end**: the handler calls [`engine::Engine`], which
 //!   finds the entitlement's actor in the registry (`engine/registry.rs`)
 //!   and sends it a typed request (`engine/actor/requests.rs`); the actor

@@ -19,7 +19,7 @@ use crate::webhooks::WebhookSettings;
     about = "Seat and metered-usage tracker with overdraft and hard caps",
     after_help = "Runs the tracker (also `headroom serve`). The other commands talk to a running \
         tracker: headroom entitlements|seats|usage|reports|history|periods|webhooks|events|\
-        openapi|completions|man (`headroom entitlements --help`, `man headroom`)."
+        openapi|completions|man (`headroom help` describes them, `man headroom`)."
 )]
 pub struct Settings {
     #[command(flatten)]

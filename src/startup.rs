@@ -356,7 +356,7 @@ fn show_next_step(generated: &Generated, base: &str) {
         };
         println!(
             "or the command line: {url}HEADROOM_TOKEN={admin} {program} entitlements list \
-             ({program} --help lists its commands)"
+             ({program} help lists its commands)"
         );
         println!("the API in a browser: {base}/docs/");
     }

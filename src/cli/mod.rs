@@ -40,6 +40,8 @@ pub const COMMANDS: &[&str] = &[
     "openapi",
     "completions",
     "man",
+    // clap's own: the command line's help, every command listed.
+    "help",
 ];
 
 /// Whether these arguments (the program's, name first) ask for a client
@@ -879,7 +881,10 @@ async fn tail(
             None => format!("/v1/events?limit=1000&from=now{filters}"),
         };
         let page = api.get(&path).await?.json()?;
-        let events = page["events"].as_array().cloned().unwrap_or_default();
+        let events = page["events"]
+            .as_array()
+            .cloned()
+            .ok_or_else(|| CliError::Other("the tracker's event page has no events list".into()))?;
         for e in &events {
             if json {
                 println!("{e}");

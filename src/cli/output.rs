@@ -48,7 +48,11 @@ fn outcome(o: Outcome) -> &'static str {
 pub(super) fn entitlement(v: &EntitlementView) {
     let s = &v.seats;
     let since = |t: Option<chrono::DateTime<chrono::Utc>>| {
-        t.map_or_else(|| "-".to_string(), |t| t.to_rfc3339())
+        t.map_or_else(
+            || "-".to_string(),
+            // As the API writes times (and the report's rows show them).
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
     };
     let mut rows = vec![vec![
         "seats".to_string(),
@@ -82,7 +86,7 @@ pub(super) fn entitlement(v: &EntitlementView) {
             "PURCHASED",
             "HARD CAP",
             "OVERDRAFT",
-            "SINCE",
+            "OVERDRAFT SINCE",
             "DENIED",
         ],
         &rows,

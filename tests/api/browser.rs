@@ -503,5 +503,5 @@ async fn the_docs_page_lists_every_operation_in_chromium() {
         .collect();
     shown.sort();
     assert_eq!(shown, operations, "the operations Swagger UI lists");
-    screenshot(&url, "docs.png", 1600);
+    screenshot(&url, "docs.png", 900);
 }

@@ -361,5 +361,17 @@ fn the_command_line_prints_its_document_completions_and_man_page() {
     assert_eq!(page, committed, "packaging/headroom.1 is stale");
     // `headroom --help` (the server's) points to the commands.
     let out = Command::new(bin).arg("--help").output().expect("run");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("headroom entitlements"));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("headroom entitlements"), "{help}");
+    assert!(help.contains("`headroom help`"), "{help}");
+    // `headroom help` is the command line's: every command, listed.
+    let out = Command::new(bin).arg("help").output().expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for command in headroom::cli::COMMANDS {
+        assert!(
+            help.contains(&format!("\n  {command} ")),
+            "{command}: {help}"
+        );
+    }
 }

@@ -78,6 +78,75 @@ async fn the_readme_walkthrough_works_verbatim_on_the_in_memory_tracker() {
     );
 }
 
+/// The first ```` ```text ```` block after `<!-- {name}:end -->` in `file`:
+/// what the guide says the block prints, blanks folded as [`run_block`]
+/// folds them.
+fn printed_after(file: &str, name: &str) -> Vec<String> {
+    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let end = text
+        .find(&format!("<!-- {name}:end -->"))
+        .expect("end marker");
+    let start = text[end..].find("```text\n").expect("what it prints") + end + 8;
+    let stop = text[start..].find("```").expect("block end") + start;
+    text[start..stop]
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// Times (RFC 3339, as the API and the command line write them) as `TIME`:
+/// they differ from run to run.
+fn timeless(lines: &[String]) -> Vec<String> {
+    let time = |w: &str| {
+        w.len() >= 20
+            && w.as_bytes()[4] == b'-'
+            && w.as_bytes()[10] == b'T'
+            && w.ends_with('Z')
+            && w[..4].bytes().all(|b| b.is_ascii_digit())
+    };
+    lines
+        .iter()
+        .map(|l| {
+            l.split(' ')
+                .map(|w| if time(w) { "TIME" } else { w })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// The README's command-line block, after its walk-through, with the
+/// binary on `PATH` as the README says: what the README shows it print,
+/// times aside, twice.
+#[actix_rt::test]
+async fn the_readme_command_line_block_works_verbatim_after_the_walkthrough() {
+    let tracker = TrackerProcess::start_in_memory().await;
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_headroom"))
+        .parent()
+        .expect("the binary's directory");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let walkthrough = block("README.md", "walkthrough", "sh");
+    let cli = block("README.md", "cli", "sh");
+    let env = [
+        ("HEADROOM", tracker.base.as_str()),
+        ("ADMIN_TOKEN", ADMIN),
+        ("CLIENT_TOKEN", CLIENT),
+        ("PATH", path.as_str()),
+    ];
+    let expected = timeless(&printed_after("README.md", "cli"));
+    assert!(expected.len() > 10, "{expected:?}");
+    for round in 1..=2 {
+        run_block(&walkthrough, &env);
+        let lines = timeless(&run_block(&cli, &env));
+        assert_eq!(lines, expected, "round {round}");
+    }
+}
+
 /// The Redis guide's walk-through, twice against the same Redis: the same
 /// output each time.
 #[actix_rt::test]
