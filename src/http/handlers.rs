@@ -483,6 +483,7 @@ pub async fn record_batch(
 #[utoipa::path(
     get,
     path = "/v1/cluster",
+    operation_id = "get_cluster",
     tag = "nodes",
     responses(
         (status = 200, description = "This node and the live members, with their shares.", body = super::openapi::ClusterView),

@@ -339,6 +339,88 @@ pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
+/// What a created resource leads to: OpenAPI links from an operation's
+/// success answers to the operations that use what it made (so that a
+/// client, or schemathesis's stateful phase, goes create → use →
+/// delete). Each: the operation (method, path), its statuses, and the
+/// operations linked with the parameters they take from it.
+type Link = (
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+);
+
+const LINKS: &[Link] = &[
+    (
+        "put",
+        "/v1/entitlements/{id}",
+        &["200", "201"],
+        &[
+            "get_entitlement",
+            "list_seats",
+            "activate_seat",
+            "record_usage",
+            "entitlement_history",
+            "entitlement_periods",
+            "create_portal_link",
+            "revoke_portal_links",
+            "delete_entitlement",
+        ],
+        &[("id", "$request.path.id")],
+    ),
+    (
+        "post",
+        "/v1/entitlements/{id}/seats/{seat_id}",
+        &["200"],
+        &["release_seat"],
+        &[
+            ("id", "$request.path.id"),
+            ("seat_id", "$request.path.seat_id"),
+        ],
+    ),
+    (
+        "post",
+        "/v1/webhooks",
+        &["201"],
+        &[
+            "get_webhook",
+            "webhook_deliveries",
+            "rotate_webhook_secret",
+            "delete_webhook",
+        ],
+        &[("id", "$response.body#/id")],
+    ),
+];
+
+fn links(doc: &mut serde_json::Value) {
+    use serde_json::{Map, Value};
+    for (method, path, statuses, targets, params) in LINKS {
+        let parameters: Map<String, Value> = params
+            .iter()
+            .map(|(name, from)| (name.to_string(), Value::from(*from)))
+            .collect();
+        let links: Map<String, Value> = targets
+            .iter()
+            .map(|op| {
+                let link = serde_json::json!({"operationId": op, "parameters": parameters});
+                (op.to_string(), link)
+            })
+            .collect();
+        for status in *statuses {
+            let pointer = format!(
+                "/paths/{}/{method}/responses/{status}",
+                path.replace('~', "~0").replace('/', "~1")
+            );
+            // A test checks that each exists (`every_link_leads_somewhere`).
+            if let Some(answer) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+                answer.insert("links".into(), Value::Object(links.clone()));
+            }
+        }
+    }
+}
+
 /// A summary taken from a handler's comment that begins by naming its
 /// route ("`GET /v1/events`: the events…"), without the route, which
 /// readers of the document see next to it already.
@@ -418,6 +500,7 @@ pub fn document_json() -> Result<String, serde_json::Error> {
     let mut doc = serde_json::to_value(document())?;
     unsigned(&mut doc);
     events_by_type(&mut doc);
+    links(&mut doc);
     if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
         for operation in paths
             .values_mut()
@@ -557,6 +640,7 @@ static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 #[utoipa::path(
     get,
     path = "/openapi.json",
+    operation_id = "openapi_document",
     tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document of every route.", body = serde_json::Value)),
 )]
@@ -586,6 +670,42 @@ mod tests {
             .flat_map(|(p, ms)| ms.iter().map(move |m| format!("{m} {p}")))
             .collect();
         assert_eq!(documented, served);
+    }
+
+    /// Every link is on an answer the document has, and leads to an
+    /// operation it has, with parameters that operation takes.
+    #[test]
+    fn every_link_leads_somewhere() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&document_json().expect("encodes")).expect("JSON");
+        let mut operations = std::collections::HashMap::new();
+        for item in doc["paths"].as_object().expect("paths").values() {
+            for op in item.as_object().expect("item").values() {
+                if let Some(id) = op.get("operationId").and_then(|i| i.as_str()) {
+                    operations.insert(id.to_string(), op.clone());
+                }
+            }
+        }
+        let mut seen = 0;
+        for (method, path, statuses, targets, params) in LINKS {
+            for status in *statuses {
+                let links = &doc["paths"][path][method]["responses"][status]["links"];
+                assert!(links.is_object(), "{method} {path} {status} has no links");
+                seen += links.as_object().expect("links").len();
+            }
+            for target in *targets {
+                let op = operations
+                    .get(*target)
+                    .unwrap_or_else(|| panic!("{target}"));
+                for (name, _) in *params {
+                    let takes = op["parameters"]
+                        .as_array()
+                        .is_some_and(|ps| ps.iter().any(|p| p["name"] == *name));
+                    assert!(takes, "{target} takes no {name}");
+                }
+            }
+        }
+        assert!(seen >= 14, "{seen}");
     }
 
     #[test]

@@ -367,6 +367,7 @@ pub struct Bucket {
 #[utoipa::path(
     get,
     path = "/v1/entitlements/{id}/history",
+    operation_id = "entitlement_history",
     tag = "evidence",
     params(
         ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),
@@ -453,6 +454,7 @@ pub struct PeriodsQuery {
 #[utoipa::path(
     get,
     path = "/v1/entitlements/{id}/periods",
+    operation_id = "entitlement_periods",
     tag = "evidence",
     params(
         ("id" = crate::domain::EntitlementId, Path, description = "The entitlement."),

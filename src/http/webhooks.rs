@@ -43,6 +43,7 @@ pub struct Created<'a> {
 #[utoipa::path(
     post,
     path = "/v1/webhooks",
+    operation_id = "create_webhook",
     tag = "webhooks",
     request_body(content = crate::webhooks::NewWebhook, content_type = "application/json"),
     responses(
@@ -78,6 +79,7 @@ pub async fn create(
 #[utoipa::path(
     get,
     path = "/v1/webhooks",
+    operation_id = "list_webhooks",
     tag = "webhooks",
     responses(
         (status = 200, description = "Every endpoint, oldest first (no secrets).", body = super::openapi::WebhookList),
@@ -95,6 +97,7 @@ pub async fn list(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse> 
 #[utoipa::path(
     get,
     path = "/v1/webhooks/{id}",
+    operation_id = "get_webhook",
     tag = "webhooks",
     params(("id" = String, Path, description = "The webhook (`wh_…`).")),
     responses(
@@ -120,6 +123,7 @@ pub async fn get(
 #[utoipa::path(
     delete,
     path = "/v1/webhooks/{id}",
+    operation_id = "delete_webhook",
     tag = "webhooks",
     params(("id" = String, Path, description = "The webhook (`wh_…`).")),
     responses(
@@ -152,6 +156,7 @@ pub struct DeliveriesQuery {
 #[utoipa::path(
     get,
     path = "/v1/webhooks/{id}/deliveries",
+    operation_id = "webhook_deliveries",
     tag = "webhooks",
     params(("id" = String, Path, description = "The webhook (`wh_…`)."), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "Entries (default 100).")),
     responses(
@@ -204,6 +209,7 @@ pub struct RotateAnswer<'a> {
 #[utoipa::path(
     post,
     path = "/v1/webhooks/{id}/rotate-secret",
+    operation_id = "rotate_webhook_secret",
     tag = "webhooks",
     params(("id" = String, Path, description = "The webhook (`wh_…`).")),
     request_body(content = Option<RotateRequest>, content_type = "application/json"),
