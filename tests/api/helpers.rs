@@ -227,6 +227,9 @@ impl TestApp {
                 reqwest::Client::builder()
             }
             .pool_max_idle_per_host(256)
+            // Below the server's 5 s keep-alive, as in `http_client` (a
+            // browser test's pause outlasted it: `IncompleteMessage`).
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .expect("client"),
             server: handle,
