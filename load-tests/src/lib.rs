@@ -156,6 +156,10 @@ struct Shared {
     counts: Counts,
     requests: AtomicU64,
     errors: AtomicU64,
+    /// The slowest answer since the last progress line (µs), and how many
+    /// took longer than 5 ms: when in the run the tail happens.
+    slowest_us: AtomicU64,
+    over_5ms: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -294,6 +298,8 @@ pub async fn run(spec: Spec) -> anyhow::Result<(Report, Tally)> {
         },
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        slowest_us: AtomicU64::new(0),
+        over_5ms: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         usage_paths: (0..n)
             .map(|i| format!("/v1/entitlements/{}/usage", entitlement_id(&spec.prefix, i)))
@@ -330,12 +336,16 @@ pub async fn run(spec: Spec) -> anyhow::Result<(Report, Tally)> {
                     shared.requests.load(Ordering::Relaxed),
                     shared.errors.load(Ordering::Relaxed),
                 );
+                let slowest = shared.slowest_us.swap(0, Ordering::Relaxed);
+                let over = shared.over_5ms.swap(0, Ordering::Relaxed);
                 if shared.spec.progress {
                     eprintln!(
-                        "[{:>4.0}s] {:>8} req/s  {:>6} errors/s  ({} requests so far)",
+                        "[{:>4.0}s] {:>8} req/s  {:>6} errors/s  slowest {:>6.1} ms  {:>5} over 5 ms  ({} requests so far)",
                         started.elapsed().as_secs_f64(),
                         now.0 - last.0,
                         now.1 - last.1,
+                        slowest as f64 / 1000.0,
+                        over,
                         now.0
                     );
                 }
@@ -608,6 +618,10 @@ async fn user(shared: Arc<Shared>, index: usize) -> UserStats {
         }
         let us = due.elapsed().as_micros() as u64;
         let _ = stats.latency.record(us.max(1));
+        shared.slowest_us.fetch_max(us, Ordering::Relaxed);
+        if us > 5_000 {
+            shared.over_5ms.fetch_add(1, Ordering::Relaxed);
+        }
         stats.requests += 1;
         shared.requests.fetch_add(1, Ordering::Relaxed);
         match result {
