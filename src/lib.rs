@@ -20,8 +20,9 @@
 //!   metrics), `http/reports.rs` (report, history, periods, the
 //!   entitlement list), `http/events.rs` (the event stream) and
 //!   `http/webhooks.rs`; the OpenAPI document is `http/openapi.rs` (from
-//!   the handlers' `utoipa::path` annotations); the caller's scope, path ids, queries and bounded
-//!   bodies are extractors in `http/extract.rs`; every error becomes
+//!   the handlers' `utoipa::path` annotations, shaped in
+//!   `http/openapi/shape.rs`); the caller's scope, path ids, queries and
+//!   bounded bodies are extractors in `http/extract.rs`; every error becomes
 //!   problem+json in `http/problem.rs`, the one table of status and `code`.
 //! - **The pages**: `http/pages/` — the customer's page (`portal.rs`), the
 //!   console (`console.rs`), what an entitlement's page shows (`data.rs`),
