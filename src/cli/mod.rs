@@ -15,16 +15,17 @@
 //! or refused (a seat or usage call denied, 409 conflict, 412 stale
 //! `--if-match`).
 
+mod api;
 mod output;
 
 use std::io::Read;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
+use self::api::{Api, CliError, Reply, Result, enc};
 use crate::domain::{EntitlementConfig, EntitlementView};
 
 /// The first arguments that make `headroom` a client rather than the server.
@@ -257,70 +258,6 @@ pub enum Bucket {
     Day,
 }
 
-/// Why a command failed, and the exit code that says so.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    #[error("{0}")]
-    Usage(String),
-    #[error("cannot reach the tracker at {url}: {source}")]
-    Unreachable {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("{0}")]
-    Answered(Answer),
-    /// A seat or usage call denied: its decision, already printed in a
-    /// table; the problem's body for `-o json`.
-    #[error("denied")]
-    Denied { body: String },
-    #[error("{0}")]
-    Other(String),
-}
-
-impl CliError {
-    fn code(&self) -> u8 {
-        match self {
-            CliError::Usage(_) => 2,
-            CliError::Unreachable { .. } | CliError::Other(_) => 1,
-            CliError::Denied { .. } => 4,
-            CliError::Answered(a) => match a.status.as_u16() {
-                400 | 413 | 415 | 422 => 2,
-                404 => 3,
-                409 | 412 | 429 => 4,
-                _ => 1,
-            },
-        }
-    }
-}
-
-/// An answer that is not a success: its status and body.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: StatusCode,
-    pub body: String,
-}
-
-impl std::fmt::Display for Answer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let problem: Option<Value> = serde_json::from_str(&self.body).ok();
-        let field = |k: &str| {
-            problem
-                .as_ref()
-                .and_then(|p| p.get(k))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        match (field("code"), field("detail")) {
-            (Some(code), Some(detail)) => write!(f, "{} {code}: {detail}", self.status.as_u16()),
-            (Some(code), None) => write!(f, "{} {code}", self.status.as_u16()),
-            _ => write!(f, "{}", self.status),
-        }
-    }
-}
-
-type Result<T> = std::result::Result<T, CliError>;
-
 /// Runs a client command; the process's exit code.
 pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
     // Rust ignores SIGPIPE, so printing to a closed pipe (`| head`) would
@@ -362,172 +299,6 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
             ExitCode::from(e.code())
         }
     }
-}
-
-/// The tracker's API, as this command line calls it.
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: Option<String>,
-}
-
-/// A success's status and body.
-struct Reply {
-    status: StatusCode,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Result<Value> {
-        serde_json::from_str(&self.body)
-            .map_err(|e| CliError::Other(format!("the tracker's answer is not JSON: {e}")))
-    }
-
-    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_str(&self.body).map_err(|e| {
-            CliError::Other(format!(
-                "the tracker's answer is not what this version reads: {e}"
-            ))
-        })
-    }
-}
-
-impl Api {
-    fn new(cli: &Cli) -> Result<Api> {
-        let base = cli.url.trim_end_matches('/').to_string();
-        url::Url::parse(&base)
-            .map_err(|e| CliError::Usage(format!("--url (HEADROOM_URL) = {base:?}: {e}")))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| CliError::Other(format!("cannot make an HTTP client: {e}")))?;
-        Ok(Api {
-            http,
-            base,
-            token: cli.token.clone(),
-        })
-    }
-
-    /// Sends one request; a success (2xx), or the answer as an error (a
-    /// denial is a 429 whose problem carries the decision).
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<String>,
-        headers: &[(&str, String)],
-    ) -> Result<Reply> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        for (name, value) in headers {
-            req = req.header(*name, value);
-        }
-        if let Some(b) = body {
-            req = req.header("Content-Type", "application/json").body(b);
-        }
-        let unreachable = |source| CliError::Unreachable {
-            url: self.base.clone(),
-            source,
-        };
-        let res = req.send().await.map_err(unreachable)?;
-        let status = res.status();
-        let body = res.text().await.map_err(unreachable)?;
-        if status.is_success() {
-            Ok(Reply { status, body })
-        } else {
-            Err(CliError::Answered(Answer { status, body }))
-        }
-    }
-
-    /// A seat or usage call: the decision's body and whether it was a
-    /// denial (a 429 problem carrying the decision; a 429 without one, a
-    /// rate limit, stays an error).
-    async fn decide(&self, method: Method, path: &str, body: Option<String>) -> Result<Decided> {
-        match self.send(method, path, body, &[]).await {
-            Ok(reply) => Ok(Decided {
-                decision: reply.body,
-                denied: None,
-            }),
-            Err(CliError::Answered(a)) if a.status == StatusCode::TOO_MANY_REQUESTS => {
-                match serde_json::from_str::<Value>(&a.body)
-                    .ok()
-                    .and_then(|p| p.get("decision").filter(|d| d.is_object()).cloned())
-                {
-                    Some(decision) => Ok(Decided {
-                        decision: decision.to_string(),
-                        denied: Some(a.body),
-                    }),
-                    None => Err(CliError::Answered(a)),
-                }
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn get(&self, path: &str) -> Result<Reply> {
-        self.send(Method::GET, path, None, &[]).await
-    }
-
-    /// Every page of `path` (its query ends ready for `cursor=`), each
-    /// handed to `page` as it arrives.
-    async fn pages(&self, path: &str, mut page: impl FnMut(&Reply) -> Result<()>) -> Result<()> {
-        let mut cursor: Option<String> = None;
-        loop {
-            let url = match &cursor {
-                Some(c) => format!("{path}&cursor={}", enc(c)),
-                None => path.to_string(),
-            };
-            let reply = self.get(&url).await?;
-            page(&reply)?;
-            match reply.json()?.get("next_cursor").and_then(Value::as_str) {
-                Some(c) => cursor = Some(c.to_string()),
-                None => return Ok(()),
-            }
-        }
-    }
-}
-
-/// What a seat or usage call decided.
-struct Decided {
-    /// The decision (the body of a grant, the `decision` of a denial).
-    decision: String,
-    /// A denial's whole body (the problem).
-    denied: Option<String>,
-}
-
-impl Decided {
-    /// Prints the decision (the API's body for `-o json`, else `table`
-    /// given the decision read); a denial becomes exit code 4.
-    fn finish<T: serde::de::DeserializeOwned>(
-        self,
-        json: bool,
-        table: impl FnOnce(&T),
-    ) -> Result<()> {
-        match (json, self.denied) {
-            (true, Some(body)) => return Err(CliError::Denied { body }),
-            (true, None) => println!("{}", self.decision),
-            (false, denied) => {
-                let d = serde_json::from_str::<T>(&self.decision).map_err(|e| {
-                    CliError::Other(format!(
-                        "the tracker's answer is not what this version reads: {e}"
-                    ))
-                })?;
-                table(&d);
-                if let Some(body) = denied {
-                    return Err(CliError::Denied { body });
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A path segment or query value, percent-encoded.
-fn enc(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::{CliError, Result};
-use crate::domain::{EntitlementView, Outcome, SeatDecision, UsageDecision};
+use crate::domain::{DenyReason, EntitlementView, Outcome, SeatDecision, UsageDecision};
 
 /// Prints `rows` under `header`, each column as wide as its widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) {
@@ -130,11 +130,14 @@ pub(super) fn entitlement_list(views: &[EntitlementView]) {
     );
 }
 
+/// A denial's reason in words, as ` (hard cap)`; nothing for a grant.
+fn reason(r: Option<DenyReason>) -> String {
+    r.map(|r| format!(" ({})", r.as_str().replace('_', " ")))
+        .unwrap_or_default()
+}
+
 pub(super) fn seat_decision(d: &SeatDecision) {
-    let reason = d
-        .reason
-        .map(|r| format!(" ({})", r.as_str().replace('_', " ")))
-        .unwrap_or_default();
+    let reason = reason(d.reason);
     println!(
         "{} {}{reason}: {} in use, {} purchased, hard cap {}{}",
         d.seat_id,
@@ -147,10 +150,7 @@ pub(super) fn seat_decision(d: &SeatDecision) {
 }
 
 pub(super) fn usage_decision(d: &UsageDecision) {
-    let reason = d
-        .reason
-        .map(|r| format!(" ({})", r.as_str().replace('_', " ")))
-        .unwrap_or_default();
+    let reason = reason(d.reason);
     println!(
         "{} +{} {}{reason}: {} used, {} included, hard cap {}",
         d.feature,
