@@ -4,9 +4,11 @@
 //! It reads the same `/openapi.json` the server serves, and "Try it out"
 //! sends calls to this tracker with the token given under "Authorize".
 
+use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 use actix_web::http::header;
+use actix_web::web::Bytes;
 use actix_web::{HttpResponse, web};
 
 use super::PageError;
@@ -43,13 +45,16 @@ pub(super) async fn serve(file: web::Path<String>) -> Result<HttpResponse, PageE
     let Some(found) = found else {
         return Err(PageError::not_found());
     };
-    let mut bytes = found.bytes.into_owned();
-    if found.content_type == "text/html" && !found.gzpipped {
+    let bytes = match found.bytes {
         // The page's title names this API rather than the viewer.
-        bytes = String::from_utf8_lossy(&bytes)
-            .replace("<title>Swagger UI</title>", "<title>headroom API</title>")
-            .into_bytes();
-    }
+        Cow::Borrowed(page) if found.content_type == "text/html" && !found.gzpipped => Bytes::from(
+            String::from_utf8_lossy(page)
+                .replace("<title>Swagger UI</title>", "<title>headroom API</title>"),
+        ),
+        // The embedded files as they are, not copied per request.
+        Cow::Borrowed(file) => Bytes::from_static(file),
+        Cow::Owned(file) => Bytes::from(file),
+    };
     // Swagger UI's files are UTF-8; say so rather than leave it to a guess.
     let content_type = if found.content_type.starts_with("text/") {
         format!("{}; charset=utf-8", found.content_type)
