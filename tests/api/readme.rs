@@ -6,11 +6,22 @@ use std::process::Command;
 
 use crate::helpers::*;
 
+/// A guide's text (`file` relative to the repository).
+fn guide(file: &str) -> String {
+    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A line with its runs of blanks folded into one space, as the blocks'
+/// output is compared.
+fn folded(line: &str) -> String {
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// The code block of `file` (relative to the repository) between
 /// `<!-- {name}:start -->` and `<!-- {name}:end -->`, fenced as `lang`.
 fn block(file: &str, name: &str, lang: &str) -> String {
-    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let text = guide(file);
     let start = text
         .find(&format!("<!-- {name}:start -->"))
         .expect("start marker");
@@ -37,10 +48,7 @@ fn run_block(script: &str, env: &[(&str, &str)]) -> Vec<String> {
         "block failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect()
+    stdout.lines().map(folded).collect()
 }
 
 /// The README's first walk-through, on the in-memory tracker right after
@@ -82,17 +90,13 @@ async fn the_readme_walkthrough_works_verbatim_on_the_in_memory_tracker() {
 /// what the guide says the block prints, blanks folded as [`run_block`]
 /// folds them.
 fn printed_after(file: &str, name: &str) -> Vec<String> {
-    let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let text = guide(file);
     let end = text
         .find(&format!("<!-- {name}:end -->"))
         .expect("end marker");
     let start = text[end..].find("```text\n").expect("what it prints") + end + 8;
     let stop = text[start..].find("```").expect("block end") + start;
-    text[start..stop]
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect()
+    text[start..stop].lines().map(folded).collect()
 }
 
 /// Times (RFC 3339, as the API and the command line write them) as `TIME`:
