@@ -46,6 +46,11 @@ pub(super) struct CommitLimits {
 /// op `M|S|A`, field, value; per closed period its record; per idempotency
 /// key its record.
 ///
+/// A group of plain commits ([`CommitArgs::is_plain`]) is sent with its
+/// count negated, no shared keys, and per commit only its epoch, state
+/// hash and history hashes as `KEYS` and `deadline_ms`, `expected_epoch`,
+/// `core`, the history-write count and the history writes as `ARGV`.
+///
 /// The script answers one reply per commit, in order: `{'ok', epoch}`,
 /// `{'fenced', epoch}`, `{'keys', index, record, ...}` or `{'expired'}`.
 pub(super) struct CommitArgs<'a> {
@@ -116,26 +121,64 @@ impl<'a> CommitArgs<'a> {
         }
     }
 
+    /// Writes the state's counters and their history and nothing else: no
+    /// seats, configuration, events, billing records, idempotency keys,
+    /// claim or report change. Such a commit needs none of its bucket's
+    /// shared keys and goes in the script's short layout.
+    pub fn is_plain(&self) -> bool {
+        self.mode == "put"
+            && !self.claim
+            && self.config.is_empty()
+            && self.seats.is_empty()
+            && self.events.is_empty()
+            && self.periods.is_empty()
+            && self.keys.is_empty()
+            && self.overdraft == OverdraftCounts::default()
+            && self.report.is_none()
+            && self.denied_at.is_none()
+    }
+
     fn key_count(&self) -> usize {
-        4 + 2 * self.history.len() + self.keys.len()
+        if self.is_plain() {
+            2 + 2 * self.history.len()
+        } else {
+            4 + 2 * self.history.len() + self.keys.len()
+        }
+    }
+
+    fn push_history_keys(&self, keys: &super::keys::EntitlementKeys<'_>, cmd: &mut redis::Cmd) {
+        for w in self.history {
+            cmd.arg(keys.history(BucketSize::Hour, w.hour))
+                .arg(keys.history(BucketSize::Day, BucketSize::Day.start(w.hour)));
+        }
     }
 
     pub fn push_keys(&self, keys: &Keys, cmd: &mut redis::Cmd) {
         let k = keys.of(self.id);
+        if self.is_plain() {
+            cmd.arg(k.epoch()).arg(k.state());
+            self.push_history_keys(&k, cmd);
+            return;
+        }
         cmd.arg(k.epoch())
             .arg(k.state())
             .arg(k.seats())
             .arg(k.periods());
-        for w in self.history {
-            cmd.arg(k.history(BucketSize::Hour, w.hour))
-                .arg(k.history(BucketSize::Day, BucketSize::Day.start(w.hour)));
-        }
+        self.push_history_keys(&k, cmd);
         for r in self.keys {
             cmd.arg(k.idempotency(r.incarnation, &r.key));
         }
     }
 
     pub fn push_argv(&self, cmd: &mut redis::Cmd) {
+        if self.is_plain() {
+            cmd.arg(self.deadline_ms)
+                .arg(self.expected_epoch)
+                .arg(self.core)
+                .arg(self.history.len());
+            self.push_history_argv(cmd);
+            return;
+        }
         cmd.arg(self.deadline_ms)
             .arg(self.expected_epoch)
             .arg(if self.claim { "1" } else { "0" })
@@ -164,6 +207,16 @@ impl<'a> CommitArgs<'a> {
         for (kind, json) in self.events {
             cmd.arg(*kind).arg(json);
         }
+        self.push_history_argv(cmd);
+        for p in self.periods {
+            cmd.arg(p);
+        }
+        for r in self.keys {
+            cmd.arg(&r.record);
+        }
+    }
+
+    fn push_history_argv(&self, cmd: &mut redis::Cmd) {
         for w in self.history {
             cmd.arg(w.hour_expire_at).arg(w.day_expire_at);
             for ops in [&w.hour_ops, &w.day_ops] {
@@ -177,28 +230,39 @@ impl<'a> CommitArgs<'a> {
                 }
             }
         }
-        for p in self.periods {
-            cmd.arg(p);
-        }
-        for r in self.keys {
-            cmd.arg(&r.record);
-        }
     }
 }
 
+/// Where a commit goes in a call: plain commits first (in one group,
+/// whatever their bucket), then the others by bucket. The committer sorts
+/// a call's commits by it.
+pub(super) fn call_order(c: &CommitArgs<'_>) -> (bool, usize) {
+    (!c.is_plain(), c.bucket)
+}
+
 /// One call of the commit script carrying all of `commits`, which are in
-/// bucket order (a group per run of one bucket).
+/// [`call_order`]: a group of the plain ones, then a group per run of one
+/// bucket.
 pub(super) fn commit_call(
     sha: &str,
     keys: &Keys,
     limits: &CommitLimits,
     commits: &[CommitArgs<'_>],
 ) -> redis::Cmd {
-    let groups: Vec<&[CommitArgs<'_>]> = commits.chunk_by(|a, b| a.bucket == b.bucket).collect();
-    let nkeys: usize = 5 * groups.len() + commits.iter().map(CommitArgs::key_count).sum::<usize>();
+    let groups: Vec<&[CommitArgs<'_>]> = commits
+        .chunk_by(|a, b| a.is_plain() == b.is_plain() && (a.is_plain() || a.bucket == b.bucket))
+        .collect();
+    let shared = groups.iter().filter(|g| !g[0].is_plain()).count();
+    let nkeys: usize = 5 * shared + commits.iter().map(CommitArgs::key_count).sum::<usize>();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(sha).arg(nkeys);
     for group in &groups {
+        if group[0].is_plain() {
+            for c in *group {
+                c.push_keys(keys, &mut cmd);
+            }
+            continue;
+        }
         let b = group[0].bucket;
         cmd.arg(keys.events(b))
             .arg(keys.overdraft_totals(b))
@@ -215,7 +279,8 @@ pub(super) fn commit_call(
         .arg(PERIODS_KEPT)
         .arg(DENIALS_KEPT_MS);
     for group in &groups {
-        cmd.arg(group.len());
+        let n = group.len() as i64;
+        cmd.arg(if group[0].is_plain() { -n } else { n });
         for c in *group {
             c.push_argv(&mut cmd);
         }
@@ -322,4 +387,64 @@ pub(super) fn parse_load_reply(id: &EntitlementId, value: Value) -> Result<Loade
         claimed: true,
         state: Some(state),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Records;
+
+    fn commit(id: &str, events: Vec<(&'static str, String)>) -> Commit {
+        Commit {
+            id: EntitlementId::parse(id).expect("a valid id"),
+            epoch: 1,
+            claim: false,
+            write: Write::Put {
+                replace: false,
+                core: "{}".into(),
+                config: None,
+                seats: Vec::new(),
+            },
+            events,
+            idempotency: Vec::new(),
+            overdraft: OverdraftCounts::default(),
+            records: Records::default(),
+        }
+    }
+
+    fn args(cmd: &redis::Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "<cursor>".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plain_commits_go_first_in_a_group_of_their_own_without_shared_keys() {
+        let keys = Keys::new("t", 4);
+        let (plain, full) = (
+            commit("a", Vec::new()),
+            commit("b", vec![("entitlement.updated", "{}".into())]),
+        );
+        let mut commits = [CommitArgs::of(&full, 1, 9), CommitArgs::of(&plain, 2, 9)];
+        assert!(!commits[0].is_plain() && commits[1].is_plain());
+        commits.sort_by_key(call_order);
+        let limits = CommitLimits {
+            stream_maxlen: 10,
+            idempotency_ttl_ms: 10,
+        };
+        let a = args(&commit_call("sha", &keys, &limits, &commits));
+        // 2 keys for the plain commit; 5 shared + 4 for the full one.
+        assert_eq!(a[..3], ["EVALSHA", "sha", "11"]);
+        assert_eq!(a[3], keys.epoch(&plain.id));
+        assert_eq!(a[4], keys.state(&plain.id));
+        assert_eq!(a[5], keys.events(1));
+        // Two groups; the plain one first, its count negated, then its
+        // deadline, epoch, core and history count.
+        assert_eq!(a[14], "2");
+        assert_eq!(a[19..24], ["-1", "9", "1", "{}", "0"]);
+        assert_eq!(a[24], "1");
+    }
 }

@@ -25,8 +25,8 @@ use super::layout;
 use super::link::{Conn, Link};
 use super::reachability::Reachability;
 use super::scripts::{
-    COMMIT_LUA, CommitArgs, CommitLimits, LOAD_LUA, commit_call, load_call, parse_commit_reply,
-    parse_load_reply,
+    COMMIT_LUA, CommitArgs, CommitLimits, LOAD_LUA, call_order, commit_call, load_call,
+    parse_commit_reply, parse_load_reply,
 };
 use crate::domain::EntitlementId;
 use crate::store::{Cause, Commit, CommitOutcome, Loaded, StoreError, StoreSettings};
@@ -190,12 +190,14 @@ impl CommitterCore {
     }
 
     /// The calls for `queued`, which it puts in order: the commits first,
-    /// by bucket, then the other work as queued. The commits go in one
-    /// commit-script call on a standalone Redis, in one per bucket (per
-    /// hash slot) on a cluster; answers the commits each call carries.
+    /// then the other work as queued. The commits go in one commit-script
+    /// call on a standalone Redis, in [`call_order`]; on a cluster in one
+    /// call per bucket (per hash slot), each in [`call_order`]. Answers
+    /// the commits each call carries.
     fn calls(&self, queued: &mut Vec<Queued>) -> (Vec<Call>, Vec<usize>) {
-        // Each commit's bucket, found once; commits first, by bucket (a
-        // stable sort: the rest stay as queued).
+        // Each commit's bucket, found once; commits first, in the order of
+        // their calls (a stable sort: the rest stay as queued).
+        let cluster = self.link.is_cluster();
         let mut tagged: Vec<(Option<usize>, Queued)> = queued
             .drain(..)
             .map(|q| match &q.work {
@@ -203,7 +205,13 @@ impl CommitterCore {
                 _ => (None, q),
             })
             .collect();
-        tagged.sort_by_key(|(b, _)| (b.is_none(), *b));
+        tagged.sort_by_cached_key(|(b, q)| match (b, &q.work) {
+            (Some(b), Work::Commit { commit, .. }) => {
+                let order = call_order(&CommitArgs::of(commit, *b, 0));
+                (false, if cluster { *b } else { 0 }, order)
+            }
+            _ => (true, 0, (false, 0)),
+        });
         let buckets: Vec<Option<usize>> = tagged.iter().map(|(b, _)| *b).collect();
         queued.extend(tagged.into_iter().map(|(_, q)| q));
         let redis_ms = self.redis_clock();
@@ -226,7 +234,7 @@ impl CommitterCore {
         };
         let groups: Vec<&[CommitArgs<'_>]> = if commits.is_empty() {
             Vec::new()
-        } else if self.link.is_cluster() {
+        } else if cluster {
             commits.chunk_by(|a, b| a.bucket == b.bucket).collect()
         } else {
             vec![&commits[..]]
