@@ -46,7 +46,7 @@ pub(super) struct CommitLimits {
 /// op `M|S|A`, field, value; per closed period its record; per idempotency
 /// key its record.
 ///
-/// A group of plain commits ([`CommitArgs::is_plain`]) is sent with its
+/// A group of plain commits ([`is_plain`]) is sent with its
 /// count negated, no shared keys, and per commit only its epoch, state
 /// hash and history hashes as `KEYS` and `deadline_ms`, `expected_epoch`,
 /// `core`, the history-write count and the history writes as `ARGV`.
@@ -56,6 +56,8 @@ pub(super) struct CommitLimits {
 pub(super) struct CommitArgs<'a> {
     /// The entitlement's bucket (not sent: it picks the group).
     pub bucket: usize,
+    /// Sent in the short layout ([`is_plain`]).
+    pub plain: bool,
     /// Redis's clock (ms): the script refuses the commit after it.
     pub deadline_ms: i64,
     /// The owner epoch the commit was decided under.
@@ -102,6 +104,7 @@ impl<'a> CommitArgs<'a> {
         };
         CommitArgs {
             bucket,
+            plain: is_plain(c),
             deadline_ms,
             expected_epoch: c.epoch,
             claim: c.claim,
@@ -121,25 +124,8 @@ impl<'a> CommitArgs<'a> {
         }
     }
 
-    /// Writes the state's counters and their history and nothing else: no
-    /// seats, configuration, events, billing records, idempotency keys,
-    /// claim or report change. Such a commit needs none of its bucket's
-    /// shared keys and goes in the script's short layout.
-    pub fn is_plain(&self) -> bool {
-        self.mode == "put"
-            && !self.claim
-            && self.config.is_empty()
-            && self.seats.is_empty()
-            && self.events.is_empty()
-            && self.periods.is_empty()
-            && self.keys.is_empty()
-            && self.overdraft == OverdraftCounts::default()
-            && self.report.is_none()
-            && self.denied_at.is_none()
-    }
-
     fn key_count(&self) -> usize {
-        if self.is_plain() {
+        if self.plain {
             2 + 2 * self.history.len()
         } else {
             4 + 2 * self.history.len() + self.keys.len()
@@ -155,7 +141,7 @@ impl<'a> CommitArgs<'a> {
 
     pub fn push_keys(&self, keys: &Keys, cmd: &mut redis::Cmd) {
         let k = keys.of(self.id);
-        if self.is_plain() {
+        if self.plain {
             cmd.arg(k.epoch()).arg(k.state());
             self.push_history_keys(&k, cmd);
             return;
@@ -171,7 +157,7 @@ impl<'a> CommitArgs<'a> {
     }
 
     pub fn push_argv(&self, cmd: &mut redis::Cmd) {
-        if self.is_plain() {
+        if self.plain {
             cmd.arg(self.deadline_ms)
                 .arg(self.expected_epoch)
                 .arg(self.core)
@@ -233,16 +219,24 @@ impl<'a> CommitArgs<'a> {
     }
 }
 
-/// Where a commit goes in a call: plain commits first (in one group,
-/// whatever their bucket), then the others by bucket. The committer sorts
-/// a call's commits by it.
-pub(super) fn call_order(c: &CommitArgs<'_>) -> (bool, usize) {
-    (!c.is_plain(), c.bucket)
+/// Whether `c` writes the state's counters and their history and nothing
+/// else: no seats, configuration, events, billing records, idempotency
+/// keys, claim or report change. Such a commit needs none of its bucket's
+/// shared keys and goes in the script's short layout.
+pub(super) fn is_plain(c: &Commit) -> bool {
+    matches!(&c.write, Write::Put { replace: false, config: None, seats, .. } if seats.is_empty())
+        && !c.claim
+        && c.events.is_empty()
+        && c.idempotency.is_empty()
+        && c.overdraft == OverdraftCounts::default()
+        && c.records.in_overdraft.is_none()
+        && c.records.denied_at.is_none()
+        && c.records.periods.is_empty()
 }
 
-/// One call of the commit script carrying all of `commits`, which are in
-/// [`call_order`]: a group of the plain ones, then a group per run of one
-/// bucket.
+/// One call of the commit script carrying all of `commits`, the plain ones
+/// first (one group), then the others by bucket (a group per run of one
+/// bucket).
 pub(super) fn commit_call(
     sha: &str,
     keys: &Keys,
@@ -250,14 +244,14 @@ pub(super) fn commit_call(
     commits: &[CommitArgs<'_>],
 ) -> redis::Cmd {
     let groups: Vec<&[CommitArgs<'_>]> = commits
-        .chunk_by(|a, b| a.is_plain() == b.is_plain() && (a.is_plain() || a.bucket == b.bucket))
+        .chunk_by(|a, b| a.plain == b.plain && (a.plain || a.bucket == b.bucket))
         .collect();
-    let shared = groups.iter().filter(|g| !g[0].is_plain()).count();
+    let shared = groups.iter().filter(|g| !g[0].plain).count();
     let nkeys: usize = 5 * shared + commits.iter().map(CommitArgs::key_count).sum::<usize>();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(sha).arg(nkeys);
     for group in &groups {
-        if group[0].is_plain() {
+        if group[0].plain {
             for c in *group {
                 c.push_keys(keys, &mut cmd);
             }
@@ -280,7 +274,7 @@ pub(super) fn commit_call(
         .arg(DENIALS_KEPT_MS);
     for group in &groups {
         let n = group.len() as i64;
-        cmd.arg(if group[0].is_plain() { -n } else { n });
+        cmd.arg(if group[0].plain { -n } else { n });
         for c in *group {
             c.push_argv(&mut cmd);
         }
@@ -429,8 +423,8 @@ mod tests {
             commit("b", vec![("entitlement.updated", "{}".into())]),
         );
         let mut commits = [CommitArgs::of(&full, 1, 9), CommitArgs::of(&plain, 2, 9)];
-        assert!(!commits[0].is_plain() && commits[1].is_plain());
-        commits.sort_by_key(call_order);
+        assert!(!commits[0].plain && commits[1].plain);
+        commits.sort_by_key(|c| (!c.plain, c.bucket));
         let limits = CommitLimits {
             stream_maxlen: 10,
             idempotency_ttl_ms: 10,

@@ -25,7 +25,7 @@ use super::layout;
 use super::link::{Conn, Link};
 use super::reachability::Reachability;
 use super::scripts::{
-    COMMIT_LUA, CommitArgs, CommitLimits, LOAD_LUA, call_order, commit_call, load_call,
+    COMMIT_LUA, CommitArgs, CommitLimits, LOAD_LUA, commit_call, is_plain, load_call,
     parse_commit_reply, parse_load_reply,
 };
 use crate::domain::EntitlementId;
@@ -191,8 +191,9 @@ impl CommitterCore {
 
     /// The calls for `queued`, which it puts in order: the commits first,
     /// then the other work as queued. The commits go in one commit-script
-    /// call on a standalone Redis, in [`call_order`]; on a cluster in one
-    /// call per bucket (per hash slot), each in [`call_order`]. Answers
+    /// call on a standalone Redis, plain ones ([`is_plain`]) first, then the
+    /// others by bucket; on a cluster in one call per bucket (per hash
+    /// slot), plain ones first in each. Answers
     /// the commits each call carries.
     fn calls(&self, queued: &mut Vec<Queued>) -> (Vec<Call>, Vec<usize>) {
         // Each commit's bucket, found once; commits first, in the order of
@@ -205,12 +206,11 @@ impl CommitterCore {
                 _ => (None, q),
             })
             .collect();
-        tagged.sort_by_cached_key(|(b, q)| match (b, &q.work) {
+        tagged.sort_by_key(|(b, q)| match (b, &q.work) {
             (Some(b), Work::Commit { commit, .. }) => {
-                let order = call_order(&CommitArgs::of(commit, *b, 0));
-                (false, if cluster { *b } else { 0 }, order)
+                (false, if cluster { *b } else { 0 }, !is_plain(commit), *b)
             }
-            _ => (true, 0, (false, 0)),
+            _ => (true, 0, false, 0),
         });
         let buckets: Vec<Option<usize>> = tagged.iter().map(|(b, _)| *b).collect();
         queued.extend(tagged.into_iter().map(|(_, q)| q));
